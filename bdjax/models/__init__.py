@@ -1,0 +1,1 @@
+"""Networks: the ADM diffusion UNet, CLIP and LPIPS, as Flax Linen modules (NHWC)."""

@@ -1,0 +1,1 @@
+"""PyTorch -> Flax weight converters. They import torch; bdjax itself never does."""

@@ -1,0 +1,40 @@
+"""bdjax: Blended Diffusion (Avrahami et al., CVPR 2022) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bdjax",
+    version="0.1.0",
+    description="Blended Diffusion for text-driven editing of natural images, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bdjax", "bdjax.*", "checkpoints_convert", "launch"]),
+    package_data={"bdjax": ["data/*"]},
+    install_requires=[
+        "jax",
+        "flax",
+        "numpy",
+        "pillow",
+        "absl-py",
+        "safetensors",
+        "transformers",
+        "tqdm",
+    ],
+    extras_require={
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+        "convert": ["torch"],
+        "test": [
+            "pytest",
+            "torch",
+            "torchvision",
+            "guided-diffusion-sdk",
+            # clip-anytorch imports pkg_resources, which setuptools 81 removed.
+            "clip-anytorch",
+            "setuptools<81",
+            "lpips",
+            "kornia",
+        ],
+    },
+)
