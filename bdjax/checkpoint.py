@@ -89,6 +89,16 @@ def paths(directory: str, name: str) -> tuple[str, str]:
     return (os.path.join(directory, f"{name}.safetensors"), os.path.join(directory, f"{name}.json"))
 
 
+def ensure_writable(directory: str, name: str, overwrite: bool) -> None:
+    """Raise FileExistsError if NAME.* already exist in `directory` and `overwrite` is off.
+
+    Converters call this first, so a refused run fails before any slow work.
+    """
+    existing = [p for p in paths(directory, name) if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+
+
 def save(directory: str, name: str, flat: Mapping[str, np.ndarray], config: Mapping[str, Any],
          *, model: str, source: str = "", overwrite: bool = False) -> tuple[str, str]:
     """Write NAME.safetensors and NAME.json into `directory`; returns their paths.
@@ -96,11 +106,8 @@ def save(directory: str, name: str, flat: Mapping[str, np.ndarray], config: Mapp
     Refuses to replace existing files unless `overwrite`. Each file is written
     to a temporary name and renamed, so an interrupted save leaves no half file.
     """
+    ensure_writable(directory, name, overwrite)
     weights_path, config_path = paths(directory, name)
-    existing = [p for p in (weights_path, config_path) if os.path.exists(p)]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
     os.makedirs(directory, exist_ok=True)
     meta = {"format": FORMAT, "model": model, "source": source, "config": dict(config)}
     arrays = {k: np.ascontiguousarray(v) for k, v in flat.items()}
