@@ -1,7 +1,6 @@
-"""Test-wide settings: CPU only, a persistent XLA compilation cache, quiet torch."""
+"""Test-wide settings: CPU only and a persistent XLA compilation cache."""
 
 import os
-import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -10,7 +9,3 @@ import jax  # noqa: E402
 _cache = os.environ.get("BDJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-# guided_diffusion and clip use deprecated torch APIs; their warnings are not ours.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"guided_diffusion\..*")
-warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\..*")

@@ -1,0 +1,92 @@
+"""Convert an OpenAI guided-diffusion UNet checkpoint (.pt) to bdjax's safetensors format.
+
+    python -m checkpoints_convert.unet --input=256x256_diffusion_uncond.pt --output=DIR \
+        [--config=adm256_uncond | --config_json=FILE] [--overwrite]
+
+Writes DIR/unet.safetensors and DIR/unet.json. The checkpoint is read with
+`torch.load(weights_only=True)` and checked key by key and shape by shape
+against the Flax module before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from bdjax import checkpoint
+from bdjax.models import unet
+from checkpoints_convert.common import ConversionError, cli, conv_kernel, dense_kernel, read_torch_state_dict
+
+
+def flax_key(torch_key: str, ndim: int) -> str:
+    """`input_blocks.1.0.in_layers.2.weight` -> `input_blocks_1_0/in_layers_2/kernel`."""
+    *modules, leaf = torch_key.split(".")
+    merged: list[str] = []
+    for part in modules:
+        if part.isdigit() and merged:
+            merged[-1] += f"_{part}"
+        else:
+            merged.append(part)
+    if leaf == "weight":
+        if merged and merged[-1] == "label_emb":
+            leaf = "embedding"
+        else:
+            leaf = "scale" if ndim == 1 else "kernel"  # 1-D weights are GroupNorm's
+    return checkpoint.SEP.join(merged + [leaf])
+
+
+def flax_value(array: np.ndarray, key: str) -> np.ndarray:
+    if not key.endswith("/kernel"):
+        return array
+    if array.ndim == 4:
+        return conv_kernel(array)
+    return dense_kernel(array)  # Linear (O, I) and the attention's 1x1 Conv1d (O, I, 1)
+
+
+def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """guided-diffusion state dict (numpy) -> flat Flax params, before validation."""
+    flat = {}
+    for key, value in state_dict.items():
+        new = flax_key(key, value.ndim)
+        flat[new] = flax_value(value, new)
+    return flat
+
+
+def convert(input_path: str, output_dir: str, config: dict, overwrite: bool = False) -> tuple[str, str]:
+    """Read, rename, validate against `jax.eval_shape` of the module, then write."""
+    checkpoint.ensure_writable(output_dir, unet.CHECKPOINT_NAME, overwrite)
+    module = unet.UNetModel(**unet.config_from_json(unet.config_to_json(config)))
+    flat = convert_state_dict(read_torch_state_dict(input_path))
+    checkpoint.check_params(flat, unet.param_shapes(module), what=input_path)
+    return checkpoint.save(output_dir, unet.CHECKPOINT_NAME, flat, unet.config_to_json(config),
+                           model="unet", source=os.path.basename(input_path), overwrite=overwrite)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("input", None, "guided-diffusion checkpoint (.pt state dict).")
+flags.DEFINE_string("output", None, "Directory for unet.safetensors and unet.json.")
+flags.DEFINE_string("config", "adm256_uncond", f"Named configuration: {', '.join(unet.PRESETS)}.")
+flags.DEFINE_string("config_json", None, "JSON file of UNetModel fields; replaces --config.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing converted checkpoint.")
+
+
+@cli
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.input or not FLAGS.output:
+        raise ConversionError("--input and --output are required")
+    if FLAGS.config_json:
+        with open(FLAGS.config_json, encoding="utf-8") as f:
+            config = unet.config_from_json(json.load(f))
+    else:
+        config = unet.preset(FLAGS.config)
+    weights, meta = convert(FLAGS.input, FLAGS.output, config, FLAGS.overwrite)
+    print(f"wrote {weights} and {meta}")
+
+
+if __name__ == "__main__":
+    app.run(main)
