@@ -110,7 +110,8 @@ def save(directory: str, name: str, flat: Mapping[str, np.ndarray], config: Mapp
     weights_path, config_path = paths(directory, name)
     os.makedirs(directory, exist_ok=True)
     meta = {"format": FORMAT, "model": model, "source": source, "config": dict(config)}
-    arrays = {k: np.ascontiguousarray(v) for k, v in flat.items()}
+    # ascontiguousarray turns 0-d arrays into shape (1,); keep scalars (e.g. CLIP's logit_scale) 0-d.
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in flat.items()}
     _atomic_write(weights_path, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT}))
     _atomic_write(config_path, lambda tmp: _write_json(tmp, meta))
     return weights_path, config_path
