@@ -150,6 +150,8 @@ def _bpe():
                                      end_of_word_suffix="</w>"))
     # Words arrive already split; ByteLevel only maps UTF-8 bytes to the printable alphabet.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # A word that is exactly a special token (the word split yields it whole) gets its id, as in
+    # the reference; no other word can contain one.
     tokenizer.add_special_tokens([START_OF_TEXT, END_OF_TEXT])
     return tokenizer
 
@@ -180,7 +182,8 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH,
             if not truncate:
                 raise ValueError(
                     f"prompt {text!r} is {len(tokens)} tokens long (start and end tokens included), "
-                    f"more than CLIP's context length of {context_length}; shorten it or pass truncate=True")
+                    f"more than CLIP's context length of {context_length}; "
+                    "shorten it or pass truncate=True")
             tokens = tokens[:context_length]
             tokens[-1] = end
         result[i, :len(tokens)] = tokens

@@ -163,7 +163,8 @@ def infer_config(state_dict: dict[str, np.ndarray], heads: tuple[int, int] | Non
 
 
 def flax_key(torch_key: str, ndim: int) -> str:
-    """`visual.transformer.resblocks.3.attn.in_proj_weight` -> `visual/transformer/resblocks_3/attn/in_proj/kernel`."""
+    """`visual.transformer.resblocks.3.attn.in_proj_weight`
+    -> `visual/transformer/resblocks_3/attn/in_proj/kernel`."""
     *modules, leaf = torch_key.split(".")
     merged: list[str] = []
     for part in modules:
@@ -200,7 +201,8 @@ def convert(input_path: str, output_dir: str, overwrite: bool = False) -> tuple[
         hf_state_dict, hf_config = read_hf(input_path)
         hf_architecture(hf_config)
         state_dict = hf_to_openai(hf_state_dict)
-        heads = tuple(hf_config.get(t, {}).get("num_attention_heads") for t in ("vision_config", "text_config"))
+        heads = tuple(hf_config.get(tower, {}).get("num_attention_heads")
+                      for tower in ("vision_config", "text_config"))
         config = infer_config(state_dict, heads if None not in heads else None)
     else:
         state_dict = read_openai(input_path)

@@ -184,7 +184,8 @@ def test_openai_b16_guidance_gradient_matches_reference(openai_b16):
     images, tokens = make_images(2, 224), tokenizer.tokenize(PROMPTS[:1])
     x = torch.from_numpy(images).requires_grad_(True)
     text_embed = model.encode_text(torch.from_numpy(tokens).long()).detach()
-    pixels = (x.permute(0, 3, 1, 2) - torch.tensor(bdclip.MEAN).view(1, 3, 1, 1)) / torch.tensor(bdclip.STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (bdclip.MEAN, bdclip.STD))
+    pixels = (x.permute(0, 3, 1, 2) - mean) / std
     torch_spherical_distance(model.encode_image(pixels), text_embed).sum().backward()
     want = x.grad.numpy()
     got = distance_grad(module, params, images, encode_text(module, params, tokens))
@@ -273,7 +274,8 @@ def test_converter_rejects_wrong_and_damaged_inputs(tiny_state_dict, tmp_path):
     state_dict = dict(model.state_dict())
     state_dict["visual.ln_post.weight"] = torch.zeros(64)
     torch.save(state_dict, tmp_path / "bad_shape.pt")
-    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"visual/ln_post/scale \(64,\) \(expected \(128,\)\)"):
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"visual/ln_post/scale \(64,\) \(expected \(128,\)\)"):
         convert_clip.convert(str(tmp_path / "bad_shape.pt"), str(out))
 
     # Truncated files: a plain state dict, a TorchScript archive, Hugging Face safetensors.

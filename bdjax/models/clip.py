@@ -17,6 +17,7 @@ softmax run in float32 and cast back, as OpenAI's `LayerNorm` subclass does.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -105,7 +106,8 @@ class ResidualAttentionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = x + MultiheadAttention(self.heads, self.causal, self.dtype, name="attn")(LayerNorm(name="ln_1")(x))
+        attn = MultiheadAttention(self.heads, self.causal, self.dtype, name="attn")
+        x = x + attn(LayerNorm(name="ln_1")(x))
         return x + Mlp(self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
 
 
@@ -185,7 +187,7 @@ class CLIP(nn.Module):
         self.text_projection = self.param("text_projection", nn.initializers.normal(width ** -0.5),
                                           (width, self.embed_dim))
         # Kept so the checkpoint round-trips completely; Blended Diffusion never uses it.
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(jnp.log(1 / 0.07)), ())
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
 
     def encode_image(self, images, normalize: bool = True):
         """[batch, R, R, 3] RGB in [0, 1] -> [batch, embed_dim] (not unit-normalised).
