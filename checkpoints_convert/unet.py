@@ -66,11 +66,15 @@ def convert(input_path: str, output_dir: str, config: dict, overwrite: bool = Fa
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "guided-diffusion checkpoint (.pt state dict).")
-flags.DEFINE_string("output", None, "Directory for unet.safetensors and unet.json.")
-flags.DEFINE_string("config", "adm256_uncond", f"Named configuration: {', '.join(unet.PRESETS)}.")
-flags.DEFINE_string("config_json", None, "JSON file of UNetModel fields; replaces --config.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing converted checkpoint.")
+
+
+def define_flags():
+    # Only when run as a program: the converters share flag names and may be imported together.
+    flags.DEFINE_string("input", None, "guided-diffusion checkpoint (.pt state dict).")
+    flags.DEFINE_string("output", None, "Directory for unet.safetensors and unet.json.")
+    flags.DEFINE_string("config", "adm256_uncond", f"Named configuration: {', '.join(unet.PRESETS)}.")
+    flags.DEFINE_string("config_json", None, "JSON file of UNetModel fields; replaces --config.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing converted checkpoint.")
 
 
 @cli
@@ -89,4 +93,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
