@@ -1,0 +1,203 @@
+"""Blended Diffusion sampling (Avrahami et al., Algorithm 2) and the Algorithm 1 baseline.
+
+`make_sampler` returns a pure function of (params, inputs, sample ids, seed) that runs every
+step in one `lax.scan`; wrap it in `jax.jit` once per configuration. Randomness is derived from
+(seed, sample index) with `jax.random.fold_in`, so a sample's result does not depend on which
+batch it ran in; the background noise of step i depends on (seed, i) only, shared by all samples
+as in the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bdjax import diffusion
+from bdjax.guidance import GuidanceConfig, guidance_loss, value_and_guidance
+from bdjax.models.clip import spherical_distance
+
+CLIP_SIZE = 224
+
+
+@dataclasses.dataclass(frozen=True)
+class EditOptions:
+    """Sampling options, named and defaulted as the reference's flags."""
+    skip_timesteps: int = 25
+    timestep_respacing: str = "100"
+    ddim: bool = False
+    clip_guidance_lambda: float = 1000.0
+    range_lambda: float = 50.0
+    aug_num: int = 8
+    local_clip_guided_diffusion: bool = False
+    background_preservation_loss: bool = False
+    lpips_sim_lambda: float = 1000.0
+    l2_sim_lambda: float = 10000.0
+    enforce_background: bool = True
+    batch_size: int = 4
+    randomize_class: bool = True
+    symmetric_translation: bool = False  # off: the reference's vertical-only translation
+
+    def guidance(self) -> GuidanceConfig:
+        return GuidanceConfig(
+            clip_guidance_lambda=self.clip_guidance_lambda, range_lambda=self.range_lambda,
+            background_preservation_loss=self.background_preservation_loss,
+            lpips_sim_lambda=self.lpips_sim_lambda, l2_sim_lambda=self.l2_sim_lambda,
+            batch_size=self.batch_size)
+
+    def validate(self, num_timesteps: int) -> None:
+        if not 0 <= self.skip_timesteps < num_timesteps:
+            raise ValueError(f"skip_timesteps={self.skip_timesteps} must be in [0, {num_timesteps}) "
+                             f"for timestep_respacing={self.timestep_respacing!r}")
+        if self.aug_num < 1:
+            raise ValueError(f"aug_num={self.aug_num} must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The Flax modules (static structure); their params travel separately as a dict
+    {"unet": ..., "clip": ..., "lpips": ...}."""
+    unet: Any
+    clip: Any
+    lpips: Any = None
+
+
+def sample_keys(seed, sample_ids):
+    """Per-sample keys from (seed, sample index), and the seed's background-noise key."""
+    samples_root, background_root = jax.random.split(jax.random.key(seed))
+    keys = jax.vmap(lambda i: jax.random.fold_in(samples_root, i))(sample_ids)
+    return keys, background_root
+
+
+def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, guided: bool,
+              augment: Callable | None = None):
+    """One step of Blended Diffusion as a pure function.
+
+    step(params, x, i, draws, init, mask, text_embed) -> {"sample": x_{i-1}, "pred_xstart",
+    "grad", "terms"}, where `draws` holds the step's randomness (see `step_draws`): "noise"
+    [B,H,W,C], "background_noise" [1,H,W,C], "aug_keys" [B] and "y" (class labels or None).
+    `augment(images, aug_keys)` may be injected (tests inject fixed transforms); by default it
+    is the reference's extending augmentations.
+    """
+    config = options.guidance()
+    if augment is None:
+        def augment(images, keys):
+            from bdjax import augment as augment_lib  # TEMP until augment lands
+            return augment_lib.extending_augmentations(
+                images, keys, aug_num=options.aug_num, output_size=CLIP_SIZE,
+                symmetric_translation=options.symmetric_translation)
+
+    def step(params, x, i, draws, init, mask, text_embed):
+        timestep = jnp.asarray(d.timestep_map, jnp.float32)[i]
+
+        def denoise(x):
+            model_output = models.unet.apply({"params": params["unet"]}, x, timestep, draws["y"])
+            return diffusion.p_mean_variance(d, model_output.astype(jnp.float32), x, i)
+
+        if guided:
+            def encode_image(images):
+                return models.clip.apply({"params": params["clip"]}, images, method="encode_image")
+
+            lpips = None
+            if models.lpips is not None:
+                def lpips(a, b):
+                    return models.lpips.apply({"params": params["lpips"]}, a, b)
+
+            def loss_fn(pred_xstart, x):
+                fac = jnp.asarray(d.sqrt_one_minus_alphas_cumprod)[i]
+                return guidance_loss(pred_xstart, x, fac, mask=mask, init=init, text_embed=text_embed,
+                                     augment=lambda images: augment(images, draws["aug_keys"]),
+                                     encode_image=encode_image, lpips=lpips, config=config)
+
+            out, grad, terms = value_and_guidance(denoise, loss_fn, x)
+        else:  # an empty prompt: the reference's cond_fn returns zeros
+            out, grad, terms = denoise(x), jnp.zeros_like(x), {}
+
+        if options.ddim:
+            out = diffusion.condition_score(d, out, x, i, grad)
+            sample = diffusion.ddim_sample(d, out, x, i, draws["noise"], eta=0.0)
+        else:
+            sample = diffusion.p_sample(diffusion.condition_mean(out, grad), i, draws["noise"])
+        if not options.local_clip_guided_diffusion:
+            # The background is noised to level i while the sample is now at level i-1: the
+            # reference's off-by-one, reproduced. One noise draw is shared by the whole batch.
+            background = diffusion.q_sample(d, init, i, draws["background_noise"])
+            sample = sample * mask + background * (1 - mask)
+        return {"sample": sample, "pred_xstart": out["pred_xstart"], "grad": grad, "terms": terms}
+
+    return step
+
+
+def step_draws(models: Models, options: EditOptions, keys, background_key, i, shape) -> dict:
+    """The randomness of step i: per-sample from each sample's key, the background noise from
+    the seed's background key alone (shared by every sample of the seed, whatever its batch)."""
+    split = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i), 3))(keys)
+    aug_keys, noise_keys, class_keys = split[:, 0], split[:, 1], split[:, 2]
+    y = None
+    num_classes = getattr(models.unet, "num_classes", None)
+    if num_classes is not None:
+        if options.randomize_class:  # a fresh random class per sample and step, as the reference
+            y = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes))(class_keys)
+        else:
+            y = jnp.zeros((len(keys),), jnp.int32)
+    return {
+        "noise": jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(noise_keys),
+        "background_noise": jax.random.normal(jax.random.fold_in(background_key, i), (1, *shape[1:])),
+        "aug_keys": aug_keys,
+        "y": y,
+    }
+
+
+def make_sampler(models: Models, options: EditOptions, *, guided: bool,
+                 progress: Callable[[Any], None] | None = None, augment: Callable | None = None):
+    """sampler(params, init, mask, text_embed, sample_ids, seed) -> {"images", "distances", "pred_xstart"}.
+
+    init: [1, H, W, C] in [-1, 1]; mask: [1, H, W, 1] in {0, 1} (1 = edit); text_embed: [D];
+    sample_ids: [B] int; seed: int. images are [B, H, W, C] in [0, 1]; distances are the
+    reference's ranking distances (lower is better). `progress(i)` is called from the device
+    after each step when given.
+    """
+    d = diffusion.make_diffusion(timestep_respacing=options.timestep_respacing)
+    options.validate(d.num_timesteps)
+    step = make_step(models, options, d, guided=guided, augment=augment)
+    first = d.num_timesteps - options.skip_timesteps - 1
+
+    def sampler(params, init, mask, text_embed, sample_ids, seed):
+        keys, background_key = sample_keys(seed, sample_ids)
+        init_keys, step_root = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+        noise = jax.vmap(lambda k: jax.random.normal(k, init.shape[1:], init.dtype))(init_keys)
+        x = diffusion.q_sample(d, jnp.broadcast_to(init, noise.shape), first, noise)
+
+        def body(carry, i):
+            x, _ = carry
+            draws = step_draws(models, options, step_root, background_key, i, x.shape)
+            out = step(params, x, i, draws, init, mask, text_embed)
+            if progress is not None:
+                jax.debug.callback(progress, i)
+            return (out["sample"], out["pred_xstart"]), None
+
+        (_, pred_xstart), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), jnp.arange(first, -1, -1))
+        return finish(models, options, params, pred_xstart, init, mask, text_embed)
+
+    return sampler
+
+
+def finish(models: Models, options: EditOptions, params, pred_xstart, init, mask, text_embed):
+    """The kept result (hard background paste) and the reference's ranking distance."""
+    result = pred_xstart
+    if options.enforce_background and not options.local_clip_guided_diffusion:
+        result = init * (1 - mask) + pred_xstart * mask
+    images = jnp.clip((result + 1) / 2, 0, 1)
+    # Ranking: mask * image, bilinear resize to 224 (no antialiasing, like torch's interpolate),
+    # fed to CLIP WITHOUT its normalisation, as the reference does.
+    masked = images * mask
+    size = (masked.shape[0], CLIP_SIZE, CLIP_SIZE, masked.shape[-1])
+    resized = jax.image.resize(masked, size, "bilinear", antialias=False)
+    embeds = models.clip.apply({"params": params["clip"]}, resized, normalize=False, method="encode_image")
+    distances = spherical_distance(embeds.astype(jnp.float32), text_embed.astype(jnp.float32))
+    return {"images": images, "distances": distances, "pred_xstart": pred_xstart}

@@ -1,0 +1,156 @@
+"""The Python API: `BlendedDiffusion.from_pretrained(dir).edit(image, mask, prompt)`.
+
+Samples run in batches of `batch_size` through one jit-compiled sampler per configuration;
+the last batch is padded to full size (so nothing recompiles) and the padding discarded.
+Results come back ranked best first by the reference's CLIP distance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from bdjax import image_io, tokenizer
+from bdjax.diffusion import space_timesteps
+from bdjax.blended import EditOptions, Models, make_sampler
+from bdjax.models import clip as clip_lib
+from bdjax.models import lpips as lpips_lib
+from bdjax.models import unet as unet_lib
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(EditOptions))
+
+
+@dataclasses.dataclass
+class EditResult:
+    """Edited images ranked best first (lowest CLIP distance)."""
+    images: np.ndarray        # [N, H, W, 3] uint8
+    distances: np.ndarray     # [N] float, the reference's ranking distance
+    sample_ids: np.ndarray    # [N] int: sample k of `seed` (reproduce it with the same seed and k)
+    seed: int
+    source: np.ndarray        # [H, W, 3] uint8, the resized input
+    mask: np.ndarray          # [H, W] uint8 {0, 255}, after invert_mask
+    prompt: str
+    options: EditOptions
+
+    def pil_images(self) -> list[Image.Image]:
+        return [Image.fromarray(im) for im in self.images]
+
+
+class BlendedDiffusion:
+    """Holds the three networks and their params; compiles a sampler per configuration."""
+
+    def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None):
+        self.models = Models(unet=unet[0], clip=clip[0], lpips=None if lpips is None else lpips[0])
+        self.params = {"unet": unet[1], "clip": clip[1]}
+        if lpips is not None:
+            self.params["lpips"] = lpips[1]
+        self.image_size = self.models.unet.image_size
+        self._samplers: dict = {}
+        self._progress = _Progress()
+        self._encode_text = jax.jit(lambda p, tokens: self.models.clip.apply({"params": p}, tokens,
+                                                                             method="encode_text"))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str, dtype=jnp.float32, param_dtype=None,
+                        unet_dir: str | None = None) -> "BlendedDiffusion":
+        """Load converted weights: unet.*, clip.* and (if present) lpips.* in `checkpoint_dir`.
+
+        `unet_dir` picks another directory for the UNet (e.g. the 512 model).
+        """
+        unet = unet_lib.load(unet_dir or checkpoint_dir, dtype=dtype, param_dtype=param_dtype)
+        clip = clip_lib.load(checkpoint_dir, dtype=dtype, param_dtype=param_dtype)
+        lpips = None
+        if os.path.exists(os.path.join(checkpoint_dir, f"{lpips_lib.CHECKPOINT_NAME}.json")):
+            lpips = lpips_lib.load(checkpoint_dir, dtype=dtype, param_dtype=param_dtype)
+        return cls(unet, clip, lpips)
+
+    def encode_prompt(self, prompt: str) -> jax.Array:
+        tokens = tokenizer.tokenize(prompt, context_length=self.models.clip.context_length)
+        return self._encode_text(self.params["clip"], tokens)[0].astype(jnp.float32)
+
+    def sampler(self, options: EditOptions, guided: bool, progress: bool = False):
+        """The jit-compiled sampler for a configuration (compiled once, then cached)."""
+        key = (options, guided, progress)
+        if key not in self._samplers:
+            callback = self._progress if progress else None
+            self._samplers[key] = jax.jit(make_sampler(self.models, options, guided=guided, progress=callback))
+        return self._samplers[key]
+
+    def prepare(self, image, mask=None, invert_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(init [1,S,S,3] in [-1,1], mask [1,S,S,1] in {0,1}) as the reference prepares them."""
+        pil = image_io.to_pil(image, "image")
+        init = image_io.load_image(pil, self.image_size)
+        m = image_io.load_mask(mask, self.image_size, image_size=pil.size, invert_mask=invert_mask)
+        return init[None], m[None]
+
+    def edit(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
+             invert_mask: bool = False, progress: bool = True, **options) -> EditResult:
+        """Edit the masked region of `image` to match `prompt`; returns results ranked best first.
+
+        options: the reference's flags (see EditOptions): skip_timesteps, timestep_respacing, ddim,
+        clip_guidance_lambda, range_lambda, aug_num, local_clip_guided_diffusion,
+        background_preservation_loss, lpips_sim_lambda, l2_sim_lambda, enforce_background,
+        batch_size, randomize_class, symmetric_translation.
+        """
+        unknown = set(options) - set(OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {', '.join(OPTION_NAMES)}")
+        opts = EditOptions(**options)
+        opts.validate(len(space_timesteps(1000, opts.timestep_respacing)))
+        if num_samples < 1:
+            raise ValueError(f"num_samples={num_samples} must be at least 1")
+        if opts.background_preservation_loss and opts.lpips_sim_lambda and self.models.lpips is None:
+            raise ValueError("background_preservation_loss needs LPIPS weights: convert them with "
+                             "python -m checkpoints_convert.lpips, or set lpips_sim_lambda=0")
+        init, m = self.prepare(image, mask, invert_mask)
+        text_embed = self.encode_prompt(prompt)
+        guided = prompt != ""
+
+        sample = self.sampler(opts, guided, progress=progress)
+        if progress:
+            steps = len(space_timesteps(1000, opts.timestep_respacing)) - opts.skip_timesteps
+            self._progress.bar = tqdm(total=steps * -(-num_samples // opts.batch_size),
+                                      desc="blended diffusion", unit="step")
+
+        images, distances, ids = [], [], []
+        for start in range(0, num_samples, opts.batch_size):
+            batch_ids = np.arange(start, min(start + opts.batch_size, num_samples))
+            padded = np.resize(batch_ids, opts.batch_size)  # pad by repeating; the copies are dropped
+            out = sample(self.params, init, m, text_embed, jnp.asarray(padded, jnp.int32), seed)
+            n = len(batch_ids)
+            images.append(np.asarray(out["images"])[:n])
+            distances.append(np.asarray(out["distances"])[:n])
+            ids.append(batch_ids)
+        if progress:
+            self._progress.close()
+        images, distances, ids = map(np.concatenate, (images, distances, ids))
+        order = np.argsort(distances, kind="stable")
+        return EditResult(
+            images=np.round(images[order] * 255).astype(np.uint8), distances=distances[order],
+            sample_ids=ids[order], seed=seed,
+            source=np.round((init[0] + 1) * 127.5).astype(np.uint8),
+            mask=(m[0, ..., 0] * 255).astype(np.uint8), prompt=prompt, options=opts)
+
+
+class _Progress:
+    """Advances the current tqdm bar from inside the compiled loop (jax.debug.callback)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, i):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            jax.effects_barrier()  # let the last callbacks land before the bar closes
+            self.bar.close()
+            self.bar = None

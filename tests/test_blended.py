@@ -1,0 +1,224 @@
+"""Behaviour of the Blended Diffusion sampler and the editor API.
+
+Analytic models stand in for the networks where behaviour (not parity) is tested: the UNet is
+the exact denoiser for Gaussian data x0 ~ N(MU, S^2 I) (its eps prediction is E[eps | x_t]),
+and CLIP is a differentiable colour target: an image's embedding is its mean colour minus grey,
+the "text" embedding a fixed colour direction. Parity with the PyTorch reference is in
+test_blended_parity.py.
+"""
+
+import flax.linen as nn
+import jax.extend
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bdjax import blended, diffusion
+from bdjax.blended import EditOptions, Models
+from bdjax.editor import BlendedDiffusion
+from bdjax.models import clip as clip_lib
+from bdjax.models import unet as unet_lib
+
+SIZE = 32
+MU, S = 0.0, 0.5
+RED = jnp.array([1.0, -1.0, -1.0])
+
+
+class GaussianDenoiser(nn.Module):
+    """E[eps | x_t] for x0 ~ N(MU, S^2 I), at the original timestep t; v = 0 (mid variance)."""
+    image_size: int = SIZE
+    num_classes: None = None
+
+    @nn.compact
+    def __call__(self, x, t, y=None):
+        abar_all = jnp.asarray(np.cumprod(1 - diffusion.linear_betas(1000)), jnp.float32)
+        abar = abar_all[jnp.round(jnp.asarray(t)).astype(jnp.int32)]
+        eps = jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * MU) / (abar * S ** 2 + 1 - abar)
+        return jnp.concatenate([eps, jnp.zeros_like(x)], axis=-1)
+
+
+class ColourCLIP(nn.Module):
+    """Embedding = mean colour - grey over the image; text embedding = RED."""
+    context_length: int = 77
+
+    def encode_image(self, images, normalize=True):
+        return jnp.mean(images - 0.5, axis=(1, 2))
+
+    def encode_text(self, tokens):
+        return jnp.broadcast_to(RED, (tokens.shape[0], 3))
+
+    def __call__(self, images, tokens):
+        return self.encode_image(images), self.encode_text(tokens)
+
+
+ANALYTIC = Models(unet=GaussianDenoiser(), clip=ColourCLIP())
+NO_PARAMS = {"unet": {}, "clip": {}}
+
+
+@pytest.fixture(scope="module")
+def scene():
+    rng = np.random.RandomState(0)
+    init = rng.uniform(-0.6, 0.6, (1, SIZE, SIZE, 3)).astype(np.float32)
+    mask = np.zeros((1, SIZE, SIZE, 1), np.float32)
+    mask[:, 8:24, 8:24] = 1
+    return jnp.asarray(init), jnp.asarray(mask)
+
+
+def run(options, scene, guided=True, ids=(0, 1), seed=3):
+    init, mask = scene
+    sampler = jax.jit(blended.make_sampler(ANALYTIC, options, guided=guided))
+    return sampler(NO_PARAMS, init, mask, RED, jnp.asarray(ids, jnp.int32), seed)
+
+
+def redness(images, mask):
+    """Mean of R - (G + B) / 2 over the masked pixels, per image ([0, 1] images)."""
+    m = np.asarray(mask)[0, ..., 0] > 0
+    im = np.asarray(images)[:, m]
+    return im[..., 0].mean(-1) - im[..., 1:].mean((-1, -2))
+
+
+# Strong guidance: the colour target's gradient per pixel is ~1/(224*224) of a real CLIP's scale.
+STRONG = dict(skip_timesteps=70, clip_guidance_lambda=3e5, range_lambda=0.0, batch_size=2)
+
+
+def test_edit_moves_the_masked_region_toward_the_prompt_and_keeps_the_background(scene):
+    init, mask = scene
+    guided = run(EditOptions(**STRONG), scene)
+    plain = run(EditOptions(**STRONG), scene, guided=False)
+    gain = redness(guided["images"], mask) - redness(plain["images"], mask)
+    assert (gain > 0.05).all(), gain
+    # enforce_background: outside the mask the result is the input, exactly.
+    keep = np.asarray(mask)[0, ..., 0] == 0
+    want = np.clip((np.asarray(init)[0] + 1) / 2, 0, 1)[keep]
+    for image in np.asarray(guided["images"]):
+        np.testing.assert_array_equal(image[keep], want)
+    # The ranking distance prefers the redder result.
+    assert (np.asarray(guided["distances"]) < np.asarray(plain["distances"])).all()
+
+
+def test_algorithm1_background_drifts_and_the_preservation_loss_holds_it(scene):
+    init, mask = scene
+    keep = np.asarray(mask)[0, ..., 0] == 0
+    target = np.clip((np.asarray(init)[0] + 1) / 2, 0, 1)[keep]
+
+    def background_change(**kw):
+        out = run(EditOptions(**STRONG, local_clip_guided_diffusion=True, lpips_sim_lambda=0.0, **kw), scene)
+        return np.abs(np.asarray(out["images"])[:, keep] - target).mean()
+
+    free = background_change()
+    held = background_change(background_preservation_loss=True, l2_sim_lambda=3e5)
+    assert free > 0.02  # no blending, no paste: the background is resampled
+    assert held < 0.5 * free, (free, held)
+
+
+def test_one_unet_forward_per_guided_step(scene):
+    """Count UNet applications while tracing a guided step, and convolutions in its jaxpr."""
+    init, mask = scene
+    calls = []
+
+    class Counting:
+        num_classes = None
+
+        def __init__(self, module):
+            self.module = module
+
+        def apply(self, *args, **kw):
+            calls.append(1)
+            return self.module.apply(*args, **kw)
+
+    config = dict(unet_lib.preset("adm256_uncond"), image_size=SIZE, model_channels=32, channel_mult=(1, 2),
+                  num_res_blocks=1, attention_resolutions=(2,), num_head_channels=16)
+    unet = unet_lib.UNetModel(**config)
+    params = {"unet": jax.eval_shape(unet.init, jax.random.key(0), init, jnp.zeros((1,)))["params"], "clip": {}}
+    options = EditOptions(batch_size=2)
+    d = diffusion.make_diffusion(timestep_respacing=options.timestep_respacing)
+    x = jnp.zeros((2, SIZE, SIZE, 3))
+    keys, background_key = blended.sample_keys(0, jnp.arange(2))
+
+    def jaxpr(guided):
+        step = blended.make_step(Models(Counting(unet), ColourCLIP()), options, d, guided=guided)
+        draws = blended.step_draws(Models(unet, ColourCLIP()), options, keys, background_key, 5, x.shape)
+        return jax.make_jaxpr(lambda p: step(p, x, 5, draws, init, mask, RED))(params)
+
+    forward_only = count_convolutions(jaxpr(guided=False).jaxpr)
+    assert calls == [1]
+    guided_convs = count_convolutions(jaxpr(guided=True).jaxpr)
+    assert calls == [1, 1]  # one application of the UNet in the guided step too
+    # Forward + input-gradient convolutions; a second forward would add forward_only more.
+    assert guided_convs == 2 * forward_only, (forward_only, guided_convs)
+
+
+def count_convolutions(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            n += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += count_convolutions(sub)
+    return n
+
+
+# The editor API on tiny random networks of the real architectures.
+
+@pytest.fixture(scope="module")
+def editor():
+    config = dict(unet_lib.preset("adm256_uncond"), image_size=SIZE, model_channels=32, channel_mult=(1, 2),
+                  num_res_blocks=1, attention_resolutions=(2,), num_head_channels=16)
+    unet = unet_lib.UNetModel(**config)
+    unet_params = unet.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), jnp.zeros((1,)))["params"]
+    clip = clip_lib.CLIP(embed_dim=32, image_resolution=224, vision_layers=1, vision_width=64, vision_patch_size=32,
+                         vision_heads=2, context_length=77, vocab_size=49408, transformer_width=32,
+                         transformer_heads=2, transformer_layers=1)
+    clip_params = clip.init(jax.random.key(1), jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32))["params"]
+    return BlendedDiffusion((unet, unet_params), (clip, clip_params))
+
+
+@pytest.fixture(scope="module")
+def photo_and_mask():
+    rng = np.random.RandomState(5)
+    photo = rng.randint(0, 256, (40, 40, 3), dtype=np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 5:25] = 255
+    return photo, mask
+
+
+FAST = dict(skip_timesteps=96, aug_num=3)
+
+
+def test_same_seed_same_results_and_batch_independence(editor, photo_and_mask):
+    photo, mask = photo_and_mask
+    batch8 = editor.edit(photo, mask, "a red ball", num_samples=8, batch_size=8, seed=11, progress=False, **FAST)
+    again = editor.edit(photo, mask, "a red ball", num_samples=8, batch_size=8, seed=11, progress=False, **FAST)
+    np.testing.assert_array_equal(batch8.images, again.images)
+    assert editor.sampler(EditOptions(batch_size=8, **FAST), True)._cache_size() == 1  # compiled once
+
+    # Ranked best first, and every sample id once.
+    assert (np.diff(batch8.distances) >= 0).all()
+    assert sorted(batch8.sample_ids) == list(range(8))
+    # Sample k alone (batch_size 1, so a different compiled program) equals sample k in the batch of 8.
+    alone = editor.edit(photo, mask, "a red ball", num_samples=3, batch_size=1, seed=11, progress=False, **FAST)
+    for k in range(3):
+        np.testing.assert_array_equal(alone.images[list(alone.sample_ids).index(k)],
+                                      batch8.images[list(batch8.sample_ids).index(k)])
+    other = editor.edit(photo, mask, "a red ball", num_samples=1, batch_size=8, seed=12, progress=False, **FAST)
+    assert np.abs(other.images[0].astype(int) - batch8.images[list(batch8.sample_ids).index(0)]).max() > 0
+    # Outside the mask every result is the (resized) source.
+    keep = batch8.mask == 0
+    for image in batch8.images:
+        assert np.abs(image[keep].astype(int) - batch8.source[keep]).max() <= 1
+
+
+def test_editor_rejects_bad_requests(editor, photo_and_mask):
+    photo, mask = photo_and_mask
+    with pytest.raises(ValueError, match="tokens long"):
+        editor.edit(photo, mask, "word " * 80, progress=False)
+    with pytest.raises(TypeError, match="unknown option"):
+        editor.edit(photo, mask, "a cat", progress=False, skip_timestep=3)
+    with pytest.raises(ValueError, match="skip_timesteps"):
+        editor.edit(photo, mask, "a cat", progress=False, skip_timesteps=100)
+    with pytest.raises(ValueError, match="LPIPS"):
+        editor.edit(photo, mask, "a cat", progress=False, local_clip_guided_diffusion=True,
+                    background_preservation_loss=True)
+    with pytest.raises(ValueError, match="selects no pixel"):
+        editor.edit(photo, np.zeros((40, 40), np.uint8), "a cat", progress=False)
