@@ -15,6 +15,7 @@ gradient path, and torch itself moves by 3e-4 between batch sizes 1 and 6 on the
 float64 run is the exact check.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ DIST_RTOL = 1e-5
 GRAD_RTOL = 1e-10  # float64; measured 2e-14
 GRAD_RTOL_F32 = 1e-2  # see the module docstring; measured 6e-6 to 3.3e-4
 BF16_RTOL = 1e-2  # bfloat16 trunk activations vs float32, per distance; measured 1e-4 to 1e-3
+BF16_GRAD_RTOL = 0.3  # the same for gradients (L2, per image); measured 0.13 to 0.17
 PAIRS = ("random", "shifted", "blurred", "noised", "random swapped", "identical")
 
 
@@ -153,8 +155,7 @@ def float32_256(reference, loaded):
 
 def float64_run(reference, converted, size, n_pairs):
     in0, in1 = (x.astype(np.float64) for x in image_pairs(size, seed=size, n_pairs=n_pairs))
-    want, want_grad = torch_value_and_grad(reference.double(), in0, in1)
-    reference.float()
+    want, want_grad = torch_value_and_grad(copy.deepcopy(reference).double(), in0, in1)
     with jax.enable_x64(True):
         module, params = lpips.load(str(converted), dtype=jnp.float64, param_dtype=jnp.float64)
         got, got_grad = jax.device_get(jax_value_and_grad(module, params, in0, in1))
@@ -208,7 +209,7 @@ def test_gradient_matches_lpips_float32(float32_64):
 
 def test_identical_is_zero_and_symmetric(float32_64):
     """lpips gives exactly 0 for identical images; XLA may round the channel norms of the two
-    images differently in the last bit, which leaves about 1e-16 (distances here are >= 0.003)."""
+    images differently in the last bit, which leaves about 1e-16 (distances here are >= 0.01)."""
     got, grad = float32_64["got"], float32_64["got_grad"]
     assert float32_64["want"][5] == 0.0
     assert abs(got[5]) < 1e-12, got[5]
@@ -219,10 +220,12 @@ def test_identical_is_zero_and_symmetric(float32_64):
 def test_bfloat16_activations(loaded, float32_64):
     _, params = loaded
     module = lpips.LPIPS(dtype=jnp.bfloat16)
-    got = np.asarray(jax.jit(module.apply)({"params": params}, float32_64["in0"], float32_64["in1"]))
-    assert got.dtype == np.float32
+    got, grad = jax.device_get(jax_value_and_grad(module, params, float32_64["in0"], float32_64["in1"]))
+    assert got.dtype == grad.dtype == np.float32
     np.testing.assert_allclose(got[:5], float32_64["got"][:5], rtol=BF16_RTOL)
     assert abs(got[5]) < 1e-12
+    errors = relative_errors(grad[:5], float32_64["got_grad"][:5])
+    assert np.all(errors < BF16_GRAD_RTOL), dict(zip(PAIRS, errors))
 
 
 def test_converted_files(converted):
@@ -269,7 +272,7 @@ def test_cli_truncated_file_one_line_error(vgg_path, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "checkpoints_convert.lpips", f"--vgg={truncated}", f"--output={out}"],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(truncated) in lines[0], proc.stderr
