@@ -69,10 +69,17 @@ def dense_kernel(w: np.ndarray) -> np.ndarray:
 
 
 def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-    """Wrap an absl `main` so user errors print one line to stderr and exit with status 1."""
+    """Wrap an absl `main` so user errors print one line to stderr and exit with status 1.
+
+    Conversion only traces shapes, so it runs on the CPU: accelerators (and their start-up
+    logging on stderr) stay out of it.
+    """
 
     @functools.wraps(main)
     def wrapped(argv):
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
         try:
             main(argv)
         except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:

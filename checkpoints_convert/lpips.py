@@ -16,7 +16,6 @@ import importlib.util
 import os
 import re
 
-import jax
 import numpy as np
 from absl import app, flags
 
@@ -108,8 +107,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.vgg or not FLAGS.output:
         raise ConversionError("--vgg and --output are required")
-    # Conversion only traces shapes: keep accelerators (and their start-up logging) out of it.
-    jax.config.update("jax_platforms", "cpu")
     weights, meta = convert(FLAGS.vgg, FLAGS.output, FLAGS.lin, FLAGS.overwrite)
     print(f"wrote {weights} and {meta}")
 
