@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bdjax import augment as augment_lib
 from bdjax import diffusion
 from bdjax.guidance import GuidanceConfig, guidance_loss, value_and_guidance
 from bdjax.models.clip import spherical_distance
@@ -87,7 +88,6 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
     config = options.guidance()
     if augment is None:
         def augment(images, keys):
-            from bdjax import augment as augment_lib  # TEMP until augment lands
             return augment_lib.extending_augmentations(
                 images, keys, aug_num=options.aug_num, output_size=CLIP_SIZE,
                 symmetric_translation=options.symmetric_translation)
