@@ -1,0 +1,494 @@
+"""Download the official weights and convert them all into one cache directory.
+
+    python -m checkpoints_convert.fetch [--cache_dir=DIR] [--models=adm256,clip,lpips] [--with_512]
+        [--force] [--keep_downloads=false]
+
+The cache directory is `--cache_dir`, else $BDJAX_CACHE, else ~/.cache/bdjax. It ends up holding
+
+    DIR/unet.{safetensors,json}          ADM 256x256 unconditional   (model "adm256")
+    DIR/clip.{safetensors,json}          CLIP ViT-B/16               (model "clip")
+    DIR/lpips.{safetensors,json}         LPIPS VGG16 v0.1            (model "lpips")
+    DIR/adm512/unet.{safetensors,json}   ADM 512x512 class-cond.     (model "adm512", --with_512)
+    DIR/downloads/                       the raw PyTorch files, kept unless --keep_downloads=false
+    DIR/manifest.json                    URL, size, sha256 and verification status of every file
+
+Downloads go to DIR/downloads/NAME.part, resume with an HTTP Range request after an
+interruption (from zero when the server ignores Range), are checked against a sha256 where one
+is known and only then renamed to NAME. A file already at DIR/downloads/NAME (placed there by
+hand on an offline machine) is verified and converted without any network access. Models whose
+converted files exist are skipped unless --force.
+
+$BDJAX_WEIGHTS_URL, when set, replaces every official location by BDJAX_WEIGHTS_URL/NAME
+(a mirror holding the files flat under one URL; the tests point it at a local server).
+
+Launch programs call `ensure_weights()`, which returns the directory at once when the converted
+files exist and otherwise fetches them, or explains what to download and the command to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import http.client
+import json
+import os
+import posixpath
+import re
+import shlex
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from absl import app, flags
+
+from checkpoints_convert.common import ConversionError, cli
+
+CACHE_ENV = "BDJAX_CACHE"
+BASE_URL_ENV = "BDJAX_WEIGHTS_URL"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "bdjax")
+DOWNLOADS = "downloads"
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One file to download and what its bytes are checked against."""
+
+    url: str
+    sha256: str | None = None         # full hash, only where one is published
+    sha256_prefix: str | None = None  # torchvision's file-name convention
+    hash_from: str = ""               # where the expected hash is stated
+
+    @property
+    def filename(self) -> str:
+        return posixpath.basename(urllib.parse.urlparse(self.url).path)
+
+
+SOURCES: dict[str, Source] = {
+    # OpenAI publishes no checksum. This sha256 is the one Disco Diffusion (v5.6 and later,
+    # github.com/alembics/disco-diffusion, `diff_model_map["256x256_diffusion_uncond"]["sha"]`)
+    # checks this very URL against; other projects record the same value with the file size
+    # 2,211,383,297 bytes. (Older Disco versions listed 983e3de6... as `model_256_SHA`: that is
+    # the hash of secondary_model_imagenet_2.pth, to which later versions moved it.)
+    "adm256": Source("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
+                     sha256="a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1",
+                     hash_from="Disco Diffusion v5.6+ diff_model_map (not published by OpenAI)"),
+    # No published hash found: the computed sha256 is only recorded in manifest.json.
+    "adm512": Source("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/512x512_diffusion.pt"),
+    # OpenAI names each CLIP file by its full sha256 (clip/clip.py `_MODELS`, which also checks it).
+    "clip": Source("https://openaipublic.azureedge.net/clip/models/"
+                   "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+                   sha256="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+                   hash_from="the URL (OpenAI clip/clip.py)"),
+    # torchvision names its files NAME-<first 8 hex digits of the sha256>.pth and checks that prefix.
+    "vgg16": Source("https://download.pytorch.org/models/vgg16-397923af.pth", sha256_prefix="397923af",
+                    hash_from="the file name (torchvision convention)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A converted network: which downloads it is made of and where it is written."""
+
+    files: tuple[str, ...]           # keys of SOURCES
+    checkpoint: str                  # NAME of NAME.safetensors + NAME.json
+    subdir: str = ""                 # relative to the cache directory
+    unet_config: Mapping | None = None
+
+
+def _unet_preset(name: str) -> dict:
+    from bdjax.models import unet
+
+    return unet.preset(name)
+
+
+MODELS: dict[str, Model] = {
+    "adm256": Model(("adm256",), "unet", unet_config=_unet_preset("adm256_uncond")),
+    # A directory holds one unet, so the optional 512 model gets its own.
+    "adm512": Model(("adm512",), "unet", subdir="adm512", unet_config=_unet_preset("adm512_cond")),
+    "clip": Model(("clip",), "clip"),
+    "lpips": Model(("vgg16",), "lpips"),  # the v0.1 linear heads ship inside the lpips package
+}
+DEFAULT_MODELS = ("adm256", "clip", "lpips")
+
+
+class FetchError(ConversionError):
+    """Weights could not be obtained; the message says what to do (one line)."""
+
+
+class _Unreachable(Exception):
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"{url}: {reason}")
+        self.url, self.reason = url, reason
+
+
+class _Interrupted(Exception):
+    """The connection ended before the announced length arrived."""
+
+
+# ---- locations ------------------------------------------------------------------------------
+
+def cache_dir_from(flag: str | None = None) -> str:
+    """--cache_dir wins over $BDJAX_CACHE, which wins over ~/.cache/bdjax."""
+    chosen = flag or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+    return os.path.abspath(os.path.expanduser(chosen))
+
+
+def source_url(source: Source) -> str:
+    base = os.environ.get(BASE_URL_ENV)
+    return f"{base.rstrip('/')}/{source.filename}" if base else source.url
+
+
+def model_dir(cache_dir: str, name: str) -> str:
+    return os.path.join(cache_dir, MODELS[name].subdir)
+
+
+def converted_paths(cache_dir: str, name: str) -> tuple[str, str]:
+    checkpoint = MODELS[name].checkpoint
+    directory = model_dir(cache_dir, name)
+    return os.path.join(directory, f"{checkpoint}.safetensors"), os.path.join(directory, f"{checkpoint}.json")
+
+
+def is_converted(cache_dir: str, name: str) -> bool:
+    return all(os.path.isfile(p) for p in converted_paths(cache_dir, name))
+
+
+def fetch_command(cache_dir: str, models: Iterable[str]) -> str:
+    return (f"python -m checkpoints_convert.fetch --cache_dir={shlex.quote(cache_dir)} "
+            f"--models={','.join(models)}")
+
+
+def parse_models(names: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))  # ordered, no duplicates
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise FetchError(f"unknown model(s) {unknown or names}; choose from {', '.join(MODELS)}")
+    return names
+
+
+# ---- hashing --------------------------------------------------------------------------------
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expected_hash(source: Source) -> str | None:
+    """What the sha256 must equal (full) or start with (prefix); None when nothing is known."""
+    return source.sha256 or source.sha256_prefix
+
+
+def verification(source: Source) -> str:
+    if source.sha256:
+        return f"sha256 verified against {source.hash_from}"
+    if source.sha256_prefix:
+        return f"sha256 prefix {source.sha256_prefix} verified against {source.hash_from}"
+    return "not verified: no published sha256; the computed one is recorded here"
+
+
+def hash_matches(source: Source, actual: str) -> bool:
+    want = expected_hash(source)
+    return want is None or actual.startswith(want.lower())
+
+
+# ---- downloading ----------------------------------------------------------------------------
+
+def _content_range(header: str | None) -> tuple[int | None, int | None]:
+    """`bytes 100-199/1000` -> (100, 1000); `bytes */1000` -> (None, 1000)."""
+    match = re.fullmatch(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", (header or "").strip())
+    if not match:
+        return None, None
+    start, total = match.groups()
+    return (int(start) if start else None), (int(total) if total != "*" else None)
+
+
+def _open(url: str, offset: int, timeout: float):
+    headers = {"User-Agent": "bdjax-fetch"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            return e  # the caller decides whether the .part is already whole
+        raise _Unreachable(url, f"HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise _Unreachable(url, str(getattr(e, "reason", e))) from None
+
+
+def _transfer(url: str, part: str, progress: bool, timeout: float) -> str:
+    """Bring `part` up to the whole file, appending when the server honours Range.
+
+    Returns the sha256 of the whole `part`. Raises _Interrupted when the stream ends early
+    (what is there stays, for the next attempt to resume from).
+    """
+    offset = os.path.getsize(part) if os.path.exists(part) else 0
+    response = _open(url, offset, timeout)
+    if isinstance(response, urllib.error.HTTPError):  # 416: nothing left after `offset`
+        _, total = _content_range(response.headers.get("Content-Range"))
+        response.close()
+        if offset and total == offset:
+            return sha256_file(part)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(part)  # the .part is longer than the file: start over
+        offset = 0
+        response = _open(url, 0, timeout)
+    with response:
+        start, _ = _content_range(response.headers.get("Content-Range"))
+        resumed = offset > 0 and response.status == 206 and start == offset
+        if response.status == 206 and not resumed:  # a range we did not ask for: start over
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(part)
+            raise _Interrupted(f"server sent an unexpected range ({response.headers.get('Content-Range')})")
+        if not resumed:
+            offset = 0  # the server ignored Range (200): the body is the whole file
+        digest = hashlib.sha256()
+        if resumed:
+            with open(part, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length and length.isdigit() else None
+        received = offset
+        with open(part, "ab" if resumed else "wb") as f, _progress_bar(url, total, offset, progress) as bar:
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (http.client.HTTPException, OSError) as e:
+                    raise _Interrupted(f"{type(e).__name__}: {e}") from None
+                if not chunk:
+                    break
+                f.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    # http.client returns b"" instead of raising when the peer closes early: compare lengths.
+    if total is not None and received < total:
+        raise _Interrupted(f"connection closed after {received} of {total} bytes")
+    return digest.hexdigest()
+
+
+def _progress_bar(url: str, total: int | None, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=posixpath.basename(urllib.parse.urlparse(url).path), disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def download(url: str, dest: str, source: Source | None = None, *, retries: int = 3,
+             progress: bool = True, timeout: float = 60.0) -> str:
+    """Download `url` to `dest` through `dest.part`; returns the file's sha256.
+
+    An interrupted transfer is resumed up to `retries` times, and by the next call after that.
+    The file is renamed to `dest` only once complete and matching `source`'s hash; on a
+    mismatch the .part is deleted. Raises _Unreachable when no connection can be made.
+    """
+    part = dest + ".part"
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    for attempt in range(retries + 1):
+        try:
+            actual = _transfer(url, part, progress, timeout)
+            break
+        except _Interrupted as e:
+            if attempt == retries:
+                raise FetchError(f"download of {url} interrupted ({e}); {os.path.getsize(part)} bytes "
+                                 f"kept in {part}: run the same command again to resume") from None
+    if source is not None and not hash_matches(source, actual):
+        os.remove(part)
+        raise FetchError(f"{os.path.basename(dest)} from {url} has sha256 {actual}, expected "
+                         f"{expected_hash(source)}{'...' if not source.sha256 else ''}; "
+                         f"the download was deleted, run again (or check the mirror)")
+    os.replace(part, dest)
+    return actual
+
+
+# ---- the whole job --------------------------------------------------------------------------
+
+def _read_manifest(cache_dir: str) -> dict:
+    try:
+        with open(os.path.join(cache_dir, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        return manifest if isinstance(manifest, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # a lost or damaged manifest is rebuilt; it is a record, not an input
+
+
+def _write_manifest(cache_dir: str, manifest: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=MANIFEST)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, os.path.join(cache_dir, MANIFEST))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _lock(cache_dir: str):
+    """Serialise fetches into one cache (two launch programs starting together, say)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(os.path.join(cache_dir, ".fetch.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _obtain(key: str, cache_dir: str, wanted: Sequence[str], manifest: dict, progress: bool,
+            log: Callable[[str], None]) -> str:
+    """The verified raw file for SOURCES[key]: one placed by hand, or downloaded now."""
+    source = SOURCES[key]
+    dest = os.path.join(cache_dir, DOWNLOADS, source.filename)
+    url = source_url(source)
+    if os.path.isfile(dest):
+        log(f"verifying {dest}")
+        actual, origin = sha256_file(dest), "found in downloads/"
+        if not hash_matches(source, actual):
+            raise FetchError(f"{dest} has sha256 {actual}, expected {expected_hash(source)}"
+                             f"{'...' if not source.sha256 else ''}: delete it and run again")
+    else:
+        log(f"downloading {url}")
+        try:
+            actual = download(url, dest, source, progress=progress)
+        except _Unreachable as e:
+            raise FetchError(
+                f"cannot download {url} ({e.reason}); offline? fetch that file elsewhere, place it at "
+                f"{dest}, then run `{fetch_command(cache_dir, wanted)}`, which converts it without "
+                "downloading") from None
+        origin = url
+    manifest.setdefault("files", {})[source.filename] = dict(
+        url=source.url, origin=origin, size=os.path.getsize(dest), sha256=actual,
+        verification=verification(source))
+    return dest
+
+
+def _convert(name: str, paths: Sequence[str], out_dir: str, overwrite: bool) -> None:
+    model = MODELS[name]
+    try:
+        # Imported here: a cache that is already converted needs neither torch nor the converters.
+        if model.checkpoint == "unet":
+            from checkpoints_convert import unet
+
+            unet.convert(paths[0], out_dir, dict(model.unet_config), overwrite=overwrite)
+        elif model.checkpoint == "clip":
+            from checkpoints_convert import clip
+
+            clip.convert(paths[0], out_dir, overwrite=overwrite)
+        else:
+            from checkpoints_convert import lpips
+
+            lpips.convert(paths[0], out_dir, overwrite=overwrite)
+    except ImportError as e:
+        raise FetchError(f"converting {name} needs {e.name or 'torch'}: pip install -e '.[convert]' "
+                         "(torch; lpips for the LPIPS heads)") from None
+    except (ConversionError, ValueError) as e:
+        raise FetchError(f"converting {', '.join(paths)} for {name} failed: {e}") from None
+
+
+def fetch(cache_dir: str | None = None, models: Sequence[str] = DEFAULT_MODELS, *, force: bool = False,
+          keep_downloads: bool = True, download: bool = True, progress: bool = True) -> str:
+    """Make every model in `models` converted under the cache directory; returns the directory.
+
+    Converted models are skipped unless `force`, which reconverts (overwriting) and re-verifies.
+    With `download=False` nothing is fetched: files already in DIR/downloads/ are converted, and
+    the error for the rest names them and the command to run.
+    """
+    cache_dir = cache_dir_from(cache_dir)
+    models = parse_models(models)
+    # Messages on stdout, the progress bar on stderr: stderr stays the one-line error on failure.
+    log = (lambda message: print(message, flush=True)) if progress else (lambda message: None)
+    os.makedirs(os.path.join(cache_dir, DOWNLOADS), exist_ok=True)
+    with _lock(cache_dir):
+        todo = []
+        for name in models:
+            present = [p for p in converted_paths(cache_dir, name) if os.path.isfile(p)]
+            if len(present) == 2 and not force:
+                log(f"{name}: already converted in {model_dir(cache_dir, name)}")
+            elif len(present) == 1 and not force:
+                raise FetchError(f"{present[0]} exists without its pair; pass --force to reconvert {name}")
+            else:
+                todo.append(name)
+        if not download:
+            missing = [os.path.join(cache_dir, DOWNLOADS, SOURCES[k].filename)
+                       for name in todo for k in MODELS[name].files
+                       if not os.path.isfile(os.path.join(cache_dir, DOWNLOADS, SOURCES[k].filename))]
+            if missing:
+                absent = [p for name in todo for p in converted_paths(cache_dir, name)]
+                raise FetchError(f"weights missing: {', '.join(absent)}; run `{fetch_command(cache_dir, models)}` "
+                                 f"(downloads {', '.join(source_url(SOURCES[k]) for n in todo for k in MODELS[n].files)}; "
+                                 f"offline: place the files at {', '.join(missing)} and run it)")
+        manifest = _read_manifest(cache_dir)
+        for name in todo:
+            paths = [_obtain(k, cache_dir, models, manifest, progress, log) for k in MODELS[name].files]
+            _write_manifest(cache_dir, manifest)
+            log(f"{name}: converting {', '.join(os.path.basename(p) for p in paths)}")
+            _convert(name, paths, model_dir(cache_dir, name), overwrite=force)
+            manifest.setdefault("models", {})[name] = dict(
+                directory=MODELS[name].subdir or ".", from_files=[os.path.basename(p) for p in paths],
+                files=[os.path.relpath(p, cache_dir) for p in converted_paths(cache_dir, name)])
+            if not keep_downloads:
+                for p in paths:
+                    os.remove(p)
+                    manifest["files"][os.path.basename(p)]["deleted_after_conversion"] = True
+            _write_manifest(cache_dir, manifest)
+    return cache_dir
+
+
+def ensure_weights(cache_dir: str | None = None, models: Sequence[str] = DEFAULT_MODELS,
+                   download: bool = True, *, progress: bool = True) -> str:
+    """The cache directory holding converted `models`, fetching them first if needed.
+
+    Returns at once (no lock, no torch import) when every model is converted. Otherwise calls
+    `fetch`; with `download=False`, or when offline, raises FetchError naming the missing files
+    and the command to run.
+    """
+    directory = cache_dir_from(cache_dir)
+    models = parse_models(models)
+    if all(is_converted(directory, name) for name in models):
+        return directory
+    return fetch(directory, models, download=download, progress=progress)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    # Only when run as a program, like the converters: importing this module defines no flags.
+    flags.DEFINE_string("cache_dir", None, f"Cache directory; default ${CACHE_ENV}, else {DEFAULT_CACHE_DIR}.")
+    flags.DEFINE_list("models", list(DEFAULT_MODELS), f"Models to fetch, from {', '.join(MODELS)}.")
+    flags.DEFINE_bool("with_512", False, "Also fetch the ADM 512x512 class-conditional model (into DIR/adm512/).")
+    flags.DEFINE_bool("force", False, "Re-verify and reconvert models that are already converted (overwrites them).")
+    flags.DEFINE_bool("keep_downloads", True, "Keep the raw PyTorch files in DIR/downloads/ after conversion.")
+
+
+@cli
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    models = list(FLAGS.models) + (["adm512"] if FLAGS.with_512 else [])
+    directory = fetch(FLAGS.cache_dir, models, force=FLAGS.force, keep_downloads=FLAGS.keep_downloads)
+    print(f"converted weights in {directory}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

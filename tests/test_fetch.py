@@ -1,0 +1,356 @@
+"""checkpoints_convert.fetch against a local HTTP server on 127.0.0.1 serving fabricated checkpoints.
+
+The files have the official names and the real key sets but tiny shapes where the converters allow
+it (a tiny guided-diffusion UNet, whose config is injected into fetch.MODELS; a tiny clip-anytorch
+CLIP as a TorchScript archive like ViT-B-16.pt; VGG16's `features` convolutions at full size,
+random, without the 120M-parameter classifier). $BDJAX_WEIGHTS_URL points fetch at the server and
+the expected hashes in fetch.SOURCES are replaced by those of the fabricated files.
+"""
+
+import dataclasses
+import hashlib
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+clip_model = pytest.importorskip("clip.model")  # clip-anytorch
+from guided_diffusion.unet import UNetModel as TorchUNet  # noqa: E402
+
+from bdjax.models import clip as bdclip  # noqa: E402
+from bdjax.models import lpips as bdlpips  # noqa: E402
+from bdjax.models import unet as bdunet  # noqa: E402
+from checkpoints_convert import fetch  # noqa: E402
+
+# Tracing the tiny CLIP and reading it back warn about TorchScript; those warnings are torch's.
+pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+UNET = dict(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+            attention_resolutions=(2,), channel_mult=(1, 2), num_classes=None, num_heads=2,
+            num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=True,
+            resblock_updown=True, use_new_attention_order=False)
+UNET_512 = dict(UNET, num_classes=10, channel_mult=(0.5, 1, 1), model_channels=64)
+CLIP = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
+            context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+            transformer_layers=2)
+VGG16_FEATURES = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+DROP_AFTER = 4096  # bytes a dropping server sends before closing the connection
+
+
+# ---- fabricated files -----------------------------------------------------------------------
+
+def vgg16_state_dict(seed: int) -> dict:
+    """torchvision vgg16().state_dict() key names and `features` shapes, random values."""
+    gen = torch.Generator().manual_seed(seed)
+    state, index, channels = {}, 0, 3
+    for v in VGG16_FEATURES:
+        if v == "M":
+            index += 1
+            continue
+        state[f"features.{index}.weight"] = 0.05 * torch.randn(v, channels, 3, 3, generator=gen)
+        state[f"features.{index}.bias"] = 0.05 * torch.randn(v, generator=gen)
+        index, channels = index + 2, v
+    state["classifier.6.bias"] = torch.zeros(1000)  # the converter drops classifier.*
+    return state
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """{official file name: bytes}, plus the torch state dicts to compare against."""
+    root = tmp_path_factory.mktemp("fabricated")
+    torch.manual_seed(0)
+    unet256 = TorchUNet(**UNET).eval().state_dict()
+    unet512 = TorchUNet(**UNET_512).eval().state_dict()
+    model = clip_model.CLIP(**CLIP).eval()
+    vgg = vgg16_state_dict(seed=1)
+    torch.save(unet256, root / "256x256_diffusion_uncond.pt")
+    torch.save(unet512, root / "512x512_diffusion.pt")
+    torch.save(vgg, root / "vgg16-397923af.pth")
+    example = (torch.rand(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long))
+    with torch.no_grad():  # a TorchScript archive, as OpenAI's ViT-B-16.pt is
+        torch.jit.trace(model, example, check_trace=False).save(str(root / "ViT-B-16.pt"))
+    data = {p.name: p.read_bytes() for p in root.iterdir()}
+    return data, dict(adm256=unet256, adm512=unet512, clip=model.state_dict(), vgg16=vgg)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files; honours `Range: bytes=N-` unless server.ignore_range; with
+    server.drop_after set, the first response for each file stops after that many bytes."""
+
+    def do_GET(self):
+        server = self.server
+        name, range_header = self.path.lstrip("/"), self.headers.get("Range")
+        server.requests.append((name, range_header))
+        if name not in server.files:
+            self.send_error(404)
+            return
+        data, start = server.files[name], 0
+        if range_header and not server.ignore_range:
+            start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if server.drop_after is not None and name not in server.dropped:
+            server.dropped.add(name)
+            self.wfile.write(body[:server.drop_after])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)  # mid-file, as a lost connection
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(files, monkeypatch):
+    """A running server, $BDJAX_WEIGHTS_URL pointing at it, and hashes of the fabricated files."""
+    data, _ = files
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.files, httpd.requests, httpd.ignore_range, httpd.drop_after, httpd.dropped = data, [], False, None, set()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv(fetch.BASE_URL_ENV, f"http://127.0.0.1:{httpd.server_address[1]}/")
+    monkeypatch.delenv(fetch.CACHE_ENV, raising=False)
+    for key, source in fetch.SOURCES.items():
+        digest = hashlib.sha256(data[source.filename]).hexdigest()
+        replaced = dataclasses.replace(source, sha256=digest if source.sha256 else None,
+                                       sha256_prefix=digest[:8] if source.sha256_prefix else None)
+        monkeypatch.setitem(fetch.SOURCES, key, replaced)
+    monkeypatch.setitem(fetch.MODELS, "adm256", dataclasses.replace(fetch.MODELS["adm256"], unet_config=UNET))
+    monkeypatch.setitem(fetch.MODELS, "adm512", dataclasses.replace(fetch.MODELS["adm512"], unet_config=UNET_512))
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- tests ----------------------------------------------------------------------------------
+
+def test_full_fetch_converts_and_loads_everything(server, files, tmp_path):
+    data, torch_state = files
+    cache = str(tmp_path / "cache")
+    assert fetch.fetch(cache, ["adm256", "clip", "lpips", "adm512"], progress=False) == cache
+
+    module, params = bdunet.load(cache)
+    assert module.model_channels == 32
+    np.testing.assert_array_equal(params["out_2"]["kernel"],
+                                  torch_state["adm256"]["out.2.weight"].permute(2, 3, 1, 0).numpy())
+    module, params = bdunet.load(os.path.join(cache, "adm512"))  # the 512 model lives apart
+    assert module.num_classes == 10
+    np.testing.assert_array_equal(params["label_emb"]["embedding"], torch_state["adm512"]["label_emb.weight"].numpy())
+    _, params = bdclip.load(cache)
+    np.testing.assert_array_equal(params["visual"]["conv1"]["kernel"],
+                                  torch_state["clip"]["visual.conv1.weight"].permute(2, 3, 1, 0).numpy())
+    _, params = bdlpips.load(cache)
+    np.testing.assert_array_equal(params["net"]["features_28"]["kernel"],
+                                  torch_state["vgg16"]["features.28.weight"].permute(2, 3, 1, 0).numpy())
+
+    # Raw files kept, each fetched once with no Range, no .part left, all recorded in the manifest.
+    assert sorted(os.listdir(os.path.join(cache, "downloads"))) == sorted(data)
+    assert sorted(name for name, _ in server.requests) == sorted(data)
+    assert all(r is None for _, r in server.requests)
+    manifest = json.loads(open(os.path.join(cache, "manifest.json")).read())
+    for name, content in data.items():
+        entry = manifest["files"][name]
+        assert entry["sha256"] == sha(content) and entry["size"] == len(content)
+    assert manifest["files"]["512x512_diffusion.pt"]["verification"].startswith("not verified")
+    assert manifest["files"]["ViT-B-16.pt"]["verification"].startswith("sha256 verified")
+    assert manifest["files"]["vgg16-397923af.pth"]["verification"].startswith("sha256 prefix")
+    assert manifest["models"]["adm512"]["files"] == ["adm512/unet.safetensors", "adm512/unet.json"]
+
+    # A second run, and ensure_weights, make no request at all.
+    server.requests.clear()
+    mtime = os.path.getmtime(os.path.join(cache, "unet.safetensors"))
+    assert fetch.fetch(cache, ["adm256", "clip", "lpips", "adm512"], progress=False) == cache
+    assert fetch.ensure_weights(cache, ["adm256", "clip", "lpips"], download=False) == cache
+    assert server.requests == []
+    assert os.path.getmtime(os.path.join(cache, "unet.safetensors")) == mtime
+
+    # --force reconverts from the kept download, still without the network.
+    fetch.fetch(cache, ["adm256"], force=True, progress=False)
+    assert server.requests == []
+    assert os.path.getmtime(os.path.join(cache, "unet.safetensors")) >= mtime
+
+
+def test_interrupted_download_resumes_with_range(server, files, tmp_path):
+    data, _ = files
+    source = fetch.SOURCES["adm256"]
+    url, dest = fetch.source_url(source), str(tmp_path / source.filename)
+    server.drop_after = DROP_AFTER
+    with pytest.raises(fetch.FetchError, match="interrupted.*run the same command again to resume"):
+        fetch.download(url, dest, source, retries=0, progress=False)
+    assert os.path.getsize(dest + ".part") == DROP_AFTER and not os.path.exists(dest)
+
+    assert fetch.download(url, dest, source, progress=False) == sha(data[source.filename])
+    assert server.requests == [(source.filename, None), (source.filename, f"bytes={DROP_AFTER}-")]
+    assert open(dest, "rb").read() == data[source.filename] and not os.path.exists(dest + ".part")
+
+
+def test_fetch_retries_a_dropped_connection_by_itself(server, files, tmp_path):
+    data, _ = files
+    server.drop_after = DROP_AFTER
+    cache = fetch.fetch(str(tmp_path), ["clip"], progress=False)
+    assert server.requests == [("ViT-B-16.pt", None), ("ViT-B-16.pt", f"bytes={DROP_AFTER}-")]
+    assert open(os.path.join(cache, "downloads", "ViT-B-16.pt"), "rb").read() == data["ViT-B-16.pt"]
+    assert fetch.is_converted(cache, "clip")
+
+
+def test_server_ignoring_range_restarts_from_zero(server, files, tmp_path):
+    data, _ = files
+    source = fetch.SOURCES["adm256"]
+    url, dest = fetch.source_url(source), str(tmp_path / source.filename)
+    with open(dest + ".part", "wb") as f:
+        f.write(b"\xff" * DROP_AFTER)  # not the file's first bytes: appending would corrupt it
+    server.ignore_range = True
+    assert fetch.download(url, dest, source, progress=False) == sha(data[source.filename])
+    assert server.requests == [(source.filename, f"bytes={DROP_AFTER}-")]
+    assert open(dest, "rb").read() == data[source.filename]
+
+
+def test_complete_part_is_not_downloaded_again(server, files, tmp_path):
+    data, _ = files
+    source = fetch.SOURCES["adm256"]
+    dest = str(tmp_path / source.filename)
+    with open(dest + ".part", "wb") as f:  # a run that died between the last byte and the rename
+        f.write(data[source.filename])
+    assert fetch.download(fetch.source_url(source), dest, source, progress=False) == sha(data[source.filename])
+    assert server.requests == [(source.filename, f"bytes={len(data[source.filename])}-")]  # answered 416
+
+
+def test_sha256_mismatch_leaves_nothing(server, files, tmp_path, monkeypatch):
+    data, _ = files
+    wrong = "0" * 64
+    monkeypatch.setitem(fetch.SOURCES, "clip", dataclasses.replace(fetch.SOURCES["clip"], sha256=wrong))
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.fetch(str(tmp_path), ["clip"], progress=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "ViT-B-16.pt" in message and wrong in message and sha(data["ViT-B-16.pt"]) in message
+    assert os.listdir(tmp_path / "downloads") == []  # no .part, no file
+    assert not os.path.exists(tmp_path / "clip.safetensors")
+
+
+def test_prefix_mismatch_of_a_placed_file_is_refused(server, tmp_path):
+    os.makedirs(tmp_path / "downloads")
+    (tmp_path / "downloads" / "vgg16-397923af.pth").write_bytes(b"not vgg16")
+    with pytest.raises(fetch.FetchError, match=r"vgg16-397923af.pth has sha256 \w+, expected \w{8}\.\.\.: delete it"):
+        fetch.fetch(str(tmp_path), ["lpips"], progress=False)
+    assert server.requests == []
+
+
+def test_offline_names_url_and_manual_placement(server, tmp_path, monkeypatch):
+    port = closed_port()
+    monkeypatch.setenv(fetch.BASE_URL_ENV, f"http://127.0.0.1:{port}")
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.fetch(str(tmp_path), ["adm256", "clip"], progress=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"http://127.0.0.1:{port}/256x256_diffusion_uncond.pt" in message
+    assert os.path.join(str(tmp_path), "downloads", "256x256_diffusion_uncond.pt") in message
+    assert f"python -m checkpoints_convert.fetch --cache_dir={tmp_path} --models=adm256,clip" in message
+
+
+def test_manual_placement_converts_without_network(server, files, tmp_path, monkeypatch):
+    data, torch_state = files
+    monkeypatch.setenv(fetch.BASE_URL_ENV, f"http://127.0.0.1:{closed_port()}")
+    os.makedirs(tmp_path / "downloads")
+    for name in ("256x256_diffusion_uncond.pt", "ViT-B-16.pt"):
+        (tmp_path / "downloads" / name).write_bytes(data[name])
+    assert fetch.ensure_weights(str(tmp_path), ["adm256", "clip"], download=False, progress=False) == str(tmp_path)
+    _, params = bdunet.load(str(tmp_path))
+    np.testing.assert_array_equal(params["out_2"]["bias"], torch_state["adm256"]["out.2.bias"].numpy())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"]["ViT-B-16.pt"]["origin"] == "found in downloads/"
+    assert server.requests == []
+
+
+def test_missing_weights_without_download_name_files_and_command(server, tmp_path):
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.ensure_weights(str(tmp_path), ["adm256", "clip"], download=False)
+    message = str(error.value)
+    assert "\n" not in message
+    for path in (tmp_path / "unet.safetensors", tmp_path / "clip.json", tmp_path / "downloads" / "ViT-B-16.pt"):
+        assert str(path) in message
+    assert f"python -m checkpoints_convert.fetch --cache_dir={tmp_path} --models=adm256,clip" in message
+    assert server.requests == []
+
+
+def test_keep_downloads_false_deletes_raw_files(server, tmp_path):
+    fetch.fetch(str(tmp_path), ["adm256"], keep_downloads=False, progress=False)
+    assert os.listdir(tmp_path / "downloads") == []
+    assert fetch.is_converted(str(tmp_path), "adm256")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"]["256x256_diffusion_uncond.pt"]["deleted_after_conversion"] is True
+
+
+def test_half_converted_model_is_not_overwritten_silently(server, tmp_path):
+    (tmp_path / "clip.json").write_text("{}")
+    with pytest.raises(fetch.FetchError, match="exists without its pair; pass --force"):
+        fetch.fetch(str(tmp_path), ["clip"], progress=False)
+    assert (tmp_path / "clip.json").read_text() == "{}" and server.requests == []
+
+
+def test_cache_dir_flag_env_and_default(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fetch.cache_dir_from() == str(tmp_path / "home" / ".cache" / "bdjax")
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "env"))
+    assert fetch.cache_dir_from() == str(tmp_path / "env")
+    assert fetch.cache_dir_from(str(tmp_path / "flag")) == str(tmp_path / "flag")  # the flag wins
+    assert fetch.ensure_weights(models=["adm256"], progress=False) == str(tmp_path / "env")
+    assert fetch.is_converted(str(tmp_path / "env"), "adm256")
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(fetch.FetchError, match="unknown model"):
+        fetch.parse_models(["adm256", "sd15"])
+
+
+def run_cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "checkpoints_convert.fetch", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_offline_one_line_error(tmp_path):
+    port = closed_port()
+    env = dict(os.environ, **{fetch.BASE_URL_ENV: f"http://127.0.0.1:{port}", fetch.CACHE_ENV: str(tmp_path)})
+    proc = run_cli("--models=clip", env=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: cannot download http://127.0.0.1:{port}/ViT-B-16.pt")
+    assert os.path.join(str(tmp_path), "downloads", "ViT-B-16.pt") in lines[0]
+
+    proc = run_cli(f"--cache_dir={tmp_path}", "--models=adm256,nope", env=env)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: unknown model(s) ['nope']; choose from {', '.join(fetch.MODELS)}"]
