@@ -24,7 +24,7 @@ setup(
     extras_require={
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
-        "convert": ["torch"],
+        "convert": ["torch", "lpips"],  # lpips ships the v0.1 linear heads the LPIPS converter reads
         "test": [
             "pytest",
             "torch",

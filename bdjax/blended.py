@@ -159,8 +159,8 @@ def make_sampler(models: Models, options: EditOptions, *, guided: bool,
 
     init: [1, H, W, C] in [-1, 1]; mask: [1, H, W, 1] in {0, 1} (1 = edit); text_embed: [D];
     sample_ids: [B] int; seed: int. images are [B, H, W, C] in [0, 1]; distances are the
-    reference's ranking distances (lower is better). `progress(i)` is called from the device
-    after each step when given.
+    reference's ranking distances (lower is better). `progress(n)` is called from the device
+    after each step with the number of samples that advanced.
     """
     d = diffusion.make_diffusion(timestep_respacing=options.timestep_respacing)
     options.validate(d.num_timesteps)
@@ -178,7 +178,7 @@ def make_sampler(models: Models, options: EditOptions, *, guided: bool,
             draws = step_draws(models, options, step_root, background_key, i, x.shape)
             out = step(params, x, i, draws, init, mask, text_embed)
             if progress is not None:
-                jax.debug.callback(progress, i)
+                jax.debug.callback(progress, x.shape[0])
             return (out["sample"], out["pred_xstart"]), None
 
         (_, pred_xstart), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), jnp.arange(first, -1, -1))

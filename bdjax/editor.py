@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bdjax import image_io, tokenizer
+from bdjax import image_io, parallel, tokenizer
 from bdjax.diffusion import space_timesteps
 from bdjax.blended import EditOptions, Models, make_sampler
 from bdjax.models import clip as clip_lib
@@ -46,11 +46,15 @@ class EditResult:
 class BlendedDiffusion:
     """Holds the three networks and their params; compiles a sampler per configuration."""
 
-    def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None):
+    def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None,
+                 mesh=None):
+        """Each network as (module, params). Samples are split over `mesh` (default: every device)."""
         self.models = Models(unet=unet[0], clip=clip[0], lpips=None if lpips is None else lpips[0])
-        self.params = {"unet": unet[1], "clip": clip[1]}
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        params = {"unet": unet[1], "clip": clip[1]}
         if lpips is not None:
-            self.params["lpips"] = lpips[1]
+            params["lpips"] = lpips[1]
+        self.params = parallel.put_replicated(params, self.mesh)
         self.image_size = self.models.unet.image_size
         self._samplers: dict = {}
         self._progress = _Progress()
@@ -80,7 +84,8 @@ class BlendedDiffusion:
         key = (options, guided, progress)
         if key not in self._samplers:
             callback = self._progress if progress else None
-            self._samplers[key] = jax.jit(make_sampler(self.models, options, guided=guided, progress=callback))
+            sampler = make_sampler(self.models, options, guided=guided, progress=callback)
+            self._samplers[key] = jax.jit(parallel.over_samples(sampler, self.mesh))
         return self._samplers[key]
 
     def prepare(self, image, mask=None, invert_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +98,9 @@ class BlendedDiffusion:
     def edit(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
              invert_mask: bool = False, progress: bool = True, **options) -> EditResult:
         """Edit the masked region of `image` to match `prompt`; returns results ranked best first.
+
+        Samples are spread over every device; on several hosts each process gets back the
+        samples its devices produced.
 
         options: the reference's flags (see EditOptions): skip_timesteps, timestep_respacing, ddim,
         clip_guidance_lambda, range_lambda, aug_num, local_clip_guided_diffusion,
@@ -112,22 +120,27 @@ class BlendedDiffusion:
         init, m = self.prepare(image, mask, invert_mask)
         text_embed = self.encode_prompt(prompt)
         guided = prompt != ""
+        progress = progress and jax.process_index() == 0  # one bar on multi-host runs
 
         sample = self.sampler(opts, guided, progress=progress)
+        inputs = parallel.put_replicated((init, m, text_embed), self.mesh)
+        global_batch = parallel.padded_batch(opts.batch_size, self.mesh.devices.size)
+        mine = parallel.process_slice(global_batch, self.mesh)
         if progress:
             steps = len(space_timesteps(1000, opts.timestep_respacing)) - opts.skip_timesteps
-            self._progress.bar = tqdm(total=steps * -(-num_samples // opts.batch_size),
-                                      desc="blended diffusion", unit="step")
-
+            chunks = -(-num_samples // opts.batch_size)
+            self._progress.bar = tqdm(total=steps * chunks * (mine.stop - mine.start),
+                                      desc="blended diffusion", unit="sample-step")
         images, distances, ids = [], [], []
         for start in range(0, num_samples, opts.batch_size):
             batch_ids = np.arange(start, min(start + opts.batch_size, num_samples))
-            padded = np.resize(batch_ids, opts.batch_size)  # pad by repeating; the copies are dropped
-            out = sample(self.params, init, m, text_embed, jnp.asarray(padded, jnp.int32), seed)
-            n = len(batch_ids)
-            images.append(np.asarray(out["images"])[:n])
-            distances.append(np.asarray(out["distances"])[:n])
-            ids.append(batch_ids)
+            # Pad to a multiple of the device count by repeating ids; the repeats are dropped.
+            padded = np.resize(batch_ids, global_batch).astype(np.int32)
+            keep = (np.arange(global_batch) < len(batch_ids))[mine]
+            out = sample(self.params, *inputs, parallel.put_batch(padded[mine], self.mesh, global_batch), seed)
+            images.append(parallel.local_rows(out["images"])[keep])
+            distances.append(parallel.local_rows(out["distances"])[keep])
+            ids.append(padded[mine][keep])
         if progress:
             self._progress.close()
         images, distances, ids = map(np.concatenate, (images, distances, ids))
@@ -145,9 +158,9 @@ class _Progress:
     def __init__(self):
         self.bar = None
 
-    def __call__(self, i):
+    def __call__(self, n):
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(int(n))
 
     def close(self):
         if self.bar is not None:
