@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from bdjax.outputs import atomic_write
 
 FORMAT = "bdjax-converted-weights"
 SEP = "/"
@@ -112,8 +113,8 @@ def save(directory: str, name: str, flat: Mapping[str, np.ndarray], config: Mapp
     meta = {"format": FORMAT, "model": model, "source": source, "config": dict(config)}
     # ascontiguousarray turns 0-d arrays into shape (1,); keep scalars (e.g. CLIP's logit_scale) 0-d.
     arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in flat.items()}
-    _atomic_write(weights_path, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT}))
-    _atomic_write(config_path, lambda tmp: _write_json(tmp, meta))
+    atomic_write(weights_path, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT}))
+    atomic_write(config_path, lambda tmp: _write_json(tmp, meta))
     return weights_path, config_path
 
 
@@ -121,18 +122,6 @@ def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read(directory: str, name: str, *, model: str) -> tuple[dict, dict[str, np.ndarray]]:

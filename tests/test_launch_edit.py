@@ -1,0 +1,96 @@
+"""launch/edit.py end to end, as a user runs it: the smoke preset (tiny random networks, no
+weights), the outputs it writes, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "launch.edit", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (90, 120, 3), dtype=np.uint8)).save(root / "img.png")
+    mask = np.zeros((90, 120), np.uint8)
+    mask[20:70, 30:90] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    Image.fromarray(np.zeros((90, 120), np.uint8)).save(root / "empty.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    cache = tmp_path_factory.mktemp("xla")
+    common = ["--config=smoke", "--prompt=a red ball", f"--init_image={inputs / 'img.png'}",
+              f"--mask={inputs / 'mask.png'}", f"--output_dir={out}", f"--compilation_cache_dir={cache}"]
+    proc = run(*common, "--num_samples=3", "--batch_size=2", "--seed=7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, common, proc
+
+
+def test_smoke_run_writes_ranked_results_grid_and_report(smoke_run):
+    out, _, proc = smoke_run
+    assert "SMOKE TEST" in proc.stdout and "3 results" in proc.stdout
+    names = sorted(os.listdir(out / "ranked"))
+    assert [n[:4] for n in names] == ["000_", "001_", "002_"]
+    distances = [float(n[4:-4]) for n in names]
+    assert distances == sorted(distances)
+    report = json.loads((out / "report.json").read_text())
+    assert report["label"].startswith("SMOKE TEST")
+    assert report["flags"]["prompt"] == "a red ball" and report["flags"]["seed"] == 7
+    assert sorted(s["sample_id"] for s in report["samples"]) == [0, 1, 2]
+    assert all(s["seed"] == 7 for s in report["samples"])
+    assert [s["file"] for s in report["samples"]] == [f"ranked/{n}" for n in names]
+    assert report["options"]["skip_timesteps"] == 15  # the smoke preset's shorter schedule
+    assert report["timings_s"]["edit"] > 0 and report["versions"]["jax"]
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] == 5 * 64  # source, mask and three results
+    for n in names:
+        image = np.asarray(Image.open(out / "ranked" / n))
+        assert image.shape == (64, 64, 3)
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+def test_existing_results_are_kept_unless_overwrite(smoke_run):
+    out, common, _ = smoke_run
+    before = sorted(os.listdir(out / "ranked"))
+    proc = run(*common, "--num_samples=2")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "--overwrite" in proc.stderr
+    assert sorted(os.listdir(out / "ranked")) == before
+    proc = run(*common, "--num_samples=2", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(os.listdir(out / "ranked")) == 2  # the old run's files are gone, not mixed in
+
+
+def test_missing_weights_offline_names_the_command(inputs, tmp_path):
+    proc = run("--prompt=a cat", f"--init_image={inputs / 'img.png'}", f"--output_dir={tmp_path / 'out'}",
+               "--download=false", env={"BDJAX_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 1
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "python -m checkpoints_convert.fetch" in err and str(tmp_path / "cache") in err
+
+
+def test_bad_inputs_are_one_line_errors(inputs, tmp_path):
+    base = ["--config=smoke", f"--init_image={inputs / 'img.png'}", f"--output_dir={tmp_path / 'out'}"]
+    for extra, message in [([f"--mask={inputs / 'empty.png'}", "--prompt=a cat"], "selects no pixel"),
+                           (["--prompt=" + "word " * 80], "tokens long"),
+                           ([f"--init_image={tmp_path / 'missing.png'}", "--prompt=a cat"], "no such file")]:
+        proc = run(*base, *extra)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        err = proc.stderr.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
