@@ -1,10 +1,11 @@
 """Blended Diffusion sampling (Avrahami et al., Algorithm 2) and the Algorithm 1 baseline.
 
-`make_sampler` returns a pure function of (params, inputs, sample ids, seed) that runs every
-step in one `lax.scan`; wrap it in `jax.jit` once per configuration. Randomness is derived from
-(seed, sample index) with `jax.random.fold_in`, so a sample's result does not depend on which
-batch it ran in; the background noise of step i depends on (seed, i) only, shared by all samples
-as in the reference.
+`make_sampler` returns a pure function of (params, per-sample inputs, sample ids, seeds) that
+runs every step in one `lax.scan`; wrap it in `jax.jit` once per configuration. Every sample
+carries its own image, mask, text embedding and seed, so one batch may mix edits. Randomness is
+derived from (seed, sample index) with `jax.random.fold_in`, so a sample's result does not depend
+on which batch it ran in; the background noise of step i depends on (seed, i) only, so all
+samples of one seed share it, as all samples of one reference run do.
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ class Models:
     lpips: Any = None
 
 
-def sample_keys(seed, sample_ids):
-    """Per-sample keys from (seed, sample index), and the seed's background-noise key."""
-    samples_root, background_root = jax.random.split(jax.random.key(seed))
-    keys = jax.vmap(lambda i: jax.random.fold_in(samples_root, i))(sample_ids)
-    return keys, background_root
+def sample_keys(seeds, sample_ids):
+    """Per-sample keys from (seed, sample index), and each sample's seed's background-noise key."""
+    def one(seed, sample_id):
+        samples_root, background_root = jax.random.split(jax.random.key(seed))
+        return jax.random.fold_in(samples_root, sample_id), background_root
+    seeds = jnp.broadcast_to(jnp.asarray(seeds), jnp.shape(sample_ids))
+    return jax.vmap(one)(seeds, sample_ids)
 
 
 def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, guided: bool,
@@ -133,9 +136,9 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
     return step
 
 
-def step_draws(models: Models, options: EditOptions, keys, background_key, i, shape) -> dict:
+def step_draws(models: Models, options: EditOptions, keys, background_keys, i, shape) -> dict:
     """The randomness of step i: per-sample from each sample's key, the background noise from
-    the seed's background key alone (shared by every sample of the seed, whatever its batch)."""
+    the sample's seed's background key alone (the same for every sample of that seed)."""
     split = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i), 3))(keys)
     aug_keys, noise_keys, class_keys = split[:, 0], split[:, 1], split[:, 2]
     y = None
@@ -147,7 +150,8 @@ def step_draws(models: Models, options: EditOptions, keys, background_key, i, sh
             y = jnp.zeros((len(keys),), jnp.int32)
     return {
         "noise": jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(noise_keys),
-        "background_noise": jax.random.normal(jax.random.fold_in(background_key, i), (1, *shape[1:])),
+        "background_noise": jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:]))(
+            background_keys),
         "aug_keys": aug_keys,
         "y": y,
     }
@@ -155,10 +159,11 @@ def step_draws(models: Models, options: EditOptions, keys, background_key, i, sh
 
 def make_sampler(models: Models, options: EditOptions, *, guided: bool,
                  progress: Callable[[Any], None] | None = None, augment: Callable | None = None):
-    """sampler(params, init, mask, text_embed, sample_ids, seed) -> {"images", "distances", "pred_xstart"}.
+    """sampler(params, init, mask, text_embed, sample_ids, seeds) -> {"images", "distances", "pred_xstart"}.
 
-    init: [1, H, W, C] in [-1, 1]; mask: [1, H, W, 1] in {0, 1} (1 = edit); text_embed: [D];
-    sample_ids: [B] int; seed: int. images are [B, H, W, C] in [0, 1]; distances are the
+    Per sample: init [B, H, W, C] in [-1, 1]; mask [B, H, W, 1] in {0, 1} (1 = edit); text_embed
+    [B, D]; sample_ids [B] int; seeds [B] int (inputs of size 1 along B broadcast, so one edit can
+    pass [1, ...] arrays and a scalar seed). images are [B, H, W, C] in [0, 1]; distances are the
     reference's ranking distances (lower is better). `progress(n)` is called from the device
     after each step with the number of samples that advanced.
     """
@@ -167,15 +172,15 @@ def make_sampler(models: Models, options: EditOptions, *, guided: bool,
     step = make_step(models, options, d, guided=guided, augment=augment)
     first = d.num_timesteps - options.skip_timesteps - 1
 
-    def sampler(params, init, mask, text_embed, sample_ids, seed):
-        keys, background_key = sample_keys(seed, sample_ids)
+    def sampler(params, init, mask, text_embed, sample_ids, seeds):
+        keys, background_keys = sample_keys(seeds, sample_ids)
         init_keys, step_root = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
         noise = jax.vmap(lambda k: jax.random.normal(k, init.shape[1:], init.dtype))(init_keys)
         x = diffusion.q_sample(d, jnp.broadcast_to(init, noise.shape), first, noise)
 
         def body(carry, i):
             x, _ = carry
-            draws = step_draws(models, options, step_root, background_key, i, x.shape)
+            draws = step_draws(models, options, step_root, background_keys, i, x.shape)
             out = step(params, x, i, draws, init, mask, text_embed)
             if progress is not None:
                 jax.debug.callback(progress, x.shape[0])

@@ -107,49 +107,69 @@ class BlendedDiffusion:
         background_preservation_loss, lpips_sim_lambda, l2_sim_lambda, enforce_background,
         batch_size, randomize_class, symmetric_translation.
         """
+        opts = self.options(**options)
+        if num_samples < 1:
+            raise ValueError(f"num_samples={num_samples} must be at least 1")
+        if not 0 <= seed < 2 ** 31:
+            raise ValueError(f"seed={seed} must be in [0, 2**31)")
+        init, m = self.prepare(image, mask, invert_mask)
+        text_embed = self.encode_prompt(prompt)
+        rows = lambda a: np.broadcast_to(a, (num_samples, *np.shape(a)[1:]))  # noqa: E731
+        out = self.sample(opts, prompt != "", rows(init), rows(m), rows(np.asarray(text_embed)[None]),
+                          np.arange(num_samples), np.full(num_samples, seed), progress=progress)
+        order = np.argsort(out["distances"], kind="stable")
+        return EditResult(
+            images=np.round(out["images"][order] * 255).astype(np.uint8), distances=out["distances"][order],
+            sample_ids=out["rows"][order], seed=seed,
+            source=np.round((init[0] + 1) * 127.5).astype(np.uint8),
+            mask=(m[0, ..., 0] * 255).astype(np.uint8), prompt=prompt, options=opts)
+
+    def options(self, **options) -> EditOptions:
+        """EditOptions from the reference's flag names, checked against these networks."""
         unknown = set(options) - set(OPTION_NAMES)
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {', '.join(OPTION_NAMES)}")
         opts = EditOptions(**options)
         opts.validate(len(space_timesteps(1000, opts.timestep_respacing)))
-        if num_samples < 1:
-            raise ValueError(f"num_samples={num_samples} must be at least 1")
         if opts.background_preservation_loss and opts.lpips_sim_lambda and self.models.lpips is None:
             raise ValueError("background_preservation_loss needs LPIPS weights: convert them with "
                              "python -m checkpoints_convert.lpips, or set lpips_sim_lambda=0")
-        init, m = self.prepare(image, mask, invert_mask)
-        text_embed = self.encode_prompt(prompt)
-        guided = prompt != ""
-        progress = progress and jax.process_index() == 0  # one bar on multi-host runs
+        return opts
 
-        sample = self.sampler(opts, guided, progress=progress)
-        inputs = parallel.put_replicated((init, m, text_embed), self.mesh)
-        global_batch = parallel.padded_batch(opts.batch_size, self.mesh.devices.size)
+    def sample(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
+               progress: bool = False) -> dict:
+        """Run N independent samples, each with its own inputs, `options.batch_size` at a time.
+
+        init [N, S, S, 3] in [-1, 1], mask [N, S, S, 1], text_embed [N, D], sample_ids [N], seeds [N].
+        Returns {"rows", "images" [n, S, S, 3] in [0, 1], "distances" [n]} for the n rows this
+        process computed (all N on one host); "rows" are their indices into the inputs.
+        """
+        run = self.sampler(options, guided, progress=progress)
+        n = len(sample_ids)
+        global_batch = parallel.padded_batch(options.batch_size, self.mesh.devices.size)
         mine = parallel.process_slice(global_batch, self.mesh)
+        progress = progress and jax.process_index() == 0  # one bar on multi-host runs
         if progress:
-            steps = len(space_timesteps(1000, opts.timestep_respacing)) - opts.skip_timesteps
-            chunks = -(-num_samples // opts.batch_size)
+            steps = len(space_timesteps(1000, options.timestep_respacing)) - options.skip_timesteps
+            chunks = -(-n // options.batch_size)
             self._progress.bar = tqdm(total=steps * chunks * (mine.stop - mine.start),
                                       desc="blended diffusion", unit="sample-step")
-        images, distances, ids = [], [], []
-        for start in range(0, num_samples, opts.batch_size):
-            batch_ids = np.arange(start, min(start + opts.batch_size, num_samples))
-            # Pad to a multiple of the device count by repeating ids; the repeats are dropped.
-            padded = np.resize(batch_ids, global_batch).astype(np.int32)
-            keep = (np.arange(global_batch) < len(batch_ids))[mine]
-            out = sample(self.params, *inputs, parallel.put_batch(padded[mine], self.mesh, global_batch), seed)
+        inputs = (init, mask, text_embed, np.asarray(sample_ids, np.int32), np.asarray(seeds, np.int32))
+        rows, images, distances = [], [], []
+        for start in range(0, n, options.batch_size):
+            batch = np.arange(start, min(start + options.batch_size, n))
+            # Pad to a multiple of the device count by repeating rows; the repeats are dropped.
+            local = np.resize(batch, global_batch)[mine]
+            keep = (np.arange(global_batch) < len(batch))[mine]
+            out = run(self.params, *(parallel.put_batch(np.asarray(a)[local], self.mesh, global_batch)
+                                     for a in inputs))
             images.append(parallel.local_rows(out["images"])[keep])
             distances.append(parallel.local_rows(out["distances"])[keep])
-            ids.append(padded[mine][keep])
+            rows.append(local[keep])
         if progress:
             self._progress.close()
-        images, distances, ids = map(np.concatenate, (images, distances, ids))
-        order = np.argsort(distances, kind="stable")
-        return EditResult(
-            images=np.round(images[order] * 255).astype(np.uint8), distances=distances[order],
-            sample_ids=ids[order], seed=seed,
-            source=np.round((init[0] + 1) * 127.5).astype(np.uint8),
-            mask=(m[0, ..., 0] * 255).astype(np.uint8), prompt=prompt, options=opts)
+        return {"rows": np.concatenate(rows), "images": np.concatenate(images),
+                "distances": np.concatenate(distances)}
 
 
 class _Progress:

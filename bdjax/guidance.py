@@ -41,10 +41,13 @@ def range_loss(x):
 def clip_loss(image_embeds, text_embed, batch: int):
     """Sum over samples of the mean spherical distance over each sample's augmented copies.
 
-    `image_embeds` are in the augmentation order [batch samples] x aug_num.
+    `image_embeds` are in the augmentation order [batch samples] x aug_num; `text_embed` is
+    [batch, D] (each sample's prompt) or [D].
     """
-    dists = spherical_distance(image_embeds.astype(jnp.float32), text_embed.astype(jnp.float32))
-    return jnp.sum(jnp.mean(dists.reshape(-1, batch), axis=0))
+    copies = image_embeds.shape[0] // batch
+    text = jnp.broadcast_to(text_embed, (batch, image_embeds.shape[-1]))
+    dists = spherical_distance(image_embeds.astype(jnp.float32), jnp.tile(text, (copies, 1)).astype(jnp.float32))
+    return jnp.sum(jnp.mean(dists.reshape(copies, batch), axis=0))
 
 
 def guidance_loss(pred_xstart, x, fac, *, mask, init, text_embed, augment: Callable,

@@ -17,10 +17,11 @@ AXIS = "data"
 
 
 def over_samples(sampler, mesh: Mesh):
-    """Run `sampler(params, init, mask, text_embed, sample_ids, seed)` on every device, each on its
-    share of `sample_ids`; everything else is replicated. Each device runs the same program as
-    a single device would for that many samples."""
-    return jax.shard_map(sampler, mesh=mesh, in_specs=(P(), P(), P(), P(), P(AXIS), P()), out_specs=P(AXIS))
+    """Run `sampler(params, init, mask, text_embed, sample_ids, seeds)` on every device, each on
+    its share of the per-sample inputs; the params are replicated. Each device runs the same
+    program as a single device would for that many samples."""
+    batch = P(AXIS)
+    return jax.shard_map(sampler, mesh=mesh, in_specs=(P(), batch, batch, batch, batch, batch), out_specs=batch)
 
 
 def make_mesh(devices=None) -> Mesh:
