@@ -63,12 +63,13 @@ class BlendedDiffusion:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str, dtype=jnp.float32, param_dtype=None,
-                        unet_dir: str | None = None) -> "BlendedDiffusion":
+                        unet_dir: str | None = None, remat: str = "none") -> "BlendedDiffusion":
         """Load converted weights: unet.*, clip.* and (if present) lpips.* in `checkpoint_dir`.
 
-        `unet_dir` picks another directory for the UNet (e.g. the 512 model).
+        `unet_dir` picks another directory for the UNet (e.g. the 512 model); `remat` is the
+        UNet's rematerialisation policy in the guidance gradient ("none", "dots", "blocks").
         """
-        unet = unet_lib.load(unet_dir or checkpoint_dir, dtype=dtype, param_dtype=param_dtype)
+        unet = unet_lib.load(unet_dir or checkpoint_dir, dtype=dtype, param_dtype=param_dtype, remat=remat)
         clip = clip_lib.load(checkpoint_dir, dtype=dtype, param_dtype=param_dtype)
         lpips = None
         if os.path.exists(os.path.join(checkpoint_dir, f"{lpips_lib.CHECKPOINT_NAME}.json")):

@@ -8,6 +8,10 @@ transpose (see checkpoints_convert/unet.py).
 Precision follows the reference's `use_fp16` split: `dtype` is the activation
 dtype of the torso's convolutions and attention projections; GroupNorm,
 softmax, the timestep MLP and the output head run in float32.
+
+`remat` trades compute for memory when the guidance gradient is taken through
+the UNet: "none" keeps every activation, "dots" recomputes all but convolution
+and matmul outputs inside each block, "blocks" recomputes each block entirely.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ import jax.numpy as jnp
 from bdjax import checkpoint
 
 CHECKPOINT_NAME = "unet"
+
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_saveable,   # keep conv/matmul outputs, recompute the rest
+    "blocks": jax.checkpoint_policies.nothing_saveable,
+}
 
 PRESETS = {
     # 256x256_diffusion_uncond.pt; attention at resolutions 32,16,8 = downsample rates 8,16,32.
@@ -190,13 +200,21 @@ class UNetModel(nn.Module):
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
+
+    def _block(self, cls):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if self.remat == "none":
+            return cls
+        return nn.remat(cls, policy=REMAT_POLICIES[self.remat])
 
     def _res(self, name, out_channels, **kw):
-        return ResBlock(out_channels, self.use_scale_shift_norm, dtype=self.dtype, name=name, **kw)
+        return self._block(ResBlock)(out_channels, self.use_scale_shift_norm, dtype=self.dtype, name=name, **kw)
 
     def _attn(self, name, num_heads):
-        return AttentionBlock(num_heads, self.num_head_channels, self.use_new_attention_order,
-                              dtype=self.dtype, name=name)
+        return self._block(AttentionBlock)(num_heads, self.num_head_channels, self.use_new_attention_order,
+                                           dtype=self.dtype, name=name)
 
     @nn.compact
     def __call__(self, x, timesteps, y=None):
@@ -268,15 +286,17 @@ class UNetModel(nn.Module):
         return conv3x3(self.out_channels, jnp.float32, "out_2")(h)
 
 
+RUNTIME_FIELDS = ("dtype", "remat")  # how to run, not what the weights are: never stored
+
+
 def config_to_json(module_fields: dict) -> dict:
-    """UNetModel fields (no dtype) as JSON-friendly values."""
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in module_fields.items()}
-    out.pop("dtype", None)
-    return out
+    """UNetModel fields (no runtime choices) as JSON-friendly values."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in module_fields.items()
+            if k not in RUNTIME_FIELDS}
 
 
 def config_from_json(config: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(UNetModel)} - {"parent", "name", "dtype"}
+    names = {f.name for f in dataclasses.fields(UNetModel)} - {"parent", "name", *RUNTIME_FIELDS}
     unknown = set(config) - names
     if unknown:
         raise ValueError(f"unknown UNetModel field(s) {sorted(unknown)}; known: {sorted(names)}")
@@ -292,14 +312,14 @@ def param_shapes(module: UNetModel, image_size: int | None = None) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), x, t, y)["params"]
 
 
-def load(directory: str, dtype=jnp.float32, param_dtype=None) -> tuple[UNetModel, dict]:
+def load(directory: str, dtype=jnp.float32, param_dtype=None, remat: str = "none") -> tuple[UNetModel, dict]:
     """Read `unet.safetensors` + `unet.json` written by checkpoints_convert.unet.
 
     `dtype` is the activation dtype; `param_dtype` optionally casts the stored
-    float32 parameters (e.g. to bfloat16). No torch import.
+    float32 parameters (e.g. to bfloat16); `remat` as in the module. No torch import.
     """
     config, flat = checkpoint.read(directory, CHECKPOINT_NAME, model="unet")
-    module = UNetModel(**config_from_json(config), dtype=dtype)
+    module = UNetModel(**config_from_json(config), dtype=dtype, remat=remat)
     params = checkpoint.restore(flat, param_shapes(module), what=f"{directory}/unet.safetensors",
                                 dtype=param_dtype)
     return module, params
