@@ -42,6 +42,8 @@ def define_flags():
     flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
     flags.DEFINE_string("output_dir", "output", "Where results are written.")
     flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "bf16: bfloat16 activations and parameters.")
+    flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"],
+                      "UNet rematerialisation in the guidance gradient: less memory, more compute.")
     flags.DEFINE_bool("overwrite", False, "Replace results already in --output_dir.")
     flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; automatic on TPU pods).")
@@ -53,7 +55,7 @@ EDIT_OPTION_FLAGS = ("skip_timesteps", "timestep_respacing", "ddim", "clip_guida
 
 
 def build_editor(config: str, precision: str, model_output_size: int, checkpoint_dir: str | None,
-                 download: bool, need_lpips: bool):
+                 download: bool, need_lpips: bool, remat: str = "none"):
     """The editor for --config/--precision: smoke networks, or converted weights (fetched if allowed)."""
     import jax.numpy as jnp
 
@@ -71,7 +73,8 @@ def build_editor(config: str, precision: str, model_output_size: int, checkpoint
         unet_dir = model_dir(checkpoint_dir, models[0])
     else:
         unet_dir = checkpoint_dir
-    return BlendedDiffusion.from_pretrained(checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir)
+    return BlendedDiffusion.from_pretrained(checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir,
+                                            remat=remat)
 
 
 def options_from_flags() -> dict:
@@ -122,7 +125,7 @@ def main(argv):
                                   "or pass --overwrite")
         start = time.perf_counter()
         editor = build_editor(FLAGS.config, FLAGS.precision, int(FLAGS.model_output_size), FLAGS.checkpoint_dir,
-                              FLAGS.download, need_lpips)
+                              FLAGS.download, need_lpips, FLAGS.remat)
         loaded = time.perf_counter()
         result = editor.edit(FLAGS.init_image, FLAGS.mask, FLAGS.prompt, num_samples=FLAGS.num_samples,
                              seed=FLAGS.seed, invert_mask=FLAGS.invert_mask, **options)

@@ -255,3 +255,28 @@ def test_bfloat16_step_within_tolerance_of_float32():
         want = np.asarray(full[key])
         err = np.abs(np.asarray(half[key], np.float32) - want).max() / np.abs(want).max()
         assert 0 < err <= 5e-2, (key, err)
+
+
+def test_class_conditional_model_gets_a_fresh_random_class_per_sample_and_step(scene):
+    """The 512 model path: randomize_class draws a label per sample and step (the reference
+    redraws model_kwargs["y"] every step); without it the label is 0 (the reference's start)."""
+    config = dict(unet_lib.preset("adm512_cond"), image_size=SIZE, model_channels=32, channel_mult=(1, 2),
+                  num_res_blocks=1, attention_resolutions=(2,), num_head_channels=16, num_classes=1000)
+    unet = unet_lib.UNetModel(**config)
+    models = Models(unet, ColourCLIP())
+    keys, background_keys = blended.sample_keys(5, jnp.arange(64))
+    labels = np.stack([np.asarray(blended.step_draws(models, EditOptions(), keys, background_keys, i,
+                                                     (64, SIZE, SIZE, 3))["y"]) for i in range(3)])
+    assert labels.shape == (3, 64) and labels.min() >= 0 and labels.max() < 1000
+    assert len(np.unique(labels)) > 150  # fresh draws across samples and steps
+    fixed = blended.step_draws(models, EditOptions(randomize_class=False), keys, background_keys, 0, (64, SIZE, SIZE, 3))
+    np.testing.assert_array_equal(fixed["y"], 0)
+    # A guided step of the class-conditional UNet traces with the labels wired in.
+    init, mask = scene
+    params = {"unet": jax.eval_shape(unet.init, jax.random.key(0), init, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"],
+              "clip": {}}
+    d = diffusion.make_diffusion(timestep_respacing="100")
+    step = blended.make_step(models, EditOptions(batch_size=2), d, guided=True)
+    draws = blended.step_draws(models, EditOptions(), keys[:2], background_keys[:2], 7, (2, SIZE, SIZE, 3))
+    out = jax.eval_shape(lambda p: step(p, jnp.zeros((2, SIZE, SIZE, 3)), 7, draws, init, mask, RED), params)
+    assert out["sample"].shape == (2, SIZE, SIZE, 3)
