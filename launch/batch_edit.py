@@ -1,0 +1,148 @@
+"""Run a manifest of edits: python -m launch.batch_edit --manifest=jobs.jsonl --output_dir=out
+
+One JSON object per line: image, prompt, num_samples, seed (required), mask, invert_mask, name
+and any EditOptions name (skip_timesteps, local_clip_guided_diffusion, ...) (optional); relative
+paths are relative to the manifest. Writes OUTPUT_DIR/<name>/sample_<k>.png and .json per
+sample, OUTPUT_DIR/<name>/ranked.json and grid.png per finished job, OUTPUT_DIR/report.json.
+Rerunning the same command finishes what is missing: finished samples are found on disk.
+Runs unchanged on several processes (--distributed, or a TPU pod): see bdjax/batch.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("manifest", None, "JSON-lines file, one job per line.")
+    flags.DEFINE_string("output_dir", None, "Where each job's directory is written.")
+    flags.DEFINE_bool("strict", False, "Stop at the first bad manifest line instead of skipping it.")
+    flags.DEFINE_enum("config", "real", ["real", "smoke"], "smoke: tiny random networks, no weights needed.")
+    flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "bf16: bfloat16 activations and parameters.")
+    flags.DEFINE_enum("model_output_size", "256", ["256", "512"], "256: unconditional ADM; 512: class-conditional.")
+    flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
+    flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
+    flags.DEFINE_integer("batch_size", 4, "Samples per diffusion run (spread over all devices); a job's "
+                         "batch_size field overrides it.")
+    flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; automatic on TPU pods).")
+
+
+def base_options():
+    """The run's defaults for every job: the reference's, the smoke preset's, then --batch_size."""
+    from bdjax import smoke
+    from bdjax.blended import EditOptions
+
+    options = EditOptions()
+    if FLAGS.config == "smoke":
+        options = dataclasses.replace(options, **smoke.OPTIONS)
+    if FLAGS["batch_size"].present or FLAGS.config != "smoke":
+        options = dataclasses.replace(options, batch_size=FLAGS.batch_size)
+    return options
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.manifest or not FLAGS.output_dir:
+        raise app.UsageError("--manifest and --output_dir are required")
+    from launch import runtime
+
+    runtime.setup(FLAGS.distributed, FLAGS.compilation_cache_dir)
+    import jax
+    from tqdm.auto import tqdm
+
+    from bdjax import batch, outputs, smoke
+    from launch.edit import build_editor
+
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
+    label = smoke.LABEL if FLAGS.config == "smoke" else ""
+    image_size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else int(FLAGS.model_output_size)
+    start = time.perf_counter()
+    with runtime.user_errors():
+        if not os.path.isfile(FLAGS.manifest):
+            raise FileNotFoundError(f"--manifest={FLAGS.manifest}: no such file")
+        jobs, errors = batch.read_manifest(FLAGS.manifest, image_size, base_options())
+        if errors and FLAGS.strict:
+            raise errors[0]
+        for e in errors:
+            say(f"skipped: {e}", file=sys.stderr)
+        need_lpips = any(j.options.background_preservation_loss and j.options.lpips_sim_lambda for j in jobs)
+        editor = build_editor(FLAGS.config, FLAGS.precision, int(FLAGS.model_output_size), FLAGS.checkpoint_dir,
+                              FLAGS.download, need_lpips)
+        for job in jobs:  # what the manifest cannot know: e.g. LPIPS weights present
+            editor.options(**dataclasses.asdict(job.options))
+        loaded = time.perf_counter()
+        jobs, items, conflicts = batch.pending_items(FLAGS.output_dir, jobs)
+        if conflicts and FLAGS.strict:
+            raise conflicts[0]
+        for e in conflicts:
+            say(f"skipped: {e}", file=sys.stderr)
+        total = sum(j.num_samples for j in jobs)
+        say(f"{len(jobs)} jobs, {total} samples: {total - len(items)} already in {FLAGS.output_dir}, "
+            f"{len(items)} to compute on {jax.device_count()} devices ({jax.process_count()} processes)")
+        bar = tqdm(total=len(items), desc="batch", unit="sample", disable=not lead or not items)
+        stats = batch.run(editor, jobs, FLAGS.output_dir, items, label=label, on_batch=bar.update)
+        bar.close()
+        if lead:  # also a job finished by an earlier, killed run whose summary was never written
+            stats.summaries += batch.write_summaries(FLAGS.output_dir, jobs, image_size, label)
+            done = time.perf_counter()
+            report = run_report(jobs, errors + conflicts, stats, label,
+                                {"load": loaded - start, "sample": stats.sample_s, "total": done - start,
+                                 "per_sample": stats.sample_s / max(1, stats.computed)})
+            outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
+            items_report = report["items"]
+            say(f"{items_report['computed']} computed, {items_report['skipped']} skipped, "
+                f"{items_report['failed']} failed, {len(errors) + len(conflicts)} lines skipped; "
+                f"report in {os.path.join(FLAGS.output_dir, outputs.REPORT)}" + (f"\n{label}" if label else ""))
+
+
+def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
+    """The run's report, with every job's samples as found on disk (written by any process)."""
+    import flax
+    import jax
+
+    import bdjax
+    from bdjax import batch
+
+    results, done = [], 0
+    for job in jobs:
+        try:
+            samples = batch.finished_samples(FLAGS.output_dir, job)
+        except ValueError:
+            samples = {}
+        done += len(samples)
+        ranked = sorted(samples.values(), key=lambda e: (e["distance"], e["sample_id"]))
+        results.append({"name": job.name, "line": job.line, "prompt": job.prompt, "num_samples": job.num_samples,
+                        "complete": len(samples) == job.num_samples,
+                        "samples": [{k: e[k] for k in ("sample_id", "seed", "distance", "file", "process_index")}
+                                    for e in ranked]})
+    device = jax.devices()[0]
+    return {
+        "manifest": os.path.abspath(FLAGS.manifest),
+        "flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
+        "label": label or None,
+        "jobs": {"valid": len(jobs), "skipped_lines": [{"line": e.line, "error": e.reason} for e in errors]},
+        "items": {"total": stats.total, "skipped": stats.skipped, "computed": stats.computed,
+                  "failed": stats.total - done, "summaries_written": stats.summaries},
+        "results": results,
+        "versions": {"bdjax": bdjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+                     "python": platform.python_version()},
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
+                   "processes": jax.process_count()},
+        "timings_s": timings,
+    }
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
