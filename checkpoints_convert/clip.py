@@ -25,7 +25,7 @@ from absl import app, flags
 from bdjax import checkpoint
 from bdjax.models import clip
 from checkpoints_convert.common import (ConversionError, cli, conv_kernel, dense_kernel,
-                                        is_torchscript_archive, read_torch_state_dict)
+                                        is_torchscript_archive, module_path, read_torch_state_dict)
 
 # Scalars stored next to the weights in OpenAI's archives; OpenAI's build_model drops them too.
 OPENAI_METADATA = {"input_resolution": "image_resolution", "context_length": "context_length",
@@ -166,12 +166,7 @@ def flax_key(torch_key: str, ndim: int) -> str:
     """`visual.transformer.resblocks.3.attn.in_proj_weight`
     -> `visual/transformer/resblocks_3/attn/in_proj/kernel`."""
     *modules, leaf = torch_key.split(".")
-    merged: list[str] = []
-    for part in modules:
-        if part.isdigit() and merged:
-            merged[-1] += f"_{part}"
-        else:
-            merged.append(part)
+    merged = module_path(modules)
     if leaf.startswith("in_proj_"):  # MultiheadAttention keeps its packed projection as raw tensors
         merged.append("in_proj")
         leaf = leaf[len("in_proj_"):]

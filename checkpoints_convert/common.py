@@ -56,6 +56,18 @@ def is_torchscript_archive(path: str) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
+def module_path(torch_modules: list[str]) -> list[str]:
+    """Torch module path -> Flax module names: each numeric index joins its parent with "_"
+    (`input_blocks.1.0` -> `input_blocks_1_0`), the bdjax convention for Sequential/ModuleList."""
+    merged: list[str] = []
+    for part in torch_modules:
+        if part.isdigit() and merged:
+            merged[-1] += f"_{part}"
+        else:
+            merged.append(part)
+    return merged
+
+
 def conv_kernel(w: np.ndarray) -> np.ndarray:
     """PyTorch Conv2d weight (O, I, kh, kw) -> Flax Conv kernel (kh, kw, I, O)."""
     return np.transpose(w, (2, 3, 1, 0))

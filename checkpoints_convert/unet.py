@@ -18,18 +18,14 @@ from absl import app, flags
 
 from bdjax import checkpoint
 from bdjax.models import unet
-from checkpoints_convert.common import ConversionError, cli, conv_kernel, dense_kernel, read_torch_state_dict
+from checkpoints_convert.common import (ConversionError, cli, conv_kernel, dense_kernel, module_path,
+                                        read_torch_state_dict)
 
 
 def flax_key(torch_key: str, ndim: int) -> str:
     """`input_blocks.1.0.in_layers.2.weight` -> `input_blocks_1_0/in_layers_2/kernel`."""
     *modules, leaf = torch_key.split(".")
-    merged: list[str] = []
-    for part in modules:
-        if part.isdigit() and merged:
-            merged[-1] += f"_{part}"
-        else:
-            merged.append(part)
+    merged = module_path(modules)
     if leaf == "weight":
         if merged and merged[-1] == "label_emb":
             leaf = "embedding"
