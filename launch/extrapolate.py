@@ -1,0 +1,177 @@
+"""Text-guided extrapolation (the paper's Fig. 11): grow the image sideways, one strip at a time.
+
+    python -m launch.extrapolate --init_image=img.png --prompt_left=hell --prompt_right=heaven \
+        --side=both --strip=64 --repeats=4 --output_dir=out
+
+The image is prepared as for an edit (model size, the reference's resize) and becomes the
+canvas. Each round, on each chosen side, the model-size window at that edge (the new strip plus
+the canvas next to it) is edited with the strip as the mask and that side's prompt; the
+best-ranked result's strip is pasted onto the canvas. Writes OUTPUT_DIR/canvas_<round>.png
+(canvas_0 is the start), OUTPUT_DIR/extrapolated.png and OUTPUT_DIR/report.json. All edit
+flags (--num_samples per round, --seed, --skip_timesteps, ...) apply to every round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+from launch import edit
+
+FLAGS = flags.FLAGS
+SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
+FINAL = "extrapolated.png"
+
+
+def define_flags():
+    edit.define_flags()
+    flags.DEFINE_string("prompt_left", None, "Prompt for the strips grown on the left (default: --prompt).")
+    flags.DEFINE_string("prompt_right", None, "Prompt for the strips grown on the right (default: --prompt).")
+    flags.DEFINE_enum("side", "both", list(SIDES), "Where the canvas grows.")
+    flags.DEFINE_integer("strip", 64, "Pixels added per side and round (at model resolution).")
+    flags.DEFINE_integer("repeats", 4, "Rounds; the canvas grows by strip x repeats on each chosen side.")
+
+
+def round_seed(seed: int, round_index: int, side: str) -> int:
+    """A seed per (round, side), derived from --seed alone, so any round can be rerun by itself."""
+    return int(np.random.SeedSequence([seed, round_index, ("left", "right").index(side)]).generate_state(1)[0]
+               % 2 ** 31)
+
+
+def edge_window(canvas: np.ndarray, side: str, strip: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(window [size, size, 3] uint8, mask [size, size] uint8) at the `side` edge of the canvas
+    grown by `strip` columns; the mask is 255 on the new strip."""
+    keep = size - strip
+    mask = np.zeros((size, size), np.uint8)
+    # The reference shifts the image and leaves the strip to the diffusion. We fill it with the
+    # edge column repeated rather than mid-grey: with skip_timesteps > 0 the start x_T still
+    # carries sqrt(alpha_bar) of the fill, and a grey band pulls the strip towards a flat grey
+    # block, while the repeated edge continues the scene's colours and horizontal lines.
+    if side == "right":
+        context = canvas[:, -keep:]
+        mask[:, keep:] = 255
+        return np.concatenate([context, np.repeat(context[:, -1:], strip, axis=1)], axis=1), mask
+    context = canvas[:, :keep]
+    mask[:, :strip] = 255
+    return np.concatenate([np.repeat(context[:, :1], strip, axis=1), context], axis=1), mask
+
+
+def paste_strip(canvas: np.ndarray, window: np.ndarray, side: str, strip: int) -> np.ndarray:
+    """The canvas with the window's new strip attached; the old canvas is kept pixel for pixel."""
+    if side == "right":
+        return np.concatenate([canvas, window[:, -strip:]], axis=1)
+    return np.concatenate([window[:, :strip], canvas], axis=1)
+
+
+def best_result(result) -> tuple[np.ndarray, float]:
+    """The best-ranked image of an edit over all processes (on several hosts each holds its own)."""
+    import jax
+
+    image = result.images[0] if len(result.images) else np.zeros_like(result.source)
+    distance = float(result.distances[0]) if len(result.distances) else np.inf
+    if jax.process_count() == 1:
+        return image, distance
+    from jax.experimental import multihost_utils
+
+    distances = np.asarray(multihost_utils.process_allgather(np.float32(distance)))
+    images = np.asarray(multihost_utils.process_allgather(image))
+    best = int(np.argmin(distances))  # ties: the lowest process, the same choice everywhere
+    return images[best], float(distances[best])
+
+
+def prompts_from_flags(sides) -> dict:
+    prompts = {}
+    for side in sides:
+        prompt = FLAGS[f"prompt_{side}"].value
+        prompts[side] = FLAGS.prompt if prompt is None else prompt
+        if prompts[side] is None:
+            raise app.UsageError(f"--side={FLAGS.side} needs --prompt_{side} (or --prompt for every side)")
+    return prompts
+
+
+def existing_outputs(output_dir: str) -> list[str]:
+    from bdjax import outputs
+
+    found = sorted(glob.glob(os.path.join(output_dir, "canvas_*.png")))
+    return found + [p for p in (os.path.join(output_dir, FINAL), os.path.join(output_dir, outputs.REPORT))
+                    if os.path.exists(p)]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.init_image is None:
+        raise app.UsageError("--init_image is required")
+    if FLAGS.mask is not None or FLAGS.invert_mask:
+        raise app.UsageError("--mask/--invert_mask do not apply: each round's mask is the new strip")
+    sides = SIDES[FLAGS.side]
+    prompts = prompts_from_flags(sides)
+    if FLAGS.repeats < 1:
+        raise app.UsageError(f"--repeats={FLAGS.repeats} must be at least 1")
+    from launch import runtime
+
+    runtime.setup(FLAGS.distributed, FLAGS.compilation_cache_dir)
+    import jax
+
+    from bdjax import image_io, outputs, smoke
+
+    lead = jax.process_index() == 0
+    options = edit.options_from_flags()
+    need_lpips = FLAGS.background_preservation_loss and FLAGS.lpips_sim_lambda != 0
+    label = smoke.LABEL if FLAGS.config == "smoke" else ""
+    with runtime.user_errors():
+        old = existing_outputs(FLAGS.output_dir)
+        if old and not FLAGS.overwrite:
+            raise FileExistsError(f"{FLAGS.output_dir} already holds results ({old[0]}); choose another "
+                                  "--output_dir or pass --overwrite")
+        start = time.perf_counter()
+        editor = edit.build_editor(FLAGS.config, FLAGS.precision, int(FLAGS.model_output_size),
+                                   FLAGS.checkpoint_dir, FLAGS.download, need_lpips, FLAGS.remat)
+        size = editor.image_size
+        if not 0 < FLAGS.strip < size:
+            raise ValueError(f"--strip={FLAGS.strip} must be in (0, {size}): each window keeps "
+                             f"{size} - strip columns of the canvas as context")
+        for path in old if lead else ():
+            os.remove(path)
+        # The canvas starts as the image prepared exactly as for an edit (model size, Lanczos).
+        canvas = np.round((image_io.load_image(FLAGS.init_image, size) + 1) * 127.5).astype(np.uint8)
+        if lead:
+            outputs.save_png(os.path.join(FLAGS.output_dir, "canvas_0.png"), canvas)
+        loaded = time.perf_counter()
+        rounds = []
+        for r in range(1, FLAGS.repeats + 1):
+            for side in sides:
+                seed = round_seed(FLAGS.seed, r, side)
+                window, mask = edge_window(canvas, side, FLAGS.strip, size)
+                result = editor.edit(window, mask, prompts[side], num_samples=FLAGS.num_samples, seed=seed,
+                                     progress=lead, **options)
+                best, distance = best_result(result)
+                canvas = paste_strip(canvas, best, side, FLAGS.strip)
+                rounds.append({"round": r, "side": side, "prompt": prompts[side], "seed": seed,
+                               "distance": distance, "width": int(canvas.shape[1])})
+            if lead:
+                outputs.save_png(os.path.join(FLAGS.output_dir, f"canvas_{r}.png"), canvas)
+                print(f"round {r}/{FLAGS.repeats}: canvas {canvas.shape[1]}x{canvas.shape[0]}", flush=True)
+        done = time.perf_counter()
+        if lead:
+            outputs.save_png(os.path.join(FLAGS.output_dir, FINAL), canvas)
+            report = edit.run_report(editor, dataclasses.asdict(editor.options(**options)),
+                                     {"load": loaded - start, "extrapolate": done - loaded})
+            report["flags"].update({f.name: f.value for f in
+                                    FLAGS.get_key_flags_for_module(sys.modules[__name__])})
+            report.update(label=label or None, rounds=rounds, size={"height": int(canvas.shape[0]),
+                                                                    "width": int(canvas.shape[1])})
+            outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
+            print(f"{os.path.join(FLAGS.output_dir, FINAL)}: {canvas.shape[1]}x{canvas.shape[0]} after "
+                  f"{FLAGS.repeats} rounds in {done - loaded:.1f} s" + (f"\n{label}" if label else ""))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
