@@ -280,3 +280,31 @@ def test_class_conditional_model_gets_a_fresh_random_class_per_sample_and_step(s
     draws = blended.step_draws(models, EditOptions(), keys[:2], background_keys[:2], 7, (2, SIZE, SIZE, 3))
     out = jax.eval_shape(lambda p: step(p, jnp.zeros((2, SIZE, SIZE, 3)), 7, draws, init, mask, RED), params)
     assert out["sample"].shape == (2, SIZE, SIZE, 3)
+
+
+def test_from_pretrained_reads_converted_directories(tmp_path):
+    """Weights written in the converters' format load into an editor: UNet and CLIP from one
+    directory (LPIPS only if present), a separate UNet directory for the 512 model, bf16 params."""
+    from bdjax import checkpoint, smoke
+
+    nets = smoke.networks()
+    unet, unet_params = nets["unet"]
+    checkpoint.save(str(tmp_path), "unet", checkpoint.flatten(unet_params), unet_lib.config_to_json(smoke.unet_config()),
+                    model="unet")
+    checkpoint.save(str(tmp_path), "clip", checkpoint.flatten(nets["clip"][1]), smoke.CLIP_CONFIG, model="clip")
+    editor = BlendedDiffusion.from_pretrained(str(tmp_path))
+    assert editor.models.lpips is None and editor.image_size == 64
+    for got, want in zip(jax.tree_util.tree_leaves(editor.params["unet"]), jax.tree_util.tree_leaves(unet_params)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="LPIPS"):
+        editor.options(local_clip_guided_diffusion=True, background_preservation_loss=True)
+
+    from bdjax.models import lpips as lpips_lib
+    checkpoint.save(str(tmp_path), "lpips", checkpoint.flatten(nets["lpips"][1]), lpips_lib.CONFIG, model="lpips")
+    other = tmp_path / "adm512"
+    checkpoint.save(str(other), "unet", checkpoint.flatten(unet_params), unet_lib.config_to_json(smoke.unet_config()),
+                    model="unet")
+    editor = BlendedDiffusion.from_pretrained(str(tmp_path), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                              unet_dir=str(other), remat="dots")
+    assert editor.models.lpips is not None and editor.models.unet.remat == "dots"
+    assert jax.tree_util.tree_leaves(editor.params["clip"])[0].dtype == jnp.bfloat16
