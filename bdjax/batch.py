@@ -326,7 +326,8 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
     """Compute `items` (from `pending_items`) and write each on the process that computed it.
 
     Items that share (options, guided) are packed into batches of options.batch_size regardless
-    of their job. After every batch, process 0 rebuilds the summaries of the jobs it completed.
+    of their job. After every batch, process 0 rebuilds the summaries of that batch's jobs once
+    they are complete.
     `on_batch(n)` is called on every process with the number of items the batch finished.
     """
     stats = RunStats(total=sum(j.num_samples for j in jobs), skipped=sum(j.num_samples for j in jobs) - len(items))
@@ -335,7 +336,7 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
         groups.setdefault((jobs[j].options, jobs[j].prompt != ""), []).append((j, k))
     inputs: dict[int, tuple] = {}
     embeds: dict[str, np.ndarray] = {}
-    for (options, guided), group in groups.items():
+    for g, ((options, guided), group) in enumerate(groups.items()):
         for start in range(0, len(group), options.batch_size):
             chunk = group[start:start + options.batch_size]
             needed = {j for j, _ in chunk}
@@ -355,7 +356,7 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
                 j, k = chunk[row]
                 write_sample(output_dir, jobs[j], k, np.round(image * 255).astype(np.uint8), distance, label)
             stats.computed += len(chunk)
-            _barrier(f"batch {start} of {options}")  # every item of the batch is on disk now
+            _barrier(f"bdjax.batch {g}:{start}")  # every item of the batch is on disk now
             if jax.process_index() == 0:
                 stats.summaries += write_summaries(output_dir, [jobs[j] for j in sorted(needed)],
                                                    editor.image_size, label)

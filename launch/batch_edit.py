@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 
 from absl import app, flags
 
@@ -28,6 +29,8 @@ def define_flags():
     flags.DEFINE_enum("config", "real", ["real", "smoke"], "smoke: tiny random networks, no weights needed.")
     flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "bf16: bfloat16 activations and parameters.")
     flags.DEFINE_enum("model_output_size", "256", ["256", "512"], "256: unconditional ADM; 512: class-conditional.")
+    flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"],
+                      "UNet rematerialisation in the guidance gradient: less memory, more compute.")
     flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
     flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
     flags.DEFINE_integer("batch_size", 4, "Samples per diffusion run (spread over all devices); a job's "
@@ -65,6 +68,8 @@ def main(argv):
 
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
+    if not lead:  # every process reads the manifest; one reports on it
+        warnings.simplefilter("ignore")
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
     image_size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else int(FLAGS.model_output_size)
     start = time.perf_counter()
@@ -78,7 +83,7 @@ def main(argv):
             say(f"skipped: {e}", file=sys.stderr)
         need_lpips = any(j.options.background_preservation_loss and j.options.lpips_sim_lambda for j in jobs)
         editor = build_editor(FLAGS.config, FLAGS.precision, int(FLAGS.model_output_size), FLAGS.checkpoint_dir,
-                              FLAGS.download, need_lpips)
+                              FLAGS.download, need_lpips, FLAGS.remat)
         for job in jobs:  # what the manifest cannot know: e.g. LPIPS weights present
             editor.options(**dataclasses.asdict(job.options))
         loaded = time.perf_counter()
@@ -87,6 +92,10 @@ def main(argv):
             raise conflicts[0]
         for e in conflicts:
             say(f"skipped: {e}", file=sys.stderr)
+        uneven = sorted({j.options.batch_size for j in jobs if j.options.batch_size % jax.device_count()})
+        if uneven:
+            say(f"warning: batch_size {uneven} is not a multiple of the {jax.device_count()} devices; batches are "
+                "padded and the padded rows are computed for nothing", file=sys.stderr)
         total = sum(j.num_samples for j in jobs)
         say(f"{len(jobs)} jobs, {total} samples: {total - len(items)} already in {FLAGS.output_dir}, "
             f"{len(items)} to compute on {jax.device_count()} devices ({jax.process_count()} processes)")
