@@ -22,6 +22,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bdjax.extrapolate import best_result, edge_window, paste_strip, round_seed
 from launch import edit
 
 FLAGS = flags.FLAGS
@@ -36,53 +37,6 @@ def define_flags():
     flags.DEFINE_enum("side", "both", list(SIDES), "Where the canvas grows.")
     flags.DEFINE_integer("strip", 64, "Pixels added per side and round (at model resolution).")
     flags.DEFINE_integer("repeats", 4, "Rounds; the canvas grows by strip x repeats on each chosen side.")
-
-
-def round_seed(seed: int, round_index: int, side: str) -> int:
-    """A seed per (round, side), derived from --seed alone, so any round can be rerun by itself."""
-    return int(np.random.SeedSequence([seed, round_index, ("left", "right").index(side)]).generate_state(1)[0]
-               % 2 ** 31)
-
-
-def edge_window(canvas: np.ndarray, side: str, strip: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(window [size, size, 3] uint8, mask [size, size] uint8) at the `side` edge of the canvas
-    grown by `strip` columns; the mask is 255 on the new strip."""
-    keep = size - strip
-    mask = np.zeros((size, size), np.uint8)
-    # The reference shifts the image and leaves the strip to the diffusion. We fill it with the
-    # edge column repeated rather than mid-grey: with skip_timesteps > 0 the start x_T still
-    # carries sqrt(alpha_bar) of the fill, and a grey band pulls the strip towards a flat grey
-    # block, while the repeated edge continues the scene's colours and horizontal lines.
-    if side == "right":
-        context = canvas[:, -keep:]
-        mask[:, keep:] = 255
-        return np.concatenate([context, np.repeat(context[:, -1:], strip, axis=1)], axis=1), mask
-    context = canvas[:, :keep]
-    mask[:, :strip] = 255
-    return np.concatenate([np.repeat(context[:, :1], strip, axis=1), context], axis=1), mask
-
-
-def paste_strip(canvas: np.ndarray, window: np.ndarray, side: str, strip: int) -> np.ndarray:
-    """The canvas with the window's new strip attached; the old canvas is kept pixel for pixel."""
-    if side == "right":
-        return np.concatenate([canvas, window[:, -strip:]], axis=1)
-    return np.concatenate([window[:, :strip], canvas], axis=1)
-
-
-def best_result(result) -> tuple[np.ndarray, float]:
-    """The best-ranked image of an edit over all processes (on several hosts each holds its own)."""
-    import jax
-
-    image = result.images[0] if len(result.images) else np.zeros_like(result.source)
-    distance = float(result.distances[0]) if len(result.distances) else np.inf
-    if jax.process_count() == 1:
-        return image, distance
-    from jax.experimental import multihost_utils
-
-    distances = np.asarray(multihost_utils.process_allgather(np.float32(distance)))
-    images = np.asarray(multihost_utils.process_allgather(image))
-    best = int(np.argmin(distances))  # ties: the lowest process, the same choice everywhere
-    return images[best], float(distances[best])
 
 
 def prompts_from_flags(sides) -> dict:

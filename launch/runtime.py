@@ -35,6 +35,6 @@ def user_errors():
 
     try:
         yield
-    except (ValueError, FileExistsError, FileNotFoundError, ConversionError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from launch import extrapolate
+from bdjax import extrapolate as lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".jax_cache")
@@ -18,16 +18,16 @@ CACHE = os.path.join(ROOT, ".jax_cache")
 
 def test_edge_window_and_paste_keep_the_canvas():
     canvas = np.arange(4 * 10 * 3, dtype=np.uint8).reshape(4, 10, 3)
-    window, mask = extrapolate.edge_window(canvas, "right", 3, 8)
+    window, mask = lib.edge_window(canvas, "right", 3, 8)
     assert np.array_equal(window[:, :5], canvas[:, -5:]) and (mask[:, 5:] == 255).all() and not mask[:, :5].any()
     assert np.array_equal(window[:, 5:], np.repeat(canvas[:, -1:], 3, axis=1))  # the edge column repeated
-    grown = extrapolate.paste_strip(canvas, window + 1, "right", 3)
+    grown = lib.paste_strip(canvas, window + 1, "right", 3)
     assert np.array_equal(grown[:, :10], canvas) and np.array_equal(grown[:, 10:], window[:, 5:] + 1)
-    window, mask = extrapolate.edge_window(canvas, "left", 3, 8)
+    window, mask = lib.edge_window(canvas, "left", 3, 8)
     assert np.array_equal(window[:, 3:], canvas[:, :5]) and (mask[:, :3] == 255).all() and not mask[:, 3:].any()
-    grown = extrapolate.paste_strip(canvas, window, "left", 3)
+    grown = lib.paste_strip(canvas, window, "left", 3)
     assert grown.shape == (4, 13, 3) and np.array_equal(grown[:, 3:], canvas)
-    assert len({extrapolate.round_seed(404, r, s) for r in (1, 2) for s in ("left", "right")}) == 4
+    assert len({lib.round_seed(404, r, s) for r in (1, 2) for s in ("left", "right")}) == 4
 
 
 def test_two_rounds_on_both_sides(tmp_path):
@@ -56,7 +56,7 @@ def test_two_rounds_on_both_sides(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [(r["round"], r["side"], r["prompt"], r["width"]) for r in report["rounds"]] == [
         (1, "left", "hell", 72), (1, "right", "heaven", 80), (2, "left", "hell", 88), (2, "right", "heaven", 96)]
-    assert [r["seed"] for r in report["rounds"]] == [extrapolate.round_seed(5, r, s)
+    assert [r["seed"] for r in report["rounds"]] == [lib.round_seed(5, r, s)
                                                      for r in (1, 2) for s in ("left", "right")]
     assert report["size"] == {"height": 64, "width": 96} and report["flags"]["strip"] == strip
     assert report["options"]["skip_timesteps"] == 20 and report["label"].startswith("SMOKE TEST")
