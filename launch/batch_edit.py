@@ -12,31 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import sys
 import time
 import warnings
 
 from absl import app, flags
 
+from launch import runtime
+
 FLAGS = flags.FLAGS
 
 
 def define_flags():
+    runtime.define_flags()
     flags.DEFINE_string("manifest", None, "JSON-lines file, one job per line.")
     flags.DEFINE_string("output_dir", None, "Where each job's directory is written.")
     flags.DEFINE_bool("strict", False, "Stop at the first bad manifest line instead of skipping it.")
-    flags.DEFINE_enum("config", "real", ["real", "smoke"], "smoke: tiny random networks, no weights needed.")
-    flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "bf16: bfloat16 activations and parameters.")
-    flags.DEFINE_enum("model_output_size", "256", ["256", "512"], "256: unconditional ADM; 512: class-conditional.")
-    flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"],
-                      "UNet rematerialisation in the guidance gradient: less memory, more compute.")
-    flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
-    flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
     flags.DEFINE_integer("batch_size", 4, "Samples per diffusion run (spread over all devices); a job's "
                          "batch_size field overrides it.")
-    flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; automatic on TPU pods).")
 
 
 def base_options():
@@ -57,14 +50,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.manifest or not FLAGS.output_dir:
         raise app.UsageError("--manifest and --output_dir are required")
-    from launch import runtime
-
-    runtime.setup(FLAGS.distributed, FLAGS.compilation_cache_dir)
+    runtime.setup()
     import jax
     from tqdm.auto import tqdm
 
     from bdjax import batch, outputs, smoke
-    from launch.edit import build_editor
 
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
@@ -82,8 +72,7 @@ def main(argv):
         for e in errors:
             say(f"skipped: {e}", file=sys.stderr)
         need_lpips = any(j.options.background_preservation_loss and j.options.lpips_sim_lambda for j in jobs)
-        editor = build_editor(FLAGS.config, FLAGS.precision, int(FLAGS.model_output_size), FLAGS.checkpoint_dir,
-                              FLAGS.download, need_lpips, FLAGS.remat)
+        editor = runtime.build_editor(need_lpips)
         for job in jobs:  # what the manifest cannot know: e.g. LPIPS weights present
             editor.options(**dataclasses.asdict(job.options))
         loaded = time.perf_counter()
@@ -117,10 +106,6 @@ def main(argv):
 
 def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
     """The run's report, with every job's samples as found on disk (written by any process)."""
-    import flax
-    import jax
-
-    import bdjax
     from bdjax import batch
 
     results, done = [], 0
@@ -135,20 +120,16 @@ def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
                         "complete": len(samples) == job.num_samples,
                         "samples": [{k: e[k] for k in ("sample_id", "seed", "distance", "file", "process_index")}
                                     for e in ranked]})
-    device = jax.devices()[0]
     return {
         "manifest": os.path.abspath(FLAGS.manifest),
-        "flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
+        "flags": runtime.flag_values(sys.modules[__name__]),
         "label": label or None,
         "jobs": {"valid": len(jobs), "skipped_lines": [{"line": e.line, "error": e.reason} for e in errors]},
         "items": {"total": stats.total, "skipped": stats.skipped, "computed": stats.computed,
                   "failed": stats.total - done, "summaries_written": stats.summaries},
         "results": results,
-        "versions": {"bdjax": bdjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-                     "python": platform.python_version()},
-        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
-                   "processes": jax.process_count()},
         "timings_s": timings,
+        **runtime.environment(),
     }
 
 

@@ -8,16 +8,18 @@ NNN_<distance>.png best first, OUTPUT_DIR/grid.png and OUTPUT_DIR/report.json.
 from __future__ import annotations
 
 import dataclasses
-import platform
 import sys
 import time
 
 from absl import app, flags
 
+from launch import runtime
+
 FLAGS = flags.FLAGS
 
 
 def define_flags():
+    runtime.define_flags()
     flags.DEFINE_string("prompt", None, "Text describing the edit; an empty string runs unguided.")
     flags.DEFINE_string("init_image", None, "The image to edit.")
     flags.DEFINE_string("mask", None, "Mask image: non-zero pixels are edited. Default: the whole image.")
@@ -36,45 +38,13 @@ def define_flags():
     flags.DEFINE_integer("seed", 404, "Random seed; sample k of a seed is reproducible on its own.")
     flags.DEFINE_integer("batch_size", 4, "Samples per diffusion run (spread over all devices).")
     flags.DEFINE_integer("num_samples", 32, "Samples in total (the reference: batch_size x iterations_num).")
-    flags.DEFINE_enum("model_output_size", "256", ["256", "512"], "256: unconditional ADM; 512: class-conditional.")
-    flags.DEFINE_enum("config", "real", ["real", "smoke"], "smoke: tiny random networks, no weights needed.")
-    flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
-    flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
     flags.DEFINE_string("output_dir", "output", "Where results are written.")
-    flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "bf16: bfloat16 activations and parameters.")
-    flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"],
-                      "UNet rematerialisation in the guidance gradient: less memory, more compute.")
     flags.DEFINE_bool("overwrite", False, "Replace results already in --output_dir.")
-    flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; automatic on TPU pods).")
 
 
 EDIT_OPTION_FLAGS = ("skip_timesteps", "timestep_respacing", "ddim", "clip_guidance_lambda", "range_lambda",
                      "aug_num", "local_clip_guided_diffusion", "background_preservation_loss", "lpips_sim_lambda",
                      "l2_sim_lambda", "enforce_background", "batch_size")
-
-
-def build_editor(config: str, precision: str, model_output_size: int, checkpoint_dir: str | None,
-                 download: bool, need_lpips: bool, remat: str = "none"):
-    """The editor for --config/--precision: smoke networks, or converted weights (fetched if allowed)."""
-    import jax.numpy as jnp
-
-    from bdjax import smoke
-    from bdjax.editor import BlendedDiffusion
-
-    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    if config == "smoke":
-        return smoke.editor(dtype=dtype, with_lpips=need_lpips)
-    if checkpoint_dir is None:
-        from checkpoints_convert.fetch import ensure_weights, model_dir
-
-        models = ["adm256" if model_output_size == 256 else "adm512", "clip"] + (["lpips"] if need_lpips else [])
-        checkpoint_dir = ensure_weights(models=models, download=download)
-        unet_dir = model_dir(checkpoint_dir, models[0])
-    else:
-        unet_dir = checkpoint_dir
-    return BlendedDiffusion.from_pretrained(checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir,
-                                            remat=remat)
 
 
 def options_from_flags() -> dict:
@@ -86,30 +56,15 @@ def options_from_flags() -> dict:
     return options
 
 
-def run_report(editor, options: dict, timings: dict) -> dict:
-    import flax
-    import jax
-
-    import bdjax
-
-    device = jax.devices()[0]
-    return {
-        "flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
-        "options": options,
-        "versions": {"bdjax": bdjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-                     "python": platform.python_version()},
-        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
-                   "processes": jax.process_count(), "process_index": jax.process_index()},
-        "timings_s": timings,
-    }
+def run_report(options: dict, timings: dict) -> dict:
+    return {"flags": runtime.flag_values(sys.modules[__name__]), "options": options, "timings_s": timings,
+            **runtime.environment()}
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from launch import runtime
-
-    runtime.setup(FLAGS.distributed, FLAGS.compilation_cache_dir)
+    runtime.setup()
     import jax
 
     from bdjax import outputs, smoke
@@ -124,15 +79,14 @@ def main(argv):
             raise FileExistsError(f"{FLAGS.output_dir} already holds results; choose another --output_dir "
                                   "or pass --overwrite")
         start = time.perf_counter()
-        editor = build_editor(FLAGS.config, FLAGS.precision, int(FLAGS.model_output_size), FLAGS.checkpoint_dir,
-                              FLAGS.download, need_lpips, FLAGS.remat)
+        editor = runtime.build_editor(need_lpips)
         loaded = time.perf_counter()
         result = editor.edit(FLAGS.init_image, FLAGS.mask, FLAGS.prompt, num_samples=FLAGS.num_samples,
                              seed=FLAGS.seed, invert_mask=FLAGS.invert_mask, **options)
         done = time.perf_counter()
         timings = {"load": loaded - start, "edit": done - loaded,
                    "per_sample": (done - loaded) / FLAGS.num_samples}
-        report = run_report(editor, dataclasses.asdict(result.options), timings)
+        report = run_report(dataclasses.asdict(result.options), timings)
         label = smoke.LABEL if FLAGS.config == "smoke" else ""
         output_dir = FLAGS.output_dir
         if jax.process_count() > 1:  # each host writes the samples its devices produced

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from bdjax.extrapolate import best_result, edge_window, paste_strip, round_seed
-from launch import edit
+from launch import edit, runtime
 
 FLAGS = flags.FLAGS
 SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
@@ -68,9 +68,7 @@ def main(argv):
     prompts = prompts_from_flags(sides)
     if FLAGS.repeats < 1:
         raise app.UsageError(f"--repeats={FLAGS.repeats} must be at least 1")
-    from launch import runtime
-
-    runtime.setup(FLAGS.distributed, FLAGS.compilation_cache_dir)
+    runtime.setup()
     import jax
 
     from bdjax import image_io, outputs, smoke
@@ -85,8 +83,7 @@ def main(argv):
             raise FileExistsError(f"{FLAGS.output_dir} already holds results ({old[0]}); choose another "
                                   "--output_dir or pass --overwrite")
         start = time.perf_counter()
-        editor = edit.build_editor(FLAGS.config, FLAGS.precision, int(FLAGS.model_output_size),
-                                   FLAGS.checkpoint_dir, FLAGS.download, need_lpips, FLAGS.remat)
+        editor = runtime.build_editor(need_lpips)
         size = editor.image_size
         if not 0 < FLAGS.strip < size:
             raise ValueError(f"--strip={FLAGS.strip} must be in (0, {size}): each window keeps "
@@ -115,10 +112,9 @@ def main(argv):
         done = time.perf_counter()
         if lead:
             outputs.save_png(os.path.join(FLAGS.output_dir, FINAL), canvas)
-            report = edit.run_report(editor, dataclasses.asdict(editor.options(**options)),
+            report = edit.run_report(dataclasses.asdict(editor.options(**options)),
                                      {"load": loaded - start, "extrapolate": done - loaded})
-            report["flags"].update({f.name: f.value for f in
-                                    FLAGS.get_key_flags_for_module(sys.modules[__name__])})
+            report["flags"].update(runtime.flag_values(sys.modules[__name__]))
             report.update(label=label or None, rounds=rounds, size={"height": int(canvas.shape[0]),
                                                                     "width": int(canvas.shape[1])})
             outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)

@@ -1,4 +1,5 @@
-"""Process set-up shared by the launch programs: multi-host start, compilation cache, errors."""
+"""What the launch programs share: model and runtime flags, multi-process start, the editor,
+compilation cache, and one-line errors."""
 
 from __future__ import annotations
 
@@ -6,20 +7,103 @@ import contextlib
 import os
 import sys
 
+from absl import flags
 
-def setup(distributed: bool, compilation_cache_dir: str | None) -> None:
-    """Start jax.distributed when asked (or on a TPU pod, where JAX finds its peers itself) and
-    point XLA's persistent compilation cache at `compilation_cache_dir`."""
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Flags every launch program takes: which networks, how to run them, where they live."""
+    flags.DEFINE_enum("config", "real", ["real", "smoke"], "smoke: tiny random networks, no weights needed.")
+    flags.DEFINE_enum("model_output_size", "256", ["256", "512"], "256: unconditional ADM; 512: class-conditional.")
+    flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "bf16: bfloat16 activations and parameters.")
+    flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"],
+                      "UNet rematerialisation in the guidance gradient: less memory, more compute.")
+    flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
+    flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
+    flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
+    flags.DEFINE_bool("distributed", False, "Join a multi-process run with jax.distributed.initialize(); "
+                      "automatic on TPU pods. Peers are found by JAX on TPU/Slurm, else from the flags below.")
+    flags.DEFINE_string("coordinator_address", os.environ.get("BDJAX_COORDINATOR_ADDRESS"),
+                        "host:port of process 0's coordinator (env BDJAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_integer("num_processes", _env_int("BDJAX_NUM_PROCESSES"), "Processes in the run (env BDJAX_NUM_PROCESSES).")
+    flags.DEFINE_integer("process_id", _env_int("BDJAX_PROCESS_ID"), "This process's index (env BDJAX_PROCESS_ID).")
+    flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts as "
+                         "dead and the others stop with an error instead of waiting forever.")
+
+
+def flag_values(module) -> dict:
+    """The flags of a launch program (its own and the shared ones) with their values, for reports."""
+    found = FLAGS.get_key_flags_for_module(module) + FLAGS.get_key_flags_for_module(sys.modules[__name__])
+    return {f.name: f.value for f in found}
+
+
+def environment() -> dict:
+    """Versions and devices, for reports."""
+    import platform
+
+    import flax
     import jax
-    from absl import flags, logging
 
-    if not flags.FLAGS["verbosity"].present:  # JAX's INFO lines (e.g. TPU probing) are noise here
+    import bdjax
+
+    device = jax.devices()[0]
+    return {
+        "versions": {"bdjax": bdjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+                     "python": platform.python_version()},
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
+                   "processes": jax.process_count(), "process_index": jax.process_index()},
+    }
+
+
+def _env_int(name):
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def setup() -> None:
+    """Quiet logging, join the multi-process run if asked (or on a TPU pod), compilation cache."""
+    import jax
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:  # JAX's INFO lines (e.g. TPU probing) are noise here
         logging.set_verbosity(logging.WARNING)
-    if distributed or _on_tpu_pod():
-        jax.distributed.initialize()
-    if compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(compilation_cache_dir))
+    if FLAGS.distributed or _on_tpu_pod():
+        # CPU processes (tests, laptops) exchange data through gloo; accelerators ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+    if FLAGS.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(FLAGS.compilation_cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def build_editor(need_lpips: bool):
+    """The editor the flags ask for: smoke networks, or converted weights (fetched if allowed)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bdjax import smoke
+    from bdjax.editor import BlendedDiffusion
+
+    dtype = jnp.bfloat16 if FLAGS.precision == "bf16" else jnp.float32
+    if FLAGS.config == "smoke":
+        return smoke.editor(dtype=dtype, with_lpips=need_lpips)
+    checkpoint_dir = unet_dir = FLAGS.checkpoint_dir
+    if checkpoint_dir is None:
+        from checkpoints_convert.fetch import ensure_weights, model_dir
+
+        models = ["adm256" if FLAGS.model_output_size == "256" else "adm512", "clip"] + (["lpips"] if need_lpips else [])
+        if jax.process_index() == 0:  # one process fetches; the others wait for it
+            checkpoint_dir = ensure_weights(models=models, download=FLAGS.download)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("weights ready")
+            checkpoint_dir = ensure_weights(models=models, download=False)
+        unet_dir = model_dir(checkpoint_dir, models[0])
+    return BlendedDiffusion.from_pretrained(checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir,
+                                            remat=FLAGS.remat)
 
 
 def _on_tpu_pod() -> bool:
