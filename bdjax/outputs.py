@@ -46,6 +46,30 @@ def save_json(path: str, obj) -> None:
     atomic_write(path, write)
 
 
+def check_writable(output_dir: str) -> None:
+    """Fail now, before any slow work, if results could not be written to `output_dir`.
+
+    Leaves nothing behind: a directory created for the probe is removed again.
+    """
+    parent = os.path.abspath(output_dir)
+    created = []
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"cannot write to {output_dir}: {parent} is a file, not a directory")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".tmp-probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write to {output_dir} ({e.strerror}); choose another output directory") from None
+    finally:
+        for path in created:  # innermost first
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+
+
 def ranked_name(rank: int, distance: float) -> str:
     return f"{rank:03d}_{distance:.4f}.png"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 
 from absl import app, flags
 
@@ -61,23 +62,46 @@ def run_report(options: dict, timings: dict) -> dict:
             **runtime.environment()}
 
 
+def preflight(options: dict) -> None:
+    """Every check that needs no network: bad inputs fail in a second, before weights load, and
+    leave nothing in the output directory."""
+    from bdjax import image_io, outputs, smoke, tokenizer
+    from bdjax.blended import EditOptions
+    from bdjax.diffusion import space_timesteps
+
+    if FLAGS.prompt is None or FLAGS.init_image is None:
+        raise ValueError("--prompt and --init_image are required (--prompt='' runs unguided)")
+    if FLAGS.num_samples < 1:
+        raise ValueError(f"--num_samples={FLAGS.num_samples} must be at least 1")
+    if not 0 <= FLAGS.seed < 2 ** 31:
+        raise ValueError(f"--seed={FLAGS.seed} must be in [0, 2**31)")
+    EditOptions(**options).validate(len(space_timesteps(1000, FLAGS.timestep_respacing)))
+    tokenizer.tokenize(FLAGS.prompt)
+    size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else int(FLAGS.model_output_size)
+    image = image_io.to_pil(FLAGS.init_image, "image")
+    image_io.load_image(image, size)
+    with warnings.catch_warnings():  # the edit itself warns about the mask, once
+        warnings.simplefilter("ignore")
+        image_io.load_mask(FLAGS.mask, size, image_size=image.size, invert_mask=FLAGS.invert_mask)
+    if outputs.existing_outputs(FLAGS.output_dir) and not FLAGS.overwrite:
+        raise FileExistsError(f"{FLAGS.output_dir} already holds results; choose another --output_dir "
+                              "or pass --overwrite")
+    outputs.check_writable(FLAGS.output_dir)
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    with runtime.user_errors():
+        if len(argv) > 1:
+            raise ValueError(f"unexpected arguments: {argv[1:]}")
     runtime.setup()
     import jax
 
     from bdjax import outputs, smoke
 
-    if FLAGS.prompt is None or FLAGS.init_image is None:
-        raise app.UsageError("--prompt and --init_image are required (--prompt='' runs unguided)")
     options = options_from_flags()
     need_lpips = FLAGS.background_preservation_loss and FLAGS.lpips_sim_lambda != 0
     with runtime.user_errors():
-        existing = outputs.existing_outputs(FLAGS.output_dir)
-        if existing and not FLAGS.overwrite:  # before any slow work
-            raise FileExistsError(f"{FLAGS.output_dir} already holds results; choose another --output_dir "
-                                  "or pass --overwrite")
+        preflight(options)
         start = time.perf_counter()
         editor = runtime.build_editor(need_lpips)
         loaded = time.perf_counter()

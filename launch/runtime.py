@@ -112,13 +112,18 @@ def _on_tpu_pod() -> bool:
     return len([h for h in hosts.split(",") if h]) > 1
 
 
+USER_ERROR = 2  # exit status for a problem with the user's inputs (1 stays for crashes)
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Turn problems with the user's inputs into one line on stderr and exit status 1."""
+    """Turn problems with the user's inputs into one line on stderr and exit status 2."""
     from checkpoints_convert.common import ConversionError
 
     try:
         yield
-    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError,
+            IsADirectoryError, ConversionError) as e:
+        message = " ".join(str(e).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(USER_ERROR)

@@ -144,7 +144,7 @@ def test_deleted_item_is_recomputed_alone_and_identical(first_run, workdir):
 def test_strict_stops_at_the_bad_line(workdir):
     out = workdir / "strict_out"
     proc = run(f"--manifest={workdir / 'jobs.jsonl'}", f"--output_dir={out}", "--strict")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: manifest line 3: not valid JSON"), proc.stderr[-2000:]
     assert not os.path.exists(out)

@@ -68,7 +68,7 @@ def test_existing_results_are_kept_unless_overwrite(smoke_run):
     out, common, _ = smoke_run
     before = sorted(os.listdir(out / "ranked"))
     proc = run(*common, "--num_samples=2")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "--overwrite" in proc.stderr
     assert sorted(os.listdir(out / "ranked")) == before
     proc = run(*common, "--num_samples=2", "--overwrite")
@@ -79,18 +79,46 @@ def test_existing_results_are_kept_unless_overwrite(smoke_run):
 def test_missing_weights_offline_names_the_command(inputs, tmp_path):
     proc = run("--prompt=a cat", f"--init_image={inputs / 'img.png'}", f"--output_dir={tmp_path / 'out'}",
                "--download=false", env={"BDJAX_CACHE": str(tmp_path / "cache")})
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1, err
     assert "python -m checkpoints_convert.fetch" in err and str(tmp_path / "cache") in err
 
 
-def test_bad_inputs_are_one_line_errors(inputs, tmp_path):
-    base = ["--config=smoke", f"--init_image={inputs / 'img.png'}", f"--output_dir={tmp_path / 'out'}"]
-    for extra, message in [([f"--mask={inputs / 'empty.png'}", "--prompt=a cat"], "selects no pixel"),
-                           (["--prompt=" + "word " * 80], "tokens long"),
-                           ([f"--init_image={tmp_path / 'missing.png'}", "--prompt=a cat"], "no such file")]:
-        proc = run(*base, *extra)
-        assert proc.returncode == 1, proc.stderr[-2000:]
+def test_bad_inputs_are_one_line_errors_and_leave_nothing(inputs, tmp_path):
+    """Each bad input: exit status 2, one line naming the problem, no output directory created."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    png = (inputs / "img.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 3])
+    (tmp_path / "a_file").write_text("")
+    wrong = tmp_path / "wrong_weights"  # a CLIP checkpoint where the UNet should be
+    from bdjax import checkpoint, smoke
+    checkpoint.save(str(wrong), "unet", checkpoint.flatten(smoke.networks(with_lpips=False)["clip"][1]),
+                    smoke.unet_config(), model="unet")
+    checkpoint.save(str(wrong), "clip", checkpoint.flatten(smoke.networks(with_lpips=False)["clip"][1]),
+                    smoke.CLIP_CONFIG, model="clip")
+    image = f"--init_image={inputs / 'img.png'}"
+    cases = [
+        ([f"--mask={inputs / 'empty.png'}", "--prompt=a cat", image], "selects no pixel"),
+        (["--prompt=" + "word " * 80, image], "tokens long"),
+        ([f"--init_image={tmp_path / 'missing.png'}", "--prompt=a cat"], "no such file"),
+        ([f"--init_image={tmp_path / 'notes.txt'}", "--prompt=a cat"], "not a readable image"),
+        ([f"--init_image={tmp_path / 'truncated.png'}", "--prompt=a cat"], "not a readable image"),
+        (["--prompt=a cat", image, "--num_samples=0"], "--num_samples=0 must be at least 1"),
+        (["--prompt=a cat", image, "--skip_timesteps=25", "--timestep_respacing=25"], "skip_timesteps=25"),
+        (["--prompt=a cat", image, "--timestep_respacing=fast"], "timestep_respacing"),
+        (["--prompt=a cat", image, f"--output_dir={tmp_path / 'a_file' / 'out'}"], "is a file"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        proc = run("--config=smoke", f"--output_dir={out}", *args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
         err = proc.stderr.strip()
-        assert len(err.splitlines()) == 1 and message in err, err
+        assert len(err.splitlines()) == 1 and message in err, (args, err)
+        assert not out.exists()
+    # A checkpoint of the wrong model: the mismatch names keys, on one line.
+    proc = run("--prompt=a cat", image, f"--checkpoint_dir={wrong}", f"--output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "does not match the module" in err and "missing" in err, err
+    assert not (tmp_path / "out").exists()
