@@ -47,9 +47,9 @@ def base_options():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise runtime.FlagError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.manifest or not FLAGS.output_dir:
-        raise app.UsageError("--manifest and --output_dir are required")
+        raise runtime.FlagError("--manifest and --output_dir are required")
     runtime.setup()
     import jax
     from tqdm.auto import tqdm
@@ -135,4 +135,4 @@ def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(runtime.program(main))

@@ -70,7 +70,7 @@ def preflight(options: dict) -> None:
     from bdjax.diffusion import space_timesteps
 
     if FLAGS.prompt is None or FLAGS.init_image is None:
-        raise ValueError("--prompt and --init_image are required (--prompt='' runs unguided)")
+        raise runtime.FlagError("--prompt and --init_image are required (--prompt='' runs unguided)")
     if FLAGS.num_samples < 1:
         raise ValueError(f"--num_samples={FLAGS.num_samples} must be at least 1")
     if not 0 <= FLAGS.seed < 2 ** 31:
@@ -90,9 +90,8 @@ def preflight(options: dict) -> None:
 
 
 def main(argv):
-    with runtime.user_errors():
-        if len(argv) > 1:
-            raise ValueError(f"unexpected arguments: {argv[1:]}")
+    if len(argv) > 1:
+        raise runtime.FlagError(f"unexpected arguments: {argv[1:]}")
     runtime.setup()
     import jax
 
@@ -124,4 +123,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(runtime.program(main))

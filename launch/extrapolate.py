@@ -45,7 +45,7 @@ def prompts_from_flags(sides) -> dict:
         prompt = FLAGS[f"prompt_{side}"].value
         prompts[side] = FLAGS.prompt if prompt is None else prompt
         if prompts[side] is None:
-            raise app.UsageError(f"--side={FLAGS.side} needs --prompt_{side} (or --prompt for every side)")
+            raise runtime.FlagError(f"--side={FLAGS.side} needs --prompt_{side} (or --prompt for every side)")
     return prompts
 
 
@@ -59,15 +59,15 @@ def existing_outputs(output_dir: str) -> list[str]:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise runtime.FlagError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.init_image is None:
-        raise app.UsageError("--init_image is required")
+        raise runtime.FlagError("--init_image is required")
     if FLAGS.mask is not None or FLAGS.invert_mask:
-        raise app.UsageError("--mask/--invert_mask do not apply: each round's mask is the new strip")
+        raise runtime.FlagError("--mask/--invert_mask do not apply: each round's mask is the new strip")
     sides = SIDES[FLAGS.side]
     prompts = prompts_from_flags(sides)
     if FLAGS.repeats < 1:
-        raise app.UsageError(f"--repeats={FLAGS.repeats} must be at least 1")
+        raise runtime.FlagError(f"--repeats={FLAGS.repeats} must be at least 1")
     runtime.setup()
     import jax
 
@@ -124,4 +124,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(runtime.program(main))

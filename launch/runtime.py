@@ -4,6 +4,7 @@ compilation cache, and one-line errors."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -113,6 +114,19 @@ def _on_tpu_pod() -> bool:
 
 
 USER_ERROR = 2  # exit status for a problem with the user's inputs (1 stays for crashes)
+
+
+class FlagError(ValueError):
+    """Missing or contradictory flags."""
+
+
+def program(main):
+    """An absl main whose user errors, wherever raised, end as one line and exit status 2."""
+    @functools.wraps(main)
+    def wrapped(argv):
+        with user_errors():
+            return main(argv)
+    return wrapped
 
 
 @contextlib.contextmanager
