@@ -158,10 +158,8 @@ class BlendedDiffusion:
         inputs = (init, mask, text_embed, np.asarray(sample_ids, np.int32), np.asarray(seeds, np.int32))
         rows, images, distances = [], [], []
         for start in range(0, n, options.batch_size):
-            batch = np.arange(start, min(start + options.batch_size, n))
-            # Pad to a multiple of the device count by repeating rows; the repeats are dropped.
-            local = np.resize(batch, global_batch)[mine]
-            keep = (np.arange(global_batch) < len(batch))[mine]
+            layout, valid = parallel.spread(np.arange(start, min(start + options.batch_size, n)), global_batch)
+            local, keep = layout[mine], valid[mine]
             out = run(self.params, *(parallel.put_batch(np.asarray(a)[local], self.mesh, global_batch)
                                      for a in inputs))
             images.append(parallel.local_rows(out["images"])[keep])

@@ -42,6 +42,19 @@ def padded_batch(batch_size: int, num_devices: int) -> int:
     return -(-batch_size // num_devices) * num_devices
 
 
+def spread(rows: np.ndarray, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lay `rows` out over a padded batch at evenly spaced positions, so that the padding does not
+    pile up on the last devices (or on the last processes, which would then compute nothing).
+    Returns (layout, valid): the row at each batch position (padding repeats rows[0]) and which
+    positions are real."""
+    positions = np.arange(len(rows)) * global_batch // len(rows)
+    layout = np.full(global_batch, rows[0])
+    layout[positions] = rows
+    valid = np.zeros(global_batch, bool)
+    valid[positions] = True
+    return layout, valid
+
+
 def process_slice(global_batch: int, mesh: Mesh) -> slice:
     """The rows of a batch-sharded array that this process's devices hold."""
     local = global_batch // jax.process_count()

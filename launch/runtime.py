@@ -120,13 +120,55 @@ class FlagError(ValueError):
     """Missing or contradictory flags."""
 
 
+LOST_PEER = 3  # exit status when another process of a multi-process run died
+
+
 def program(main):
-    """An absl main whose user errors, wherever raised, end as one line and exit status 2."""
+    """An absl main whose user errors, wherever raised, end as one line and exit status 2, and
+    which stops cleanly (status 3, naming the lost process) when a peer process dies."""
     @functools.wraps(main)
     def wrapped(argv):
-        with user_errors():
-            return main(argv)
+        import jax
+
+        try:
+            with user_errors():
+                return main(argv)
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            lost = _lost_processes()
+            who = f"process(es) {lost}" if lost else "another process"
+            print(f"error: {who} of this {jax.process_count()}-process run stopped ({str(e).splitlines()[0][:200]}); "
+                  "finished items are on disk: rerun the same command on every process to resume",
+                  file=sys.stderr, flush=True)
+            # Skip JAX's exit-time shutdown barrier: it cannot succeed without the lost peer.
+            os._exit(LOST_PEER)
     return wrapped
+
+
+def _lost_processes() -> list[int]:
+    """The processes the coordination service no longer hears from, waiting up to the heartbeat
+    timeout for it to notice (the peer that closed a connection may not be flagged yet)."""
+    import time
+
+    import jax
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        return []
+    everyone = list(range(jax.process_count()))
+    deadline = time.monotonic() + FLAGS.heartbeat_timeout + 5
+    while time.monotonic() < deadline:
+        try:
+            live = client.get_live_nodes(everyone)
+        except Exception:  # the service itself may be gone with process 0
+            return [0] if jax.process_index() != 0 else []
+        lost = sorted(set(everyone) - set(live))
+        if lost:
+            return lost
+        time.sleep(0.5)
+    return []
 
 
 @contextlib.contextmanager

@@ -57,3 +57,15 @@ def test_eight_devices_match_one(tmp_path):
 @pytest.mark.parametrize("batch,devices,want", [(4, 1, 4), (3, 8, 8), (9, 8, 16), (8, 8, 8)])
 def test_padded_batch(batch, devices, want):
     assert parallel.padded_batch(batch, devices) == want
+
+
+def test_spread_places_rows_evenly_over_the_padded_batch():
+    layout, valid = parallel.spread(np.arange(10, 14), global_batch=8)
+    # With 8 devices (or 2 processes x 4) every process gets two real rows, not one process all four.
+    np.testing.assert_array_equal(layout, [10, 10, 11, 10, 12, 10, 13, 10])
+    np.testing.assert_array_equal(valid, [1, 0, 1, 0, 1, 0, 1, 0])
+    layout, valid = parallel.spread(np.arange(3), global_batch=8)
+    np.testing.assert_array_equal(np.flatnonzero(valid), [0, 2, 5])
+    layout, valid = parallel.spread(np.arange(8), global_batch=8)
+    np.testing.assert_array_equal(layout, np.arange(8))
+    assert valid.all()
