@@ -1,17 +1,23 @@
 """launch/batch_edit.py as a pod runs it, on one machine: several processes on 127.0.0.1 joined by
 jax.distributed (CPU collectives through gloo), each with several CPU devices.
 
-- 1 process x 1 device, 1 x 8 and 2 x 4 write byte-identical PNGs and the same rankings.
+- 1 process x 1 device, 1 x 8 and 2 x 4 write the same samples and the same rankings. Pixels may
+  differ by one uint8 level: XLA:CPU rounds differently in programs compiled for different device
+  counts (float differences ~1e-5 even at equal per-device batch), so a value near a rounding
+  boundary can land on either side. The same topology reproduces its bytes exactly (kill test).
 - Both processes of a 2 x 4 run SIGKILLed mid-run, then the same command again: the final outputs
   equal the uninterrupted run's, nothing duplicated, no temporary files.
-- One process SIGKILLed while the other runs: the survivor exits with status 3 within the
-  heartbeat timeout (10 s here) plus a margin, naming the lost process.
+- One process SIGKILLed while the other runs: the survivor exits non-zero within the heartbeat
+  timeout (10 s here) plus a margin, naming the lost process: with our one line and status 3 when
+  the loss surfaces in a collective, or through JAX's own abort when it surfaces in the
+  coordination service first (e.g. while compiling).
 Every process is started and stopped by the test, and every wait is bounded.
 """
 
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,10 +42,17 @@ def workdir(tmp_path_factory):
     mask = np.zeros((70, 90), np.uint8)
     mask[20:50, 20:60] = 255
     Image.fromarray(mask).save(root / "mask.png")
+    small = np.zeros((35, 45), np.uint8)  # another size than the image: resized, with a warning
+    small[5:30, 25:40] = 255
+    Image.fromarray(small).save(root / "mask_small.png")
     with open(root / "jobs.jsonl", "w") as f:
         for i, (prompt, n, seed) in enumerate(PROMPTS):
             job = dict(image=f"img{i % 3}.png", mask="mask.png", prompt=prompt, num_samples=n, seed=seed,
                        name=f"job{i}", skip_timesteps=21, invert_mask=i == 2)
+            if i == 4:
+                del job["mask"]  # edit the whole image
+            if i == 5:
+                job["mask"] = "mask_small.png"
             f.write(json.dumps(job) + "\n")
     return root
 
@@ -95,14 +108,15 @@ def pod_run(workdir):
     return outputs(run(workdir, workdir / "pod_2x4", devices=4, processes=2))
 
 
-def test_topologies_give_identical_outputs(workdir, pod_run):
+def test_topologies_give_the_same_outputs(workdir, pod_run):
     images, rankings = pod_run
     assert len(images) == sum(n for _, n, _ in PROMPTS) and len(rankings) == len(PROMPTS)
     for devices in (1, 8):
         other_images, other_rankings = outputs(run(workdir, workdir / f"single_1x{devices}", devices, 1))
         assert sorted(other_images) == sorted(images)
         for name, pixels in images.items():
-            np.testing.assert_array_equal(other_images[name], pixels, err_msg=f"1x{devices} {name}")
+            diff = np.abs(other_images[name].astype(int) - pixels)
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (f"1x{devices} {name}", diff.max(), (diff > 0).mean())
         assert other_rankings == rankings
     report = json.load(open(workdir / "pod_2x4" / "report.json"))
     assert report["items"]["computed"] == len(images) and report["device"]["processes"] == 2
@@ -148,5 +162,8 @@ def test_lost_process_stops_the_survivor_naming_it(workdir):
     code = procs[0].wait(timeout=HEARTBEAT_S + 60)
     procs[1].wait(timeout=10)
     assert time.monotonic() - killed <= HEARTBEAT_S + 30
-    assert code == 3, log0.read_text()[-3000:]
-    assert "error: process(es) [1] of this 2-process run stopped" in log0.read_text()
+    text = log0.read_text()
+    if code == 3:  # the survivor was in a collective: our one-line message
+        assert "error: process(es) [1] of this 2-process run stopped" in text
+    else:  # it was elsewhere (e.g. compiling): JAX's coordination service aborts it, naming task 1
+        assert code != 0 and re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*1\b", text), text[-3000:]
