@@ -35,7 +35,7 @@ from bdjax import image_io, outputs, tokenizer
 from bdjax.blended import EditOptions
 from bdjax.diffusion import space_timesteps
 
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(EditOptions))
+OPTION_NAMES = EditOptions.names()
 JOB_FIELDS = ("image", "mask", "prompt", "num_samples", "seed", "name", "invert_mask")
 REQUIRED = ("image", "prompt", "num_samples", "seed")
 RANKED = "ranked.json"

@@ -43,6 +43,10 @@ class EditOptions:
     randomize_class: bool = True
     symmetric_translation: bool = False  # off: the reference's vertical-only translation
 
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
     def guidance(self) -> GuidanceConfig:
         return GuidanceConfig(
             clip_guidance_lambda=self.clip_guidance_lambda, range_lambda=self.range_lambda,

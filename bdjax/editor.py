@@ -24,7 +24,7 @@ from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib
 from bdjax.models import unet as unet_lib
 
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(EditOptions))
+OPTION_NAMES = EditOptions.names()
 
 
 @dataclasses.dataclass
