@@ -2,8 +2,8 @@
 
 Every stage runs exactly as with the real models (the ADM topology at a small width, a small
 CLIP ViT at the real 224 input, the real LPIPS VGG16 trunk), so a newcomer can see the whole
-pipeline work on a laptop CPU in well under a minute. Its outputs are noise-like images and are
-labelled as random-model outputs wherever they are written.
+pipeline work on a laptop CPU in under a minute (about 40 s on our 2-core machine). Its outputs
+are noise-like images and are labelled as random-model outputs wherever they are written.
 """
 
 from __future__ import annotations

@@ -108,6 +108,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing(inputs, tmp_path):
         (["--prompt=a cat", image, "--skip_timesteps=25", "--timestep_respacing=25"], "skip_timesteps=25"),
         (["--prompt=a cat", image, "--timestep_respacing=fast"], "timestep_respacing"),
         (["--prompt=a cat", image, f"--output_dir={tmp_path / 'a_file' / 'out'}"], "is a file"),
+        ([image], "--prompt and --init_image are required"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
