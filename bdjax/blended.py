@@ -86,9 +86,11 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
               augment: Callable | None = None):
     """One step of Blended Diffusion as a pure function.
 
-    step(params, x, i, draws, init, mask, text_embed) -> {"sample": x_{i-1}, "pred_xstart",
-    "grad", "terms"}, where `draws` holds the step's randomness (see `step_draws`): "noise"
-    [B,H,W,C], "background_noise" [1,H,W,C], "aug_keys" [B] and "y" (class labels or None).
+    step(params, x, i, draws, init, mask, text_embed, init_features=None) -> {"sample": x_{i-1},
+    "pred_xstart", "grad", "terms"}, where `draws` holds the step's randomness (see `step_draws`):
+    "noise" [B,H,W,C], "background_noise" [1,H,W,C], "aug_keys" [B] and "y" (class labels or
+    None). `init_features` are LPIPS's features of `init` (`lpips_init_features`), the same at
+    every step; the sampler computes them once, and the step computes them itself without them.
     `augment(images, aug_keys)` may be injected (tests inject fixed transforms); by default it
     is the reference's extending augmentations.
     """
@@ -99,7 +101,7 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
                 images, keys, aug_num=options.aug_num, output_size=CLIP_SIZE,
                 symmetric_translation=options.symmetric_translation)
 
-    def step(params, x, i, draws, init, mask, text_embed):
+    def step(params, x, i, draws, init, mask, text_embed, init_features=None):
         timestep = jnp.asarray(d.timestep_map, jnp.float32)[i]
 
         def denoise(x):
@@ -111,9 +113,13 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
                 return models.clip.apply({"params": params["clip"]}, images, method="encode_image")
 
             lpips = None
-            if models.lpips is not None:
-                def lpips(a, b):
-                    return models.lpips.apply({"params": params["lpips"]}, a, b)
+            if uses_lpips(models, options):
+                target = lpips_init_features(models, params, init) if init_features is None else init_features
+
+                def lpips_to_init(background):
+                    features = models.lpips.apply({"params": params["lpips"]}, background, method="features")
+                    return models.lpips.apply({"params": params["lpips"]}, features, target, method="distance")
+                lpips = lpips_to_init
 
             def loss_fn(pred_xstart, x):
                 fac = jnp.asarray(d.sqrt_one_minus_alphas_cumprod)[i]
@@ -138,6 +144,16 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
         return {"sample": sample, "pred_xstart": out["pred_xstart"], "grad": grad, "terms": terms}
 
     return step
+
+
+def uses_lpips(models: Models, options: EditOptions) -> bool:
+    """Whether the guidance includes the LPIPS background term (Algorithm 1 baseline)."""
+    return bool(models.lpips is not None and options.background_preservation_loss and options.lpips_sim_lambda)
+
+
+def lpips_init_features(models: Models, params, init):
+    """LPIPS's VGG features of the init image(s) [B or 1, H, W, C] in [-1, 1]."""
+    return models.lpips.apply({"params": params["lpips"]}, init, method="features")
 
 
 def step_draws(models: Models, options: EditOptions, keys, background_keys, i, shape) -> dict:
@@ -181,11 +197,13 @@ def make_sampler(models: Models, options: EditOptions, *, guided: bool,
         init_keys, step_root = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
         noise = jax.vmap(lambda k: jax.random.normal(k, init.shape[1:], init.dtype))(init_keys)
         x = diffusion.q_sample(d, jnp.broadcast_to(init, noise.shape), first, noise)
+        # The background loss compares with the unchanging init: its features once, not every step.
+        init_features = lpips_init_features(models, params, init) if guided and uses_lpips(models, options) else None
 
         def body(carry, i):
             x, _ = carry
             draws = step_draws(models, options, step_root, background_keys, i, x.shape)
-            out = step(params, x, i, draws, init, mask, text_embed)
+            out = step(params, x, i, draws, init, mask, text_embed, init_features)
             if progress is not None:
                 jax.debug.callback(progress, x.shape[0])
             return (out["sample"], out["pred_xstart"]), None

@@ -56,7 +56,8 @@ def guidance_loss(pred_xstart, x, fac, *, mask, init, text_embed, augment: Calla
 
     augment: [B,H,W,C] in [-1,1] -> [aug_num*B, 224, 224, C] in [-1,1] (copies of each sample).
     encode_image: [N,224,224,C] in [0,1] -> CLIP embeddings (CLIP normalisation inside).
-    lpips: (a, b) -> per-pair distance, both in [-1,1]; needed only for the background loss.
+    lpips: background [B,H,W,C] in [-1,1] -> per-sample LPIPS distance to the init image (whose
+    features the caller computes once); needed only for the background loss.
     """
     batch = x.shape[0]
     x_in = pred_xstart * fac + x * (1 - fac)
@@ -72,8 +73,7 @@ def guidance_loss(pred_xstart, x, fac, *, mask, init, text_embed, augment: Calla
         if config.lpips_sim_lambda:
             if lpips is None:
                 raise ValueError("background_preservation_loss with lpips_sim_lambda needs the LPIPS model")
-            target = jnp.broadcast_to(init, background.shape)
-            terms["lpips_loss"] = jnp.sum(lpips(background, target)) * config.lpips_sim_lambda
+            terms["lpips_loss"] = jnp.sum(lpips(background)) * config.lpips_sim_lambda
         if config.l2_sim_lambda:
             per_sample = jnp.mean(jnp.square(background - init), axis=(1, 2, 3))
             terms["l2_loss"] = jnp.sum(per_sample) / config.batch_size * config.l2_sim_lambda

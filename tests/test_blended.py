@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import blended, diffusion
+from bdjax import blended, diffusion, smoke
 from bdjax.blended import EditOptions, Models
 from bdjax.editor import BlendedDiffusion
 from bdjax.models import clip as clip_lib
@@ -308,3 +308,42 @@ def test_from_pretrained_reads_converted_directories(tmp_path):
                                               unet_dir=str(other), remat="dots")
     assert editor.models.lpips is not None and editor.models.unet.remat == "dots"
     assert jax.tree_util.tree_leaves(editor.params["clip"])[0].dtype == jnp.bfloat16
+
+
+def test_background_loss_computes_the_init_images_lpips_features_once(scene):
+    """Algorithm 1 with the LPIPS background loss: the VGG trunk runs on the unchanging init image
+    once, before the scan over timesteps; inside it only the sample's background goes through the
+    trunk (forward and input gradient). The step given those features equals the step that
+    computes them itself (float32, 1e-6)."""
+    from bdjax.models import lpips as lpips_lib
+
+    init, mask = scene
+    module = lpips_lib.LPIPS()
+    models = Models(unet=GaussianDenoiser(), clip=ColourCLIP(), lpips=module)
+    options = EditOptions(**STRONG, local_clip_guided_diffusion=True, background_preservation_loss=True)
+    shapes = {"unet": {}, "clip": {}, "lpips": lpips_lib.param_shapes(module, SIZE)}
+    sampler = blended.make_sampler(models, options, guided=True)
+    ids = jnp.arange(2, dtype=jnp.int32)
+    jaxpr = jax.make_jaxpr(sampler)(shapes, init, mask, RED, ids, 3).jaxpr
+    trunk = len([i for indices in lpips_lib.VGG16_SLICES for i in indices])
+
+    outside = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(outside) == trunk and all(e.invars[0].aval.shape[0] == init.shape[0] for e in outside)
+    inside = count_convolutions(scan.params["jaxpr"].jaxpr)
+    heads = len(lpips_lib.VGG16_CHANNELS)
+    assert inside == 2 * (trunk + heads), inside  # the background's forward and input gradient only
+
+    image = jax.ShapeDtypeStruct(init.shape, jnp.float32)
+    params = {"unet": {}, "clip": {}, "lpips": smoke.random_params(module, image, image, seed=1)}
+    d = diffusion.make_diffusion(timestep_respacing=options.timestep_respacing)
+    step = blended.make_step(models, options, d, guided=True)
+    x = jax.random.normal(jax.random.key(2), (2, SIZE, SIZE, 3))
+    keys, background_key = blended.sample_keys(0, ids)
+    draws = blended.step_draws(models, options, keys, background_key, 5, x.shape)
+    features = blended.lpips_init_features(models, params, init)
+    given = step(params, x, 5, draws, init, mask, RED, features)
+    itself = step(params, x, 5, draws, init, mask, RED)
+    assert np.isfinite(given["terms"]["lpips_loss"]) and float(given["terms"]["lpips_loss"]) != 0
+    np.testing.assert_allclose(given["grad"], itself["grad"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(given["terms"]["lpips_loss"], itself["terms"]["lpips_loss"], rtol=1e-6)

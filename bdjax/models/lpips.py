@@ -49,12 +49,6 @@ def normalize_tensor(x: jax.Array, eps: float = 1e-10) -> jax.Array:
     return x / (norm + eps)
 
 
-class ScalingLayer(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return (x - jnp.asarray(SHIFT, x.dtype)) / jnp.asarray(SCALE, x.dtype)
-
-
 class VGG16Features(nn.Module):
     """torchvision VGG16 `features` up to relu5_3; returns the five LPIPS taps (NHWC)."""
     dtype: Any = jnp.float32
@@ -84,23 +78,34 @@ class LPIPS(nn.Module):
     `accumulation_dtype(dtype)`, float32 unless dtype is float64. With bfloat16 the distances stay
     within 1e-2 of float32 but the input gradients move by about 15% (L2): use float32 where the
     gradient steers sampling and precision matters.
+    `features` and `distance` split the call, so that the features of an image compared at every
+    step (the init image of the background loss) are computed once.
     Per-tap distances are sown into the "intermediates" collection as `res` for probing.
     """
     dtype: Any = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.net = VGG16Features(dtype=self.dtype)
+        for kk in range(len(VGG16_CHANNELS)):
+            setattr(self, f"lin{kk}", nn.Conv(1, (1, 1), use_bias=False, dtype=accumulation_dtype(self.dtype)))
+
     def __call__(self, in0, in1) -> jax.Array:
-        acc = accumulation_dtype(self.dtype)
         batch = in0.shape[0]
-        x = ScalingLayer()(jnp.concatenate([in0, in1]).astype(acc))
-        outs = VGG16Features(dtype=self.dtype, name="net")(x)  # both images as one trunk batch
-        val = jnp.zeros((batch,), acc)
-        for kk, out in enumerate(outs):
-            feats = normalize_tensor(out.astype(acc))
-            feat0, feat1 = feats[:batch], feats[batch:]
+        feats = self.features(jnp.concatenate([in0, in1]))  # both images as one trunk batch
+        return self.distance(tuple(f[:batch] for f in feats), tuple(f[batch:] for f in feats))
+
+    def features(self, images) -> tuple[jax.Array, ...]:
+        """The five channel-normalised VGG taps of images in [-1, 1] (NHWC)."""
+        acc = accumulation_dtype(self.dtype)
+        x = (images.astype(acc) - jnp.asarray(SHIFT, acc)) / jnp.asarray(SCALE, acc)
+        return tuple(normalize_tensor(out.astype(acc)) for out in self.net(x))
+
+    def distance(self, feats0, feats1) -> jax.Array:
+        """LPIPS between two images given by their `features`; a batch of 1 broadcasts."""
+        val = 0.0
+        for kk, (feat0, feat1) in enumerate(zip(feats0, feats1)):
             diff = jnp.square(feat0 - feat1)
-            lin = nn.Conv(1, (1, 1), use_bias=False, dtype=acc, name=f"lin{kk}")
-            res = jnp.mean(lin(diff), axis=(1, 2, 3))  # spatial_average of the single channel
+            res = jnp.mean(getattr(self, f"lin{kk}")(diff), axis=(1, 2, 3))  # spatial average
             self.sow("intermediates", "res", res)
             val = val + res
         return val
