@@ -32,8 +32,7 @@ import numpy as np
 from PIL import Image
 
 from bdjax import image_io, outputs, tokenizer
-from bdjax.blended import EditOptions
-from bdjax.diffusion import space_timesteps
+from bdjax.blended import EditOptions, check_request
 
 OPTION_NAMES = EditOptions.names()
 JOB_FIELDS = ("image", "mask", "prompt", "num_samples", "seed", "name", "invert_mask")
@@ -135,14 +134,11 @@ def _parse_job(line, text, base_dir, image_size, base_options, context_length) -
     num_samples = _typed("num_samples", entry["num_samples"], 0)
     seed = _typed("seed", entry["seed"], 0)
     invert_mask = _typed("invert_mask", entry.get("invert_mask", False), False)
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be at least 1")
-    if not 0 <= seed < 2 ** 31:
-        raise ValueError(f"seed={seed} must be in [0, 2**31)")
+    check_request(num_samples, seed)
     defaults = dataclasses.asdict(base_options)
     options = dataclasses.replace(base_options, **{k: _typed(k, v, defaults[k]) for k, v in entry.items()
                                                    if k in OPTION_NAMES})
-    options.validate(len(space_timesteps(1000, options.timestep_respacing)))
+    options.validate()
     tokenizer.tokenize(prompt, context_length=context_length)  # a prompt over 77 tokens fails here
     resolve = lambda p: os.path.abspath(os.path.join(base_dir, os.path.expanduser(p)))  # noqa: E731
     image = resolve(_typed("image", entry["image"], ""))

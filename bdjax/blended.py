@@ -54,7 +54,11 @@ class EditOptions:
             lpips_sim_lambda=self.lpips_sim_lambda, l2_sim_lambda=self.l2_sim_lambda,
             batch_size=self.batch_size)
 
-    def validate(self, num_timesteps: int) -> None:
+    def validate(self, num_timesteps: int | None = None) -> None:
+        """Raise ValueError for settings the sampler cannot run; `num_timesteps` defaults to the
+        respaced schedule's length."""
+        if num_timesteps is None:
+            num_timesteps = len(diffusion.space_timesteps(1000, self.timestep_respacing))
         if not 0 <= self.skip_timesteps < num_timesteps:
             raise ValueError(f"skip_timesteps={self.skip_timesteps} must be in [0, {num_timesteps}) "
                              f"for timestep_respacing={self.timestep_respacing!r}")
@@ -71,6 +75,15 @@ class Models:
     unet: Any
     clip: Any
     lpips: Any = None
+
+
+def check_request(num_samples: int, seed: int, flag_prefix: str = "") -> None:
+    """The checks on one edit's sample count and seed, shared by the API, the launch programs and
+    manifests; flag_prefix "--" names them as command-line flags."""
+    if num_samples < 1:
+        raise ValueError(f"{flag_prefix}num_samples={num_samples} must be at least 1")
+    if not 0 <= seed < 2 ** 31:
+        raise ValueError(f"{flag_prefix}seed={seed} must be in [0, 2**31)")
 
 
 def sample_keys(seeds, sample_ids):

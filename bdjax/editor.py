@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from bdjax import image_io, parallel, tokenizer
 from bdjax.diffusion import space_timesteps
-from bdjax.blended import EditOptions, Models, make_sampler
+from bdjax.blended import EditOptions, Models, check_request, make_sampler
 from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib
 from bdjax.models import unet as unet_lib
@@ -111,10 +111,7 @@ class BlendedDiffusion:
         batch_size, randomize_class, symmetric_translation.
         """
         opts = self.options(**options)
-        if num_samples < 1:
-            raise ValueError(f"num_samples={num_samples} must be at least 1")
-        if not 0 <= seed < 2 ** 31:
-            raise ValueError(f"seed={seed} must be in [0, 2**31)")
+        check_request(num_samples, seed)
         init, m = self.prepare(image, mask, invert_mask)
         text_embed = self.encode_prompt(prompt)
         rows = lambda a: np.broadcast_to(a, (num_samples, *np.shape(a)[1:]))  # noqa: E731
@@ -133,7 +130,7 @@ class BlendedDiffusion:
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {', '.join(OPTION_NAMES)}")
         opts = EditOptions(**options)
-        opts.validate(len(space_timesteps(1000, opts.timestep_respacing)))
+        opts.validate()
         if opts.background_preservation_loss and opts.lpips_sim_lambda and self.models.lpips is None:
             raise ValueError("background_preservation_loss needs LPIPS weights: convert them with "
                              "python -m checkpoints_convert.lpips, or set lpips_sim_lambda=0")

@@ -66,16 +66,12 @@ def preflight(options: dict) -> None:
     """Every check that needs no network: bad inputs fail in a second, before weights load, and
     leave nothing in the output directory."""
     from bdjax import image_io, outputs, smoke, tokenizer
-    from bdjax.blended import EditOptions
-    from bdjax.diffusion import space_timesteps
+    from bdjax.blended import EditOptions, check_request
 
     if FLAGS.prompt is None or FLAGS.init_image is None:
         raise runtime.FlagError("--prompt and --init_image are required (--prompt='' runs unguided)")
-    if FLAGS.num_samples < 1:
-        raise ValueError(f"--num_samples={FLAGS.num_samples} must be at least 1")
-    if not 0 <= FLAGS.seed < 2 ** 31:
-        raise ValueError(f"--seed={FLAGS.seed} must be in [0, 2**31)")
-    EditOptions(**options).validate(len(space_timesteps(1000, FLAGS.timestep_respacing)))
+    check_request(FLAGS.num_samples, FLAGS.seed, flag_prefix="--")
+    EditOptions(**options).validate()
     tokenizer.tokenize(FLAGS.prompt)
     size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else int(FLAGS.model_output_size)
     image = image_io.to_pil(FLAGS.init_image, "image")
