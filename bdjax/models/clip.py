@@ -124,6 +124,26 @@ class Transformer(nn.Module):
         return x
 
 
+class PatchEmbedding(nn.Module):
+    """The ViT's patch convolution (kernel = stride = patch, no bias, no padding) as one matmul of
+    the flattened patches: the same sums (float32 results within ~1e-5 relative of the conv), and
+    its input gradient is a matmul too, where XLA:CPU's strided transposed convolution was 5-8x
+    slower. Parameter `kernel` [patch, patch, 3, width], as nn.Conv names and lays it out."""
+
+    patch_size: int
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        batch, height, width, channels = x.shape
+        p = self.patch_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, channels, self.width))
+        patches = x.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, (height // p) * (width // p), p * p * channels)  # row-major patches
+        return patches.astype(self.dtype) @ kernel.reshape(p * p * channels, self.width).astype(self.dtype)
+
+
 class VisionTransformer(nn.Module):
     """Patches -> [class token; patches] + positions -> ln_pre -> blocks -> ln_post(class) @ proj."""
 
@@ -142,9 +162,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"CLIP image tower expects [batch, {self.input_resolution}, "
                              f"{self.input_resolution}, 3] images, got {x.shape}")
         scale = self.width ** -0.5
-        x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
-                    padding="VALID", use_bias=False, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
-        x = x.reshape(x.shape[0], grid * grid, self.width)  # row-major patches, as torch's flatten
+        x = PatchEmbedding(self.patch_size, self.width, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
         class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (self.width,))
         positional_embedding = self.param("positional_embedding", nn.initializers.normal(scale),
                                           (grid * grid + 1, self.width))
