@@ -256,11 +256,23 @@ def sample_augmentation_params(key: jax.Array, height: int, width: int, p: float
 # ----------------------------------------------------------------------------- the augmentations
 
 def augment_copy(image: jax.Array, params: AugmentationParams) -> jax.Array:
-    """One augmented copy of an (H, W, C) image: affine (border) then perspective (zeros) of its output."""
-    warped = warp_affine(image, params.affine_matrix, "border")
-    image = jnp.where(params.apply_affine, warped, image)
-    warped = warp_perspective(image, params.perspective_matrix, "zeros")
-    return jnp.where(params.apply_perspective, warped, image)
+    """One augmented copy of an (H, W, C) image: affine (border) then perspective (zeros) of its output.
+
+    The two warps are the two iterations of a loop. Written one after the other, XLA fuses the
+    affine warp into the perspective's gathers and recomputes it for each of their four taps
+    (4x slower on CPU, same values); a loop iteration's input is materialised.
+    """
+    def affine(image):
+        return jnp.where(params.apply_affine, warp_affine(image, params.affine_matrix, "border"), image)
+
+    def perspective(image):
+        return jnp.where(params.apply_perspective,
+                         warp_perspective(image, params.perspective_matrix, "zeros"), image)
+
+    def warp(image, which):
+        return jax.lax.switch(which, (affine, perspective), image), None
+
+    return jax.lax.scan(warp, image, jnp.arange(2))[0]
 
 
 def sample_extending_params(keys: jax.Array, aug_num: int = 8, output_size: int = 224, p: float = P,
