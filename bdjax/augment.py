@@ -98,16 +98,26 @@ def _invert_3x3(matrix: jax.Array) -> jax.Array:
 
 
 def _bilinear_sample(image: jax.Array, x: jax.Array, y: jax.Array, padding: str) -> jax.Array:
-    """grid_sample(bilinear, align_corners=False) at pixel coordinates (x, y) of an (H, W, C) image."""
-    height, width, channels = image.shape
+    """grid_sample(bilinear, align_corners=False) at pixel coordinates (x, y) of (..., H, W, C) images.
+
+    x and y are (..., H_out, W_out) with the image's leading dims: point [..., i, j] samples image
+    [...]. The stack is read by one flat gather per tap, so the gradient is one flat scatter-add
+    (vmapping a per-image gather gave batched scatters: the augmentations' gradient at batch 4
+    took 276 ms instead of 233 ms on XLA:CPU).
+    """
+    *lead, height, width, channels = image.shape
+    count = int(np.prod(lead, dtype=np.int64))
     if padding == "border":
         x = jnp.clip(x, 0.0, width - 1.0)
         y = jnp.clip(y, 0.0, height - 1.0)
     elif padding != "zeros":
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if count == 0:  # e.g. aug_num=1: no augmented copies
+        return jnp.zeros(x.shape + (channels,), image.dtype)
     x0, y0 = jnp.floor(x), jnp.floor(y)
     x1, y1 = x0 + 1.0, y0 + 1.0
-    flat = image.reshape(height * width, channels)
+    flat = image.reshape(count * height * width, channels)
+    first = (jnp.arange(count, dtype=jnp.int32) * (height * width)).reshape(*lead, *(1,) * (x.ndim - len(lead)))
     out = jnp.zeros(x.shape + (channels,), jnp.result_type(image.dtype, x.dtype))
     for yi, wy in ((y0, y1 - y), (y1, y - y0)):
         for xi, wx in ((x0, x1 - x), (x1, x - x0)):
@@ -115,14 +125,15 @@ def _bilinear_sample(image: jax.Array, x: jax.Array, y: jax.Array, padding: str)
             # The weight, not the gathered value, is zeroed, so a non-finite coordinate (a point
             # behind the perspective's horizon) gives 0 and no NaN gradient.
             weight = jnp.where(inside, wx * wy, 0.0)
-            index = (jnp.clip(yi, 0, height - 1).astype(jnp.int32) * width
-                     + jnp.clip(xi, 0, width - 1).astype(jnp.int32))
+            index = first + (jnp.clip(yi, 0, height - 1).astype(jnp.int32) * width
+                             + jnp.clip(xi, 0, width - 1).astype(jnp.int32))
             out = out + jnp.take(flat, index, axis=0, mode="clip") * weight[..., None]
     return out.astype(image.dtype)
 
 
 def _source_points(matrix: jax.Array, height: int, width: int) -> jax.Array:
-    """Homogeneous source points (H, W, 3) that every output pixel samples: M^-1 (x, y, 1).
+    """Homogeneous source points (..., H, W, 3) that every output pixel samples: M^-1 (x, y, 1),
+    for matrices (..., 3, 3).
 
     One matmul, so XLA materialises the points once. Computed elementwise, they would be
     recomputed inside each consumer fusion with different FMA contraction, and points an ulp
@@ -130,31 +141,33 @@ def _source_points(matrix: jax.Array, height: int, width: int) -> jax.Array:
     different pixels (a whole-pixel error). HIGHEST keeps accelerators from using TF32.
     """
     dtype = jnp.result_type(matrix.dtype, jnp.float32)  # float64 under jax x64 with a float64 matrix
-    inverse = _invert_3x3(matrix.astype(dtype))
+    inverse = jnp.vectorize(_invert_3x3, signature="(3,3)->(3,3)")(matrix.astype(dtype))
     y, x = jnp.meshgrid(jnp.arange(height, dtype=dtype), jnp.arange(width, dtype=dtype), indexing="ij")
     pixels = jnp.stack([x, y, jnp.ones_like(x)], axis=-1)
-    return jnp.einsum("hwj,ij->hwi", pixels, inverse, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("hwj,...ij->...hwi", pixels, inverse, precision=jax.lax.Precision.HIGHEST)
 
 
 def warp_affine(image: jax.Array, matrix: jax.Array, padding: str = "border") -> jax.Array:
-    """kornia.geometry.transform.warp_affine(align_corners=False, bilinear) of one (H, W, C) image.
+    """kornia.geometry.transform.warp_affine(align_corners=False, bilinear) of (..., H, W, C) images.
 
-    matrix: (2, 3) or (3, 3) source->destination pixel matrix, as kornia takes it; the output
-    keeps the input size. padding: "border" or "zeros".
+    matrix: (..., 2, 3) or (..., 3, 3) source->destination pixel matrices, as kornia takes them,
+    one per image; the output keeps the input size. padding: "border" or "zeros".
     """
-    height, width = image.shape[:2]
+    height, width = image.shape[-3:-1]
     matrix = jnp.asarray(matrix)
-    matrix = jnp.concatenate([matrix[:2], jnp.array([[0, 0, 1]], matrix.dtype)])
+    last_row = jnp.broadcast_to(jnp.array([0, 0, 1], matrix.dtype), matrix.shape[:-2] + (1, 3))
+    matrix = jnp.concatenate([matrix[..., :2, :], last_row], axis=-2)
     points = _source_points(matrix, height, width)
     return _bilinear_sample(image, points[..., 0], points[..., 1], padding)
 
 
 def warp_perspective(image: jax.Array, matrix: jax.Array, padding: str = "zeros") -> jax.Array:
-    """kornia.geometry.transform.warp_perspective(align_corners=False, bilinear) of one (H, W, C) image.
+    """kornia.geometry.transform.warp_perspective(align_corners=False, bilinear) of (..., H, W, C) images.
 
-    matrix: (3, 3) source->destination pixel homography; the output keeps the input size.
+    matrix: (..., 3, 3) source->destination pixel homographies, one per image; the output keeps
+    the input size.
     """
-    height, width = image.shape[:2]
+    height, width = image.shape[-3:-1]
     points = _source_points(jnp.asarray(matrix), height, width)
     return _bilinear_sample(image, points[..., 0] / points[..., 2], points[..., 1] / points[..., 2], padding)
 
@@ -256,23 +269,29 @@ def sample_augmentation_params(key: jax.Array, height: int, width: int, p: float
 # ----------------------------------------------------------------------------- the augmentations
 
 def augment_copy(image: jax.Array, params: AugmentationParams) -> jax.Array:
-    """One augmented copy of an (H, W, C) image: affine (border) then perspective (zeros) of its output.
+    """One augmented copy of each (..., H, W, C) image: affine (border) then perspective (zeros) of
+    its output; `params` fields have the images' leading dims.
 
     The two warps are the two iterations of a loop. Written one after the other, XLA fuses the
     affine warp into the perspective's gathers and recomputes it for each of their four taps
     (4x slower on CPU, same values); a loop iteration's input is materialised.
     """
     def affine(image):
-        return jnp.where(params.apply_affine, warp_affine(image, params.affine_matrix, "border"), image)
+        return jnp.where(_per_image(params.apply_affine), warp_affine(image, params.affine_matrix, "border"), image)
 
     def perspective(image):
-        return jnp.where(params.apply_perspective,
+        return jnp.where(_per_image(params.apply_perspective),
                          warp_perspective(image, params.perspective_matrix, "zeros"), image)
 
     def warp(image, which):
         return jax.lax.switch(which, (affine, perspective), image), None
 
     return jax.lax.scan(warp, image, jnp.arange(2))[0]
+
+
+def _per_image(flag: jax.Array) -> jax.Array:
+    """A (...) flag broadcastable against (..., H, W, C) images."""
+    return jnp.asarray(flag)[..., None, None, None]
 
 
 def sample_extending_params(keys: jax.Array, aug_num: int = 8, output_size: int = 224, p: float = P,
@@ -302,7 +321,8 @@ def apply_extending_augmentations(images: jax.Array, params: AugmentationParams,
         raise ValueError(f"params must have leading axes (B={batch}, aug_num - 1), "
                          f"got {params.apply_affine.shape}")
     pooled = adaptive_avg_pool(images, output_size)
-    augmented = jax.vmap(jax.vmap(augment_copy, in_axes=(None, 0)))(pooled, params)  # (B, aug_num - 1, S, S, C)
+    copies = jnp.broadcast_to(pooled[:, None], (batch, params.apply_affine.shape[1]) + pooled.shape[1:])
+    augmented = augment_copy(copies, params)  # (B, aug_num - 1, S, S, C)
     copies_first = jnp.concatenate([pooled[None], jnp.moveaxis(augmented, 1, 0)])    # (aug_num, B, S, S, C)
     return copies_first.reshape((-1,) + pooled.shape[1:])
 
