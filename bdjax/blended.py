@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bdjax import augment as augment_lib
 from bdjax import diffusion
@@ -190,41 +191,82 @@ def step_draws(models: Models, options: EditOptions, keys, background_keys, i, s
     }
 
 
+def steps_per_call(num_steps: int) -> int:
+    """How many steps one call of `Sampler.advance` runs in the editor: the largest divisor of
+    `num_steps` up to a tenth of it, so a run is about ten equal calls of one compiled scan
+    (progress and cancellation between calls) and the chunking never depends on whether a
+    progress bar is shown."""
+    return max(k for k in range(1, max(1, num_steps // 10) + 1) if num_steps % k == 0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, so jax.jit can take it
+class Sampler:
+    """The sampler of one configuration, as three pure functions and their composition.
+
+    begin(params, init, mask, text_embed, sample_ids, seeds) -> state
+    advance(params, state, indices) -> state: the steps at `indices` (descending respaced step
+        indices), one `lax.scan`
+    end(params, state) -> {"images", "distances", "pred_xstart"}
+    Calling the Sampler runs begin, one scan over every step in `indices`, and end. Every leaf of
+    the state has the samples along its first axis, so it shards like the inputs.
+    """
+    begin: Callable
+    advance: Callable
+    end: Callable
+    indices: Any  # numpy int32 [num_steps]: first, ..., 0
+
+    def __call__(self, params, init, mask, text_embed, sample_ids, seeds):
+        state = self.begin(params, init, mask, text_embed, sample_ids, seeds)
+        return self.end(params, self.advance(params, state, jnp.asarray(self.indices)))
+
+
 def make_sampler(models: Models, options: EditOptions, *, guided: bool,
-                 progress: Callable[[Any], None] | None = None, augment: Callable | None = None):
-    """sampler(params, init, mask, text_embed, sample_ids, seeds) -> {"images", "distances", "pred_xstart"}.
+                 augment: Callable | None = None) -> Sampler:
+    """The sampler of one configuration (see `Sampler`); its call is
+    sampler(params, init, mask, text_embed, sample_ids, seeds) -> {"images", "distances", "pred_xstart"}.
 
     Per sample: init [B, H, W, C] in [-1, 1]; mask [B, H, W, 1] in {0, 1} (1 = edit); text_embed
     [B, D]; sample_ids [B] int; seeds [B] int (inputs of size 1 along B broadcast, so one edit can
     pass [1, ...] arrays and a scalar seed). images are [B, H, W, C] in [0, 1]; distances are the
-    reference's ranking distances (lower is better). `progress(n)` is called from the device
-    after each step with the number of samples that advanced.
+    reference's ranking distances (lower is better).
     """
     d = diffusion.make_diffusion(timestep_respacing=options.timestep_respacing)
     options.validate(d.num_timesteps)
     step = make_step(models, options, d, guided=guided, augment=augment)
     first = d.num_timesteps - options.skip_timesteps - 1
 
-    def sampler(params, init, mask, text_embed, sample_ids, seeds):
+    def begin(params, init, mask, text_embed, sample_ids, seeds):
         keys, background_keys = sample_keys(seeds, sample_ids)
+        batch = keys.shape[0]
         init_keys, step_root = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
         noise = jax.vmap(lambda k: jax.random.normal(k, init.shape[1:], init.dtype))(init_keys)
-        x = diffusion.q_sample(d, jnp.broadcast_to(init, noise.shape), first, noise)
-        # The background loss compares with the unchanging init: its features once, not every step.
-        init_features = lpips_init_features(models, params, init) if guided and uses_lpips(models, options) else None
+        rows = lambda a, ndim: jnp.broadcast_to(a, (batch, *jnp.shape(a)[-ndim:]))  # noqa: E731
+        state = {"init": rows(init, 3), "mask": rows(mask, 3), "text_embed": rows(text_embed, 1),
+                 "step_keys": step_root, "background_keys": background_keys}
+        if guided and uses_lpips(models, options):
+            # The background loss compares with the unchanging init: its features once, not every step.
+            features = lpips_init_features(models, params, init)
+            state["init_features"] = jax.tree.map(lambda f: rows(f, 3), features)
+        state["x"] = diffusion.q_sample(d, state["init"], first, noise)
+        state["pred_xstart"] = jnp.zeros_like(state["x"])
+        return state
 
+    def advance(params, state, indices):
         def body(carry, i):
             x, _ = carry
-            draws = step_draws(models, options, step_root, background_keys, i, x.shape)
-            out = step(params, x, i, draws, init, mask, text_embed, init_features)
-            if progress is not None:
-                jax.debug.callback(progress, x.shape[0])
+            draws = step_draws(models, options, state["step_keys"], state["background_keys"], i, x.shape)
+            out = step(params, x, i, draws, state["init"], state["mask"], state["text_embed"],
+                       state.get("init_features"))
             return (out["sample"], out["pred_xstart"]), None
 
-        (_, pred_xstart), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), jnp.arange(first, -1, -1))
-        return finish(models, options, params, pred_xstart, init, mask, text_embed)
+        (x, pred_xstart), _ = jax.lax.scan(body, (state["x"], state["pred_xstart"]), indices)
+        return {**state, "x": x, "pred_xstart": pred_xstart}
 
-    return sampler
+    def end(params, state):
+        return finish(models, options, params, state["pred_xstart"], state["init"], state["mask"],
+                      state["text_embed"])
+
+    return Sampler(begin=begin, advance=advance, end=end, indices=np.arange(first, -1, -1, dtype=np.int32))
 
 
 def finish(models: Models, options: EditOptions, params, pred_xstart, init, mask, text_embed):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from bdjax import image_io, parallel, tokenizer
 from bdjax.diffusion import space_timesteps
-from bdjax.blended import EditOptions, Models, check_request, make_sampler
+from bdjax.blended import EditOptions, Models, Sampler, check_request, make_sampler, steps_per_call
 from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib
 from bdjax.models import unet as unet_lib
@@ -57,7 +57,6 @@ class BlendedDiffusion:
         self.params = parallel.put_replicated(params, self.mesh)
         self.image_size = self.models.unet.image_size
         self._samplers: dict = {}
-        self._progress = _Progress()
         self._encode_text = jax.jit(lambda p, tokens: self.models.clip.apply({"params": p}, tokens,
                                                                              method="encode_text"))
 
@@ -82,13 +81,11 @@ class BlendedDiffusion:
         tokens = tokenizer.tokenize(prompt, context_length=self.models.clip.context_length)
         return self._encode_text(self.params["clip"], tokens)[0].astype(jnp.float32)
 
-    def sampler(self, options: EditOptions, guided: bool, progress: bool = False):
+    def sampler(self, options: EditOptions, guided: bool) -> "CompiledSampler":
         """The jit-compiled sampler for a configuration (compiled once, then cached)."""
-        key = (options, guided, progress)
+        key = (options, guided)
         if key not in self._samplers:
-            callback = self._progress if progress else None
-            sampler = make_sampler(self.models, options, guided=guided, progress=callback)
-            self._samplers[key] = jax.jit(parallel.over_samples(sampler, self.mesh))
+            self._samplers[key] = CompiledSampler(make_sampler(self.models, options, guided=guided), self.mesh)
         return self._samplers[key]
 
     def prepare(self, image, mask=None, invert_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -144,44 +141,62 @@ class BlendedDiffusion:
         Returns {"rows", "images" [n, S, S, 3] in [0, 1], "distances" [n]} for the n rows this
         process computed (all N on one host); "rows" are their indices into the inputs.
         """
-        run = self.sampler(options, guided, progress=progress)
+        run = self.sampler(options, guided)
         n = len(sample_ids)
         global_batch = parallel.padded_batch(options.batch_size, self.mesh.devices.size)
         mine = parallel.process_slice(global_batch, self.mesh)
-        progress = progress and jax.process_index() == 0  # one bar on multi-host runs
-        if progress:
-            steps = len(space_timesteps(1000, options.timestep_respacing)) - options.skip_timesteps
+        bar = None
+        if progress and jax.process_index() == 0:  # one bar on multi-host runs
             chunks = -(-n // options.batch_size)
-            self._progress.bar = tqdm(total=steps * chunks * (mine.stop - mine.start),
-                                      desc="blended diffusion", unit="sample-step")
+            bar = tqdm(total=run.num_steps * chunks * (mine.stop - mine.start),
+                       desc="blended diffusion", unit="sample-step")
         inputs = (init, mask, text_embed, np.asarray(sample_ids, np.int32), np.asarray(seeds, np.int32))
         rows, images, distances = [], [], []
-        for start in range(0, n, options.batch_size):
-            layout, valid = parallel.spread(np.arange(start, min(start + options.batch_size, n)), global_batch)
-            local, keep = layout[mine], valid[mine]
-            out = run(self.params, *(parallel.put_batch(np.asarray(a)[local], self.mesh, global_batch)
-                                     for a in inputs))
-            images.append(parallel.local_rows(out["images"])[keep])
-            distances.append(parallel.local_rows(out["distances"])[keep])
-            rows.append(local[keep])
-        if progress:
-            self._progress.close()
+        try:
+            for start in range(0, n, options.batch_size):
+                layout, valid = parallel.spread(np.arange(start, min(start + options.batch_size, n)), global_batch)
+                local, keep = layout[mine], valid[mine]
+                on_steps = None if bar is None else (lambda steps: bar.update(steps * (mine.stop - mine.start)))
+                out = run(self.params, *(parallel.put_batch(np.asarray(a)[local], self.mesh, global_batch)
+                                         for a in inputs), on_steps=on_steps)
+                images.append(parallel.local_rows(out["images"])[keep])
+                distances.append(parallel.local_rows(out["distances"])[keep])
+                rows.append(local[keep])
+        finally:
+            if bar is not None:
+                bar.close()
         return {"rows": np.concatenate(rows), "images": np.concatenate(images),
                 "distances": np.concatenate(distances)}
 
 
-class _Progress:
-    """Advances the current tqdm bar from inside the compiled loop (jax.debug.callback)."""
+class CompiledSampler:
+    """A `Sampler` jit-compiled over a mesh: begin, advance and end are three programs, each
+    compiled once. A run calls advance on equal chunks of `steps_per_call` steps, so progress can
+    be reported between chunks without a host callback inside the compiled loop (programs with
+    host callbacks cannot enter JAX's persistent compilation cache)."""
 
-    def __init__(self):
-        self.bar = None
+    def __init__(self, sampler: Sampler, mesh):
+        self.sampler = sampler
+        self.begin = parallel.jit_over_samples(sampler.begin, mesh, num_args=6)
+        self.advance = parallel.jit_over_samples(sampler.advance, mesh, num_args=3, replicated=(0, 2))
+        self.end = parallel.jit_over_samples(sampler.end, mesh, num_args=2)
+        self.num_steps = len(sampler.indices)
+        self.chunks = np.asarray(sampler.indices).reshape(-1, steps_per_call(self.num_steps))
 
-    def __call__(self, n):
-        if self.bar is not None:
-            self.bar.update(int(n))
-
-    def close(self):
-        if self.bar is not None:
-            jax.effects_barrier()  # let the last callbacks land before the bar closes
-            self.bar.close()
-            self.bar = None
+    def __call__(self, params, init, mask, text_embed, sample_ids, seeds, on_steps=None) -> dict:
+        """Run every step; `on_steps(k)` is called on the host as each chunk of k steps finishes.
+        Chunks are queued ahead, so the device never waits for the host."""
+        state = self.begin(params, init, mask, text_embed, sample_ids, seeds)
+        previous = None
+        for chunk in self.chunks:
+            state = self.advance(params, state, chunk)
+            if on_steps is not None:
+                if previous is not None:
+                    jax.block_until_ready(previous["x"])
+                    on_steps(len(chunk))
+                previous = state
+        out = self.end(params, state)
+        if on_steps is not None:
+            jax.block_until_ready(out)
+            on_steps(len(self.chunks[-1]))
+        return out

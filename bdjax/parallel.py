@@ -1,8 +1,8 @@
 """The one place where shardings are decided: data parallel over every device.
 
-A 1-D Mesh with axis "data" spans all devices of all processes. Network parameters and the
-per-edit inputs (image, mask, text embedding) are replicated; the sample batch (sample ids, and
-everything the sampler derives from them) is split along "data". On several hosts each process
+A 1-D Mesh with axis "data" spans all devices of all processes. Network parameters are
+replicated; every per-sample input (image, mask, text embedding, sample id, seed) and everything
+the sampler derives from them is split along "data". On several hosts each process
 supplies its own slice of the batch (`jax.make_array_from_process_local_data`) and reads back
 only the results its devices hold.
 """
@@ -16,12 +16,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXIS = "data"
 
 
-def over_samples(sampler, mesh: Mesh):
-    """Run `sampler(params, init, mask, text_embed, sample_ids, seeds)` on every device, each on
-    its share of the per-sample inputs; the params are replicated. Each device runs the same
-    program as a single device would for that many samples."""
-    batch = P(AXIS)
-    return jax.shard_map(sampler, mesh=mesh, in_specs=(P(), batch, batch, batch, batch, batch), out_specs=batch)
+def over_samples(fn, mesh: Mesh, replicated: tuple[int, ...] = (0,)):
+    """Run `fn` on every device, each on its share of the samples: the positional arguments listed
+    in `replicated` (by default the first, the params) are whole on every device, every other
+    argument and every output is split along its first axis. Each device runs the same program
+    as a single device would for that many samples."""
+    def sharded(*args):
+        specs = tuple(P() if i in replicated else P(AXIS) for i in range(len(args)))
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(AXIS))(*args)
+    sharded.__name__ = getattr(fn, "__name__", sharded.__name__)  # names the compiled program (and cache entry)
+    return sharded
+
+
+def jit_over_samples(fn, mesh: Mesh, num_args: int, replicated: tuple[int, ...] = (0,)):
+    """`over_samples(fn)` jit-compiled with its shardings stated, so that outputs fed back as
+    inputs (the sampler's state) hit the same compiled program."""
+    shardings = tuple(replicated_sharding(mesh) if i in replicated else batch_sharded(mesh) for i in range(num_args))
+    return jax.jit(over_samples(fn, mesh, replicated), in_shardings=shardings, out_shardings=batch_sharded(mesh))
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -29,7 +40,7 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
@@ -64,7 +75,7 @@ def process_slice(global_batch: int, mesh: Mesh) -> slice:
 
 def put_replicated(tree, mesh: Mesh):
     """Place a pytree on every device (on each host from its own identical copy)."""
-    sharding = replicated(mesh)
+    sharding = replicated_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
     return jax.tree_util.tree_map(

@@ -22,7 +22,9 @@ def define_flags():
                       "UNet rematerialisation in the guidance gradient: less memory, more compute.")
     flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
     flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
-    flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
+    flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs on disk, so later runs skip compiling.")
+    flags.DEFINE_string("compilation_cache_dir", None, "Where compiled programs are kept; default: "
+                        "xla_cache/ in the weights cache ($BDJAX_CACHE, else ~/.cache/bdjax).")
     flags.DEFINE_bool("distributed", False, "Join a multi-process run with jax.distributed.initialize(); "
                       "automatic on TPU pods. Peers are found by JAX on TPU/Slurm, else from the flags below.")
     flags.DEFINE_string("coordinator_address", os.environ.get("BDJAX_COORDINATOR_ADDRESS"),
@@ -74,9 +76,31 @@ def setup() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                    process_id=FLAGS.process_id, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
-    if FLAGS.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(FLAGS.compilation_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if FLAGS.compilation_cache:
+        enable_compilation_cache(FLAGS.compilation_cache_dir)
+
+
+COMPILATION_CACHE_SUBDIR = "xla_cache"
+
+
+def compilation_cache_dir(flag: str | None) -> str:
+    """--compilation_cache_dir, else xla_cache/ inside the weights cache."""
+    if flag:
+        return os.path.abspath(os.path.expanduser(flag))
+    from checkpoints_convert.fetch import cache_dir_from
+
+    return os.path.join(cache_dir_from(None), COMPILATION_CACHE_SUBDIR)
+
+
+def enable_compilation_cache(flag: str | None) -> str:
+    """Turn on JAX's persistent compilation cache (every program that takes a second or more to
+    compile); returns its directory."""
+    import jax
+
+    directory = compilation_cache_dir(flag)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return directory
 
 
 def build_editor(need_lpips: bool):

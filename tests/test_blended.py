@@ -191,7 +191,9 @@ def test_same_seed_same_results_and_batch_independence(editor, photo_and_mask):
     batch8 = editor.edit(photo, mask, "a red ball", num_samples=8, batch_size=8, seed=11, progress=False, **FAST)
     again = editor.edit(photo, mask, "a red ball", num_samples=8, batch_size=8, seed=11, progress=False, **FAST)
     np.testing.assert_array_equal(batch8.images, again.images)
-    assert editor.sampler(EditOptions(batch_size=8, **FAST), True)._cache_size() == 1  # compiled once
+    compiled = editor.sampler(EditOptions(batch_size=8, **FAST), True)
+    for program in (compiled.begin, compiled.advance, compiled.end):
+        assert program._cache_size() == 1  # each compiled once, for both runs and all chunks
 
     # Ranked best first, and every sample id once.
     assert (np.diff(batch8.distances) >= 0).all()

@@ -71,9 +71,26 @@ def test_existing_results_are_kept_unless_overwrite(smoke_run):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "--overwrite" in proc.stderr
     assert sorted(os.listdir(out / "ranked")) == before
-    proc = run(*common, "--num_samples=2", "--overwrite")
+    proc = run(*common, "--num_samples=2", "--overwrite", env={"JAX_DEBUG_LOG_MODULES": "jax._src.compiler"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(os.listdir(out / "ranked")) == 2  # the old run's files are gone, not mixed in
+    # Same configuration as the first run: the sampler's loop comes from the persistent cache,
+    # with the progress bar on (no host callback in the compiled program).
+    assert "cache hit for 'jit_advance'" in proc.stderr and "sample-step" in proc.stderr
+
+
+def test_compilation_cache_is_on_by_default_under_the_weights_cache(inputs, tmp_path):
+    """Without --compilation_cache_dir the cache lives in xla_cache/ of the weights cache
+    ($BDJAX_CACHE); --nocompilation_cache leaves no cache at all."""
+    common = ["--config=smoke", "--prompt=a red ball", f"--init_image={inputs / 'img.png'}", "--num_samples=1",
+              "--batch_size=1", "--skip_timesteps=22"]
+    proc = run(*common, f"--output_dir={tmp_path / 'a'}", env={"BDJAX_CACHE": str(tmp_path / "weights")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [n for n in os.listdir(tmp_path / "weights" / "xla_cache") if n.startswith("jit_advance-")]
+    proc = run(*common, f"--output_dir={tmp_path / 'b'}", "--nocompilation_cache",
+               env={"BDJAX_CACHE": str(tmp_path / "none")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "none")
 
 
 def test_missing_weights_offline_names_the_command(inputs, tmp_path):
