@@ -23,10 +23,12 @@ setup(
     ],
     extras_require={
         "cuda": ["jax[cuda12]"],
-        "tpu": ["jax[tpu]"],
+        "cuda13": ["jax[cuda13]"],
+        "tpu": ["jax[tpu]"],  # also what launch.compile_report needs on a machine without TPUs
         "convert": ["torch", "lpips"],  # lpips ships the v0.1 linear heads the LPIPS converter reads
         "test": [
             "pytest",
+            "jax[tpu]",  # libtpu: the compile report's test compiles for TPU chips without TPUs
             "torch",
             "torchvision",
             "guided-diffusion-sdk",

@@ -66,12 +66,13 @@ class BlendedDiffusion:
         """Load converted weights: unet.*, clip.* and (if present) lpips.* in `checkpoint_dir`.
 
         `unet_dir` picks another directory for the UNet (e.g. the 512 model); `remat` is the
-        UNet's rematerialisation policy in the guidance gradient ("none", "dots", "blocks").
+        rematerialisation policy of the UNet's and CLIP's blocks in the guidance gradient
+        ("none", "dots", "blocks"; see bdjax/models/remat.py).
         """
         checkpoint_dir = os.path.expanduser(checkpoint_dir)
         unet_dir = os.path.expanduser(unet_dir or checkpoint_dir)
         unet = unet_lib.load(unet_dir, dtype=dtype, param_dtype=param_dtype, remat=remat)
-        clip = clip_lib.load(checkpoint_dir, dtype=dtype, param_dtype=param_dtype)
+        clip = clip_lib.load(checkpoint_dir, dtype=dtype, param_dtype=param_dtype, remat=remat)
         lpips = None
         if os.path.exists(os.path.join(checkpoint_dir, f"{lpips_lib.CHECKPOINT_NAME}.json")):
             lpips = lpips_lib.load(checkpoint_dir, dtype=dtype, param_dtype=param_dtype)

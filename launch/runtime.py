@@ -19,7 +19,8 @@ def define_flags():
     flags.DEFINE_enum("model_output_size", "256", ["256", "512"], "256: unconditional ADM; 512: class-conditional.")
     flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "bf16: bfloat16 activations and parameters.")
     flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"],
-                      "UNet rematerialisation in the guidance gradient: less memory, more compute.")
+                      "Recompute the UNet's and CLIP's blocks in the guidance gradient instead of keeping "
+                      "their activations: less memory (larger batches), more compute.")
     flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
     flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
     flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs on disk, so later runs skip compiling.")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from bdjax import checkpoint
+from bdjax.models import remat as remat_lib
 
 CHECKPOINT_NAME = "clip"
 
@@ -116,11 +117,13 @@ class Transformer(nn.Module):
     heads: int
     causal: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x):
+        block = remat_lib.block(ResidualAttentionBlock, self.remat)
         for i in range(self.layers):
-            x = ResidualAttentionBlock(self.heads, self.causal, self.dtype, name=f"resblocks_{i}")(x)
+            x = block(self.heads, self.causal, self.dtype, name=f"resblocks_{i}")(x)
         return x
 
 
@@ -154,6 +157,7 @@ class VisionTransformer(nn.Module):
     heads: int
     output_dim: int
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x):
@@ -169,7 +173,7 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (x.shape[0], 1, self.width))
         x = jnp.concatenate([cls, x], axis=1) + positional_embedding.astype(self.dtype)
         x = LayerNorm(name="ln_pre")(x)
-        x = Transformer(self.layers, self.heads, dtype=self.dtype, name="transformer")(x)
+        x = Transformer(self.layers, self.heads, dtype=self.dtype, remat=self.remat, name="transformer")(x)
         x = LayerNorm(name="ln_post")(x[:, 0])
         proj = self.param("proj", nn.initializers.normal(scale), (self.width, self.output_dim))
         return x @ proj.astype(self.dtype)
@@ -190,10 +194,12 @@ class CLIP(nn.Module):
     transformer_heads: int
     transformer_layers: int
     dtype: Any = jnp.float32
+    remat: str = "none"  # the image tower's blocks in the guidance gradient (bdjax/models/remat.py)
 
     def setup(self):
         self.visual = VisionTransformer(self.image_resolution, self.vision_patch_size, self.vision_width,
-                                        self.vision_layers, self.vision_heads, self.embed_dim, self.dtype)
+                                        self.vision_layers, self.vision_heads, self.embed_dim, self.dtype,
+                                        self.remat)
         width = self.transformer_width
         self.token_embedding = nn.Embed(self.vocab_size, width, dtype=self.dtype,
                                         embedding_init=nn.initializers.normal(0.02))
@@ -236,7 +242,7 @@ def spherical_distance(a, b):
 
 
 def config_from_json(config: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(CLIP)} - {"parent", "name", "dtype"}
+    names = {f.name for f in dataclasses.fields(CLIP)} - {"parent", "name", "dtype", "remat"}
     if set(config) != names:
         raise ValueError(f"CLIP config fields {sorted(config)} differ from the module's {sorted(names)}")
     return dict(config)
@@ -250,14 +256,14 @@ def param_shapes(module: CLIP) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), images, tokens)["params"]
 
 
-def load(directory: str, dtype=jnp.float32, param_dtype=None) -> tuple[CLIP, dict]:
+def load(directory: str, dtype=jnp.float32, param_dtype=None, remat: str = "none") -> tuple[CLIP, dict]:
     """Read `clip.safetensors` + `clip.json` written by checkpoints_convert.clip.
 
     `dtype` is the activation dtype; `param_dtype` optionally casts the stored
     float32 parameters (e.g. to bfloat16). No torch import.
     """
     config, flat = checkpoint.read(directory, CHECKPOINT_NAME, model="clip")
-    module = CLIP(**config_from_json(config), dtype=dtype)
+    module = CLIP(**config_from_json(config), dtype=dtype, remat=remat)
     params = checkpoint.restore(flat, param_shapes(module), what=f"{directory}/clip.safetensors",
                                 dtype=param_dtype)
     return module, params

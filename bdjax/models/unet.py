@@ -10,8 +10,8 @@ dtype of the torso's convolutions and attention projections; GroupNorm,
 softmax, the timestep MLP and the output head run in float32.
 
 `remat` trades compute for memory when the guidance gradient is taken through
-the UNet: "none" keeps every activation, "dots" recomputes all but convolution
-and matmul outputs inside each block, "blocks" recomputes each block entirely.
+the UNet (see bdjax/models/remat.py): its ResBlocks and attention blocks are
+the units that are recomputed.
 """
 
 from __future__ import annotations
@@ -25,14 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from bdjax import checkpoint
+from bdjax.models import remat as remat_lib
 
 CHECKPOINT_NAME = "unet"
 
-REMAT_POLICIES = {
-    "none": None,
-    "dots": jax.checkpoint_policies.dots_saveable,   # keep conv/matmul outputs, recompute the rest
-    "blocks": jax.checkpoint_policies.nothing_saveable,
-}
+REMAT_POLICIES = remat_lib.POLICIES
 
 PRESETS = {
     # 256x256_diffusion_uncond.pt; attention at resolutions 32,16,8 = downsample rates 8,16,32.
@@ -203,11 +200,7 @@ class UNetModel(nn.Module):
     remat: str = "none"
 
     def _block(self, cls):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-        if self.remat == "none":
-            return cls
-        return nn.remat(cls, policy=REMAT_POLICIES[self.remat])
+        return remat_lib.block(cls, self.remat)
 
     def _res(self, name, out_channels, **kw):
         return self._block(ResBlock)(out_channels, self.use_scale_shift_norm, dtype=self.dtype, name=name, **kw)

@@ -1,0 +1,439 @@
+"""Compile bdjax's sampler for a TPU topology on a machine without TPUs, and report what XLA says.
+
+    python -m launch.compile_report --topology=v5e:2x2 --config=smoke --output=report.json
+    python -m launch.compile_report --topology=v5e:16x16 --config=adm256_uncond --precision=bf16 \\
+        --per_device_batch=16 --remat=blocks --output=v5e_256.json
+    python -m launch.compile_report --topology=v6e:2x2 --config=adm256_uncond --max_batch --output=v6e.json
+
+TPU topologies need libtpu (`pip install -e ".[tpu]"`), not a TPU; NVIDIA GPU targets (h100,
+h200, optionally with a GPU count: h200:8) need JAX's CUDA plugin (`pip install -e ".[cuda]"`), not
+a GPU. JAX describes the target's devices and XLA compiles the real program for them (on GPUs
+without autotuning, and XLA:GPU gives memory figures but no FLOP or byte counts). What is compiled is the editor's own sampler
+(`editor.CompiledSampler`: the begin, advance and end programs, sharded over a `data` mesh of
+every chip), with parameters and inputs given only as shapes. Per device it reports the memory
+XLA plans (arguments, outputs, temporaries) against the chip's HBM, XLA's FLOPs and bytes accessed
+per sample-step, the gather, scatter, collective and host-transfer ops inside the compiled loop,
+and compile times; `--max_batch` finds the largest per-device batch that fits, per remat policy.
+Every figure comes from the compiler: none is a measurement on a TPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("topology", "v5e:2x2", "TPU topology GEN:SHAPE with GEN one of v4, v5e, v5p, v6e, e.g. "
+                    "v5e:1x1 (one chip), v5e:2x2, v5e:16x16, v5p:2x2x1; or h100 / h200 GPUs, e.g. h200:8.")
+flags.DEFINE_enum("config", "adm256_uncond", ["adm256_uncond", "smoke"],
+                  "adm256_uncond: ADM 256 + CLIP ViT-B/16 at their real sizes; smoke: the smoke preset's networks.")
+flags.DEFINE_enum("precision", "bf16", ["fp32", "bf16"], "Activations and parameters in float32 or bfloat16.")
+flags.DEFINE_integer("per_device_batch", 8, "Samples per device.")
+flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"], "UNet and CLIP rematerialisation in the guidance gradient.")
+flags.DEFINE_integer("aug_num", None, "CLIP augmentations per sample; default: 8 (smoke: the smoke preset's).")
+flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
+flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch that fits in HBM, per remat policy.")
+flags.DEFINE_list("max_batch_remat", ["none", "dots", "blocks"], "Remat policies for --max_batch.")
+flags.DEFINE_integer("max_batch_limit", 256, "Largest per-device batch --max_batch tries.")
+flags.DEFINE_string("output", None, "Write the report to this JSON file.")
+
+GIB = 2 ** 30
+# Per chip, from the vendors' published specifications: HBM bytes, dense bf16 TFLOP/s, HBM GB/s.
+CHIPS = {
+    "v4": {"device_kind": "TPU v4", "hbm_bytes": 32 * GIB, "bf16_tflops": 275.0, "hbm_gbps": 1228.0},
+    "v5e": {"device_kind": "TPU v5 lite", "hbm_bytes": 16 * GIB, "bf16_tflops": 197.0, "hbm_gbps": 819.0},
+    "v5p": {"device_kind": "TPU v5", "hbm_bytes": 95 * GIB, "bf16_tflops": 459.0, "hbm_gbps": 2765.0},
+    "v6e": {"device_kind": "TPU v6 lite", "hbm_bytes": 32 * GIB, "bf16_tflops": 918.0, "hbm_gbps": 1640.0},
+    "h100": {"device_kind": "NVIDIA H100", "hbm_bytes": 80 * GIB, "bf16_tflops": 989.0, "hbm_gbps": 3350.0},
+    "h200": {"device_kind": "NVIDIA H200", "hbm_bytes": 150754820096, "bf16_tflops": 989.0, "hbm_gbps": 4800.0},
+}
+TPU_HOSTS = {"v4": "2x2x1", "v5e": "2x2", "v5p": "2x2x1", "v6e": "2x2"}  # the smallest host of each
+# XLA:GPU's description of the target (GpuTargetConfigProto fields) for compiling without the GPU.
+GPU_TARGETS = {
+    "h100": dict(core_count=132, memory_bandwidth=3350000000000, l2_cache_size=52428800, clock_rate_ghz=1.98),
+    "h200": dict(core_count=132, memory_bandwidth=4800000000000, l2_cache_size=52428800, clock_rate_ghz=1.98),
+}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast", "ragged-all-to-all")
+HOST_TRANSFERS = ("send", "recv", "infeed", "outfeed")
+
+
+# ----------------------------------------------------------------------------------- devices
+
+def devices_for(topology: str) -> tuple[list, dict]:
+    """(compile-only devices, the chip's figures) of a named topology: a TPU slice GEN:SHAPE
+    (v4, v5e, v5p, v6e; GEN:1x1 is one chip) or NVIDIA GPUs on one host (h100, h200, h200:8)."""
+    generation, _, shape = topology.partition(":")
+    chip = dict(CHIPS.get(generation, {}), name=generation)
+    if generation in GPU_TARGETS and (not shape or shape.isdigit()):
+        return gpu_devices(generation, int(shape or 1)), chip
+    if generation in TPU_HOSTS and re.fullmatch(r"\d+(x\d+)+", shape):
+        return tpu_devices(generation, shape), chip
+    raise ValueError(f"--topology={topology!r} must be GEN:SHAPE with GEN one of {', '.join(TPU_HOSTS)} "
+                     f"(e.g. v5e:2x2, v5p:2x2x1), or {' or '.join(GPU_TARGETS)} with an optional GPU count (h200:8)")
+
+
+def tpu_devices(generation: str, shape: str) -> list:
+    """TPU devices described by libtpu, no TPU needed. One chip (1x1, 1x1x1) is the first chip of
+    the generation's smallest host, the smallest topology libtpu describes."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless: no TPU is opened
+    from jax.experimental import topologies
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ValueError('TPU topologies need libtpu: pip install -e ".[tpu]"') from None
+    single = all(d == "1" for d in shape.split("x"))
+    name = f"{generation}:{TPU_HOSTS[generation] if single else shape}"
+    try:
+        devices = topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    except Exception as e:  # noqa: BLE001 - libtpu's message says what is wrong with the shape
+        raise ValueError(f"--topology={generation}:{shape}: {str(e).splitlines()[0]}") from None
+    return list(devices[:1]) if single else list(devices)
+
+
+def gpu_target_config(generation: str) -> str:
+    """The text GpuTargetConfigProto of a GPU (Hopper, sm_90)."""
+    target = GPU_TARGETS[generation]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {target['core_count']}
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {target['memory_bandwidth']} l2_cache_size: {target['l2_cache_size']}
+  clock_rate_ghz: {target['clock_rate_ghz']} device_memory_size: {CHIPS[generation]['hbm_bytes']}
+  shared_memory_per_block_optin: 232448 cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+device_description_str: "{CHIPS[generation]['device_kind']}"
+"""
+
+
+def gpu_devices(generation: str, count: int) -> list:
+    """Compile-only CUDA devices from JAX's CUDA plugin (jax[cuda12] or jax[cuda13]), no GPU needed.
+    Without a GPU the plugin's start-up check must be skipped, or it refuses to register."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
+        raise ValueError('GPU topologies need JAX\'s CUDA plugin: pip install -e ".[cuda]"')
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    # Without a GPU nothing is autotuned, and XLA:GPU's Triton GEMM emitter then failed to tile a
+    # small float32 dot (the augmentations' pooling): use its library GEMMs instead.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
+    from jax.experimental import topologies
+
+    if count < 1:
+        raise ValueError(f"--topology={generation}:{count}: the GPU count must be at least 1")
+    try:
+        return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                                 target_config=gpu_target_config(generation)).devices)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--topology={generation}:{count}: {str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------- HLO ops
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_OPCODE = re.compile(r"=\s.*?\s([a-z][a-z0-9\-]*)\(")
+_CALLED = re.compile(r"(?:calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+
+
+def parse_hlo(text: str) -> tuple[dict, str]:
+    """({computation: [instruction lines]}, entry computation name) of an HLO module's text."""
+    computations, entry, current = {}, None, None
+    for line in text.splitlines():
+        if current is None:
+            match = _COMPUTATION.match(line)
+            if match:
+                current = match.group(1)
+                computations[current] = []
+                if line.startswith("ENTRY"):
+                    entry = current
+        elif line.strip() == "}":
+            current = None
+        else:
+            computations[current].append(line)
+    return computations, entry
+
+
+def _callees(line: str) -> list[str]:
+    names = _CALLED.findall(line)
+    for group in _BRANCHES.findall(line):
+        names += [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
+    return names
+
+
+def _reachable(computations: dict, roots: list[str]) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        for line in computations[name]:
+            todo += _callees(line)
+    return seen
+
+
+def loop_ops(text: str) -> dict:
+    """Counts of gather, scatter, collective and host-transfer ops inside the program's loops (the
+    bodies of the while loops the entry computation runs, and all they call); without a loop (a
+    one-step scan is unrolled), inside the whole program."""
+    computations, entry = parse_hlo(text)
+    bodies = [m.group(1) for line in computations.get(entry, []) if " while(" in line
+              for m in [re.search(r"body=%?([\w.\-]+)", line)] if m]
+    scope = _reachable(computations, bodies or [entry])
+    counts = {"gather": 0, "scatter": 0, "collective": 0, "host_transfer": 0, "host_callback": 0}
+    collectives: dict[str, int] = {}
+    for name in scope:
+        for line in computations[name]:
+            match = _OPCODE.search(line)
+            if not match:
+                continue
+            op = match.group(1)
+            base = op[:-len("-start")] if op.endswith("-start") else op
+            if op in ("gather", "scatter"):
+                counts[op] += 1
+            elif base in COLLECTIVES and not op.endswith("-done"):
+                counts["collective"] += 1
+                collectives[base] = collectives.get(base, 0) + 1
+            elif op in HOST_TRANSFERS:
+                counts["host_transfer"] += 1
+            elif op == "custom-call":
+                target = _TARGET.search(line)
+                if target and "callback" in target.group(1).lower():
+                    counts["host_callback"] += 1
+    return {**counts, "collectives_by_kind": collectives, "in_loop": bool(bodies)}
+
+
+# ----------------------------------------------------------------------------------- compiling
+
+def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, mesh):
+    """The editor's CompiledSampler for the configuration, the options, and the params as shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    from bdjax import smoke
+    from bdjax.blended import EditOptions, Models, make_sampler
+    from bdjax.editor import CompiledSampler
+    from bdjax.models import clip as clip_lib
+    from bdjax.models import unet as unet_lib
+    from bdjax import parallel
+
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+    if config == "smoke":
+        unet_fields, clip_fields, options = smoke.unet_config(), dict(smoke.CLIP_CONFIG), dict(smoke.OPTIONS)
+    else:
+        unet_fields, clip_fields, options = unet_lib.preset("adm256_uncond"), clip_lib.preset("vit_b16"), {}
+    if aug_num is not None:
+        options["aug_num"] = aug_num
+    options = EditOptions(**options)
+    models = Models(unet=unet_lib.UNetModel(**unet_fields, dtype=dtype, remat=remat),
+                    clip=clip_lib.CLIP(**clip_fields, dtype=dtype, remat=remat))
+    size = models.unet.image_size
+    resolution = clip_fields["image_resolution"]
+    shapes = {"unet": unet_lib.param_shapes(models.unet),
+              "clip": jax.eval_shape(models.clip.init, jax.random.key(0),
+                                     jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32),
+                                     jax.ShapeDtypeStruct((1, clip_fields["context_length"]), jnp.int32))["params"]}
+    replicated = parallel.replicated_sharding(mesh)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating)
+                                                         else s.dtype, sharding=replicated), shapes)
+    sampler = CompiledSampler(make_sampler(models, options, guided=True), mesh)
+    return sampler, options, params, size, models.clip.embed_dim
+
+
+def compile_programs(sampler, params, size: int, embed_dim: int, batch: int, mesh, which=("begin", "advance", "end")):
+    """Lower and compile the sampler's programs for a global batch: {name: (compiled, seconds)}."""
+    import jax
+    import jax.numpy as jnp
+
+    from bdjax import parallel
+
+    sharded = parallel.batch_sharded(mesh)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharded)  # noqa: E731
+    inputs = (spec((batch, size, size, 3), jnp.float32), spec((batch, size, size, 1), jnp.float32),
+              spec((batch, embed_dim), jnp.float32), spec((batch,), jnp.int32), spec((batch,), jnp.int32))
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharded),
+                         jax.eval_shape(sampler.begin, params, *inputs))
+    chunk = jax.ShapeDtypeStruct(sampler.chunks[0].shape, jnp.int32, sharding=parallel.replicated_sharding(mesh))
+    arguments = {"begin": (params, *inputs), "advance": (params, state, chunk), "end": (params, state)}
+    out = {}
+    for name in which:
+        start = time.perf_counter()
+        compiled = getattr(sampler, name).lower(*arguments[name]).compile()
+        out[name] = (compiled, time.perf_counter() - start)
+    return out
+
+
+def memory(compiled) -> dict:
+    stats = compiled.memory_analysis()
+    fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
+              "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes",
+              "generated_code": "generated_code_size_in_bytes"}
+    figures = {f"{k}_bytes": int(getattr(stats, v, 0) or 0) for k, v in fields.items()}
+    figures["total_bytes"] = (figures["argument_bytes"] + figures["output_bytes"] + figures["temp_bytes"]
+                              + figures["generated_code_bytes"] - figures["alias_bytes"])
+    return figures
+
+
+def cost(compiled) -> dict:
+    """XLA's FLOPs and bytes accessed; None where the backend has no cost analysis (XLA:GPU)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis:
+        return {"flops": None, "bytes_accessed": None}
+    return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0))}
+
+
+def search_max_batch(remat: str, mesh, chip: dict, limit: int, log) -> dict:
+    """The largest per-device batch whose loop program fits in HBM: doubling, then bisection."""
+    sampler, _, params, size, embed_dim = build_sampler(FLAGS.config, FLAGS.precision, remat, FLAGS.aug_num, mesh)
+    devices = mesh.devices.size
+    tried = {}
+
+    def ok(per_device):
+        if per_device not in tried:
+            compiled, seconds = compile_programs(sampler, params, size, embed_dim, per_device * devices, mesh,
+                                                 which=("advance",))["advance"]
+            tried[per_device] = memory(compiled)["total_bytes"]
+            log(f"  remat={remat} per-device batch {per_device}: {tried[per_device] / GIB:.2f} GiB "
+                f"({'fits' if tried[per_device] <= chip['hbm_bytes'] else 'too big'}; compiled in {seconds:.0f} s)")
+        return tried[per_device] <= chip["hbm_bytes"]
+
+    return {"remat": remat, "max_per_device_batch": largest(ok, limit),
+            "total_bytes_by_batch": {str(k): v for k, v in sorted(tried.items())}}
+
+
+def largest(ok, limit: int) -> int:
+    """The largest n in [1, limit] with ok(n), for an ok that holds up to some n and not beyond
+    (0 if ok(1) fails): doubling from 1, then bisection."""
+    best, nxt = 0, 1
+    while nxt <= limit and ok(nxt):
+        best, nxt = nxt, nxt * 2
+    high = min(nxt, limit + 1)
+    while high - best > 1:
+        middle = (best + high) // 2
+        best, high = (middle, high) if ok(middle) else (best, middle)
+    return best
+
+
+# ----------------------------------------------------------------------------------- main
+
+def main(argv):
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.per_device_batch < 1 or FLAGS.edits < 1 or FLAGS.max_batch_limit < 1:
+        raise ValueError("--per_device_batch, --edits and --max_batch_limit must be at least 1")
+    if FLAGS.aug_num is not None and FLAGS.aug_num < 1:
+        raise ValueError(f"--aug_num={FLAGS.aug_num} must be at least 1")
+    unknown = sorted(set(FLAGS.max_batch_remat) - {"none", "dots", "blocks"})
+    if unknown:
+        raise ValueError(f"--max_batch_remat: unknown policies {unknown}; choose from none, dots, blocks")
+    if FLAGS.output:
+        from bdjax import outputs
+
+        outputs.check_writable(os.path.dirname(os.path.abspath(FLAGS.output)))
+
+    import jax
+
+    from bdjax import parallel
+
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    devices, chip = devices_for(FLAGS.topology)
+    mesh = parallel.make_mesh(devices)
+    batch = FLAGS.per_device_batch * len(devices)
+    log(f"compiling bdjax's sampler for {FLAGS.topology} ({len(devices)} x {devices[0].device_kind}), "
+        f"config={FLAGS.config} precision={FLAGS.precision} remat={FLAGS.remat} per-device batch "
+        f"{FLAGS.per_device_batch}")
+    sampler, options, params, size, embed_dim = build_sampler(FLAGS.config, FLAGS.precision, FLAGS.remat,
+                                                              FLAGS.aug_num, mesh)
+    programs = compile_programs(sampler, params, size, embed_dim, batch, mesh)
+    steps_per_call = sampler.chunks.shape[1]
+    report = {
+        "command": " ".join(["python -m launch.compile_report", *sys.argv[1:]]),
+        "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": "XLA:TPU compiler analysis without TPU hardware (memory_analysis, cost_analysis, HLO text)",
+        "jax_version": jax.__version__,
+        "topology": FLAGS.topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+        "chip": chip, "config": FLAGS.config, "precision": FLAGS.precision, "remat": FLAGS.remat,
+        "aug_num": options.aug_num, "per_device_batch": FLAGS.per_device_batch, "global_batch": batch,
+        "num_steps": sampler.num_steps, "steps_per_call": steps_per_call, "programs": {},
+    }
+    for name, (compiled, seconds) in programs.items():
+        report["programs"][name] = {"compile_s": seconds, "memory": memory(compiled), "cost": cost(compiled),
+                                    "ops": loop_ops(compiled.as_text())}
+    loop = report["programs"]["advance"]
+    # XLA's cost analysis counts a loop body once, whatever its trip count: the advance program's
+    # figures are one step of the per-device batch.
+    per_sample_step = {k: None if v is None else v / FLAGS.per_device_batch for k, v in loop["cost"].items()}
+    peak = max(p["memory"]["total_bytes"] for p in report["programs"].values())
+    sample_steps = FLAGS.edits * sampler.num_steps / len(devices)  # per device, all devices busy
+    report.update({
+        "flops_per_sample_step": per_sample_step["flops"],
+        "bytes_accessed_per_sample_step": per_sample_step["bytes_accessed"],
+        "peak_program_bytes": peak,
+        "hbm_headroom_bytes": chip["hbm_bytes"] - peak,
+        "fits": peak <= chip["hbm_bytes"],
+        "compile_s": sum(p["compile_s"] for p in report["programs"].values()),
+        "loop_ops": loop["ops"],
+        "bounds_for_edits": None if per_sample_step["flops"] is None else {
+            "edits": FLAGS.edits, "steps_per_edit": sampler.num_steps,
+            "flops_over_peak_s": sample_steps * per_sample_step["flops"] / (chip["bf16_tflops"] * 1e12),
+            "bytes_over_bandwidth_s": sample_steps * per_sample_step["bytes_accessed"] / (chip["hbm_gbps"] * 1e9),
+            "note": "lower bounds from XLA's counts at the chip's peak bf16 FLOP/s and HBM bandwidth, "
+                    "with every device busy; not a run",
+        },
+    })
+    if FLAGS.max_batch:
+        log("searching the largest per-device batch that fits ...")
+        report["max_batch"] = [search_max_batch(remat, mesh, chip, FLAGS.max_batch_limit, log)
+                               for remat in FLAGS.max_batch_remat]
+    log(summary(report))
+    if FLAGS.output:
+        from bdjax import outputs
+
+        outputs.save_json(FLAGS.output, report)
+        log(f"wrote {FLAGS.output}")
+
+
+def summary(r: dict) -> str:
+    memory = r["programs"]["advance"]["memory"]
+    ops = r["loop_ops"]
+    lines = [
+        f"{r['topology']}: {r['devices']} x {r['device_kind']} ({r['chip']['hbm_bytes'] / GIB:.0f} GiB HBM each), "
+        f"per-device batch {r['per_device_batch']}, {r['precision']}, remat={r['remat']}",
+        f"  loop program per device: arguments {memory['argument_bytes'] / GIB:.2f} GiB, temporaries "
+        f"{memory['temp_bytes'] / GIB:.2f} GiB, total {memory['total_bytes'] / GIB:.2f} GiB; largest program "
+        f"{r['peak_program_bytes'] / GIB:.2f} GiB -> {'fits' if r['fits'] else 'does NOT fit'} "
+        f"(headroom {r['hbm_headroom_bytes'] / GIB:.2f} GiB)",
+        f"  inside the loop: {ops['gather']} gather, {ops['scatter']} scatter, {ops['collective']} collective, "
+        f"{ops['host_transfer'] + ops['host_callback']} host transfer ops",
+        f"  compile {r['compile_s']:.1f} s",
+    ]
+    bounds = r["bounds_for_edits"]
+    if bounds is None:
+        lines.insert(2, "  no FLOP or byte counts: this backend's compiler gives no cost analysis")
+    else:
+        lines.insert(2, f"  per sample-step: {r['flops_per_sample_step']:.3g} FLOP, "
+                        f"{r['bytes_accessed_per_sample_step']:.3g} bytes accessed")
+        lines.insert(4, f"  {bounds['edits']} edits x {bounds['steps_per_edit']} steps: FLOPs/peak "
+                        f"{bounds['flops_over_peak_s']:.1f} s, bytes/bandwidth {bounds['bytes_over_bandwidth_s']:.1f} s "
+                        "(compiler counts, not a run)")
+    for found in r.get("max_batch", []):
+        lines.append(f"  largest per-device batch that fits, remat={found['remat']}: {found['max_per_device_batch']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from launch import runtime
+
+    app.run(runtime.program(main))
