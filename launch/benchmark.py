@@ -40,28 +40,34 @@ from typing import Any
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("config", "reduced", ["adm256_uncond", "reduced", "tiny"],
-                  "adm256_uncond: ADM 256 + CLIP ViT-B/16 at their real sizes; reduced: the full ADM topology at "
-                  "width 64 and 64x64 images with a small CLIP ViT (for CPUs); tiny: seconds-long smoke run.")
-flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"],
-                  "bdjax activations (and stored params) in float32 or bfloat16; norms and softmax stay float32.")
-flags.DEFINE_integer("batch_size", 4, "Samples per step.")
-flags.DEFINE_integer("aug_num", 8, "CLIP augmentations per sample (the reference's default is 8).")
-flags.DEFINE_integer("iters", 5, "Timed steps per side; the median is reported.")
-flags.DEFINE_integer("warmup", 1, "Untimed steps per side before timing.")
-flags.DEFINE_bool("interleave", True,
-                  "Alternate bdjax and reference steps while timing, so both see the same load on a shared "
-                  "machine (--nointerleave: all bdjax steps, then all reference steps).")
-flags.DEFINE_string("output", None, "Write the results to this JSON file.")
-flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (jax_compilation_cache_dir).")
-flags.DEFINE_bool("reference", True, "Also time the authors' PyTorch step (--noreference skips it).")
-flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of the device at this precision, for MFU.")
-flags.DEFINE_bool("max_batch_search", False,
-                  "Double the batch until the device runs out of memory or --max_batch_limit; report the largest "
-                  "that ran. Skipped on CPU (host memory is not the limit being asked about).")
-flags.DEFINE_integer("max_batch_limit", 256, "Upper bound of --max_batch_search.")
-flags.DEFINE_integer("step_index", 50, "Respaced step index i of the timed step (the reference runs 74..0).")
-flags.DEFINE_integer("seed", 0, "Seed of the random networks and inputs.")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program, so that other
+    programs (launch/gpu_proof.py) can import its pieces without clashing flag names."""
+    flags.DEFINE_enum("config", "reduced", ["adm256_uncond", "reduced", "tiny"],
+                      "adm256_uncond: ADM 256 + CLIP ViT-B/16 at their real sizes; reduced: the full ADM topology at "
+                      "width 64 and 64x64 images with a small CLIP ViT (for CPUs); tiny: seconds-long smoke run.")
+    flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"],
+                      "bdjax activations (and stored params) in float32 or bfloat16; norms and softmax stay float32.")
+    flags.DEFINE_integer("batch_size", 4, "Samples per step.")
+    flags.DEFINE_integer("aug_num", 8, "CLIP augmentations per sample (the reference's default is 8).")
+    flags.DEFINE_integer("iters", 5, "Timed steps per side; the median is reported.")
+    flags.DEFINE_integer("warmup", 1, "Untimed steps per side before timing.")
+    flags.DEFINE_bool("interleave", True,
+                      "Alternate bdjax and reference steps while timing, so both see the same load on a shared "
+                      "machine (--nointerleave: all bdjax steps, then all reference steps).")
+    flags.DEFINE_string("output", None, "Write the results to this JSON file.")
+    flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (jax_compilation_cache_dir).")
+    flags.DEFINE_bool("reference", True, "Also time the authors' PyTorch step (--noreference skips it).")
+    flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of the device at this precision, for MFU.")
+    flags.DEFINE_bool("max_batch_search", False,
+                      "Double the batch until the device runs out of memory or --max_batch_limit; report the largest "
+                      "that ran. Skipped on CPU (host memory is not the limit being asked about).")
+    flags.DEFINE_integer("max_batch_limit", 256, "Upper bound of --max_batch_search.")
+    flags.DEFINE_integer("step_index", 50, "Respaced step index i of the timed step (the reference runs 74..0).")
+    flags.DEFINE_integer("seed", 0, "Seed of the random networks and inputs.")
+
 
 CLIP_SIZE = 224
 # SPEC "Cost": ADM 256 forward 2.24 TFLOP per sample; CLIP ViT-B/16 image forward 33.7 GFLOP per crop.
@@ -181,14 +187,38 @@ def is_out_of_memory(error: Exception) -> bool:
 # ----------------------------------------------------------------------------------------- bdjax
 
 
+def random_host_params(configs: dict, seed: int) -> dict:
+    """{"unet": ..., "clip": ...}: float32 numpy params of the configuration's networks (smoke.random_params),
+    for BdjaxStep(host_params=...) when several steps share one draw."""
+    import jax
+    import jax.numpy as jnp
+
+    from bdjax import smoke
+    from bdjax.models import clip as clip_lib
+    from bdjax.models import unet as unet_lib
+
+    size = configs["unet"]["image_size"]
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return {
+        "unet": smoke.random_params(unet_lib.UNetModel(**configs["unet"]), image,
+                                    jax.ShapeDtypeStruct((1,), jnp.float32), seed=seed),
+        "clip": smoke.random_params(clip_lib.CLIP(**configs["clip"]),
+                                    jax.ShapeDtypeStruct((1, CLIP_SIZE, CLIP_SIZE, 3), jnp.float32),
+                                    jax.ShapeDtypeStruct((1, configs["clip"]["context_length"]), jnp.int32),
+                                    seed=seed + 1),
+    }
+
+
 class BdjaxStep:
     """bdjax's guided step at one configuration: random params, inputs, and the jitted step."""
 
-    def __init__(self, configs: dict, precision: str, aug_num: int, step_index: int, seed: int):
+    def __init__(self, configs: dict, precision: str, aug_num: int, step_index: int, seed: int,
+                 host_params: dict | None = None):
+        """`host_params`: float32 params from random_host_params(configs, seed) to reuse; drawn here if None."""
         import jax
         import jax.numpy as jnp
 
-        from bdjax import blended, diffusion, smoke
+        from bdjax import blended, diffusion
         from bdjax.models import clip as clip_lib
         from bdjax.models import unet as unet_lib
 
@@ -196,13 +226,7 @@ class BdjaxStep:
         self.size = configs["unet"]["image_size"]
         self.models = blended.Models(unet=unet_lib.UNetModel(**configs["unet"], dtype=dtype),
                                      clip=clip_lib.CLIP(**configs["clip"], dtype=dtype))
-        image = jax.ShapeDtypeStruct((1, self.size, self.size, 3), jnp.float32)
-        params = {
-            "unet": smoke.random_params(self.models.unet, image, jax.ShapeDtypeStruct((1,), jnp.float32), seed=seed),
-            "clip": smoke.random_params(self.models.clip, jax.ShapeDtypeStruct((1, CLIP_SIZE, CLIP_SIZE, 3), jnp.float32),
-                                        jax.ShapeDtypeStruct((1, configs["clip"]["context_length"]), jnp.int32),
-                                        seed=seed + 1),
-        }
+        params = random_host_params(configs, seed) if host_params is None else host_params
         self.params = jax.device_put(jax.tree.map(lambda p: p.astype(dtype), params))
         self.param_counts = {k: sum(p.size for p in jax.tree.leaves(v)) for k, v in params.items()}
         self.aug_num, self.step_index, self.seed = aug_num, step_index, seed
@@ -264,18 +288,19 @@ def peak_memory() -> tuple[int, str]:
     return host_peak_rss_bytes(), "host: process peak RSS (no device memory stats on this platform)"
 
 
-def prepare_bdjax(configs: dict) -> tuple[BdjaxStep, Callable[[], Any], dict]:
+def prepare_bdjax(configs: dict, *, precision: str, batch_size: int, aug_num: int, step_index: int, seed: int,
+                  warmup: int, host_params: dict | None = None) -> tuple[BdjaxStep, Callable[[], Any], dict]:
     """Compile and warm up bdjax's step: (bench, a synchronised step, compile/FLOP/memory figures)."""
     import jax
 
-    bench = BdjaxStep(configs, FLAGS.precision, FLAGS.aug_num, FLAGS.step_index, FLAGS.seed)
-    compiled, lower_s, xla_compile_s = bench.compile(FLAGS.batch_size)
-    args = bench.inputs(FLAGS.batch_size)
+    bench = BdjaxStep(configs, precision, aug_num, step_index, seed, host_params=host_params)
+    compiled, lower_s, xla_compile_s = bench.compile(batch_size)
+    args = bench.inputs(batch_size)
 
     def run():
         return jax.block_until_ready(compiled(*args))
 
-    for _ in range(FLAGS.warmup):
+    for _ in range(warmup):
         run()
     memory_bytes, memory_kind = peak_memory()  # before the reference exists, so it is bdjax's alone
     return bench, run, {
@@ -284,39 +309,49 @@ def prepare_bdjax(configs: dict) -> tuple[BdjaxStep, Callable[[], Any], dict]:
         "xla_compile_s": xla_compile_s,
         "compile_s": lower_s + xla_compile_s,
         "flops_per_step": xla_flops(compiled),
-        "flops_per_sample_step": xla_flops(compiled) / FLAGS.batch_size,
+        "flops_per_sample_step": xla_flops(compiled) / batch_size,
         "peak_memory_bytes": memory_bytes,
         "peak_memory_kind": memory_kind,
         "xla_memory_analysis": xla_memory(compiled),
     }
 
 
-def max_batch_search(bench: BdjaxStep) -> dict:
-    """The largest batch (doubling from --batch_size) that compiles and runs on the device."""
+def max_batch_search(bench: BdjaxStep, start: int, limit: int, *, allow_cpu: bool = False,
+                     may_try: Callable[[int], str | None] | None = None) -> dict:
+    """The largest batch (doubling from `start`, which is known to run) that compiles and runs on the
+    device, up to `limit`. `may_try(batch)` returns None to go on, or why to stop before that batch
+    (e.g. the time budget). Each batch tried is listed with its outcome and seconds."""
     import jax
 
-    if not FLAGS.max_batch_search:
-        return {"max_batch": None, "max_batch_note": "not requested (--max_batch_search)"}
-    if jax.devices()[0].platform == "cpu":
-        return {"max_batch": None, "max_batch_note": "skipped on CPU: host memory is not the device limit"}
-    fits, batch, note = FLAGS.batch_size, FLAGS.batch_size * 2, f"reached --max_batch_limit={FLAGS.max_batch_limit}"
-    while batch <= FLAGS.max_batch_limit:
+    if jax.devices()[0].platform == "cpu" and not allow_cpu:
+        return {"max_batch": None, "max_batch_note": "skipped on CPU: host memory is not the device limit",
+                "max_batch_tried": []}
+    fits, batch, note, tried = start, start * 2, f"reached the limit {limit}", []
+    while batch <= limit:
+        stop = may_try(batch) if may_try is not None else None
+        if stop:
+            note = f"stopped before batch {batch}: {stop}"
+            break
+        began = time.perf_counter()
         try:
             compiled, _, _ = bench.compile(batch)
             jax.block_until_ready(compiled(*bench.inputs(batch)))
         except Exception as error:  # noqa: BLE001 - only out-of-memory ends the search quietly
             if not is_out_of_memory(error):
                 raise
+            tried.append({"batch": batch, "ran": False, "seconds": time.perf_counter() - began})
             note = f"batch {batch} ran out of device memory"
             break
+        tried.append({"batch": batch, "ran": True, "seconds": time.perf_counter() - began})
         fits, batch = batch, batch * 2
-    return {"max_batch": fits, "max_batch_note": note}
+    return {"max_batch": fits, "max_batch_note": note, "max_batch_tried": tried}
 
 
 # ------------------------------------------------------------------------------------- reference
 
 
-def prepare_reference(configs: dict) -> dict:
+def prepare_reference(configs: dict, *, batch_size: int, aug_num: int, step_index: int, seed: int,
+                      warmup: int) -> dict:
     """The authors' step in PyTorch at the same configuration, batch and step index, warmed up:
     {"run": synchronised step, "reference_*": description}, or only a "reference_note" when it does
     not fit on the GPU. Its memory is freed once `run` is dropped (see release_torch_memory)."""
@@ -334,8 +369,8 @@ def prepare_reference(configs: dict) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     fp16 = cuda  # the reference's use_fp16 UNet and fp16 CLIP on GPU; float32 on CPU
-    torch.manual_seed(FLAGS.seed)
-    batch, size, aug_num = FLAGS.batch_size, configs["unet"]["image_size"], FLAGS.aug_num
+    torch.manual_seed(seed)
+    batch, size = batch_size, configs["unet"]["image_size"]
 
     unet = TorchUNet(**configs["unet"], use_fp16=fp16)
     with torch.no_grad():  # guided_diffusion zero-initialises output convs: draw every weight instead
@@ -393,7 +428,7 @@ def prepare_reference(configs: dict) -> dict:
             loss = loss + (pred - pred.clamp(-1, 1)).pow(2).mean([1, 2, 3]).sum() * 50.0  # range_lambda
             return -torch.autograd.grad(loss, x)[0]
 
-    t = torch.full((batch,), FLAGS.step_index, device=device, dtype=torch.long)
+    t = torch.full((batch,), step_index, device=device, dtype=torch.long)
 
     def step():
         out = diffusion.p_sample(unet, x, t, clip_denoised=False, cond_fn=cond_fn, model_kwargs={})
@@ -407,7 +442,7 @@ def prepare_reference(configs: dict) -> dict:
         return out
 
     try:
-        for _ in range(FLAGS.warmup):
+        for _ in range(warmup):
             run()
     except torch.cuda.OutOfMemoryError as error:
         return {"reference_note": f"the reference step ran out of GPU memory at batch {batch}: {error}"}
@@ -490,13 +525,16 @@ def main(argv):
         "compilation_cache_dir": FLAGS.compilation_cache_dir,
     }
     # bdjax first, before torch is imported, so that a host RSS peak is bdjax's own.
-    bench, bdjax_run, bdjax_figures = prepare_bdjax(configs)
+    bench, bdjax_run, bdjax_figures = prepare_bdjax(
+        configs, precision=FLAGS.precision, batch_size=FLAGS.batch_size, aug_num=FLAGS.aug_num,
+        step_index=FLAGS.step_index, seed=FLAGS.seed, warmup=FLAGS.warmup)
     result.update(bdjax_figures)
     sides = {"bdjax": bdjax_run}
     reference = {"reference_note": "not run (--noreference)", "reference_device": None,
                  "reference_precision": None}
     if FLAGS.reference:
-        reference.update(prepare_reference(configs))
+        reference.update(prepare_reference(configs, batch_size=FLAGS.batch_size, aug_num=FLAGS.aug_num,
+                                           step_index=FLAGS.step_index, seed=FLAGS.seed, warmup=FLAGS.warmup))
         if "run" in reference:
             sides["reference"] = reference.pop("run")
     times = time_steps(sides, FLAGS.iters, FLAGS.interleave and len(sides) > 1)
@@ -532,7 +570,11 @@ def main(argv):
         "speedup_min": None if ref_times is None else min(ref_times) / min(times["bdjax"]),
     })
     # Last, so that bdjax's reported peak is the timed batch's and PyTorch found the device free.
-    result.update(max_batch_search(bench))
+    if FLAGS.max_batch_search:
+        search = max_batch_search(bench, FLAGS.batch_size, FLAGS.max_batch_limit)
+    else:
+        search = {"max_batch": None, "max_batch_note": "not requested (--max_batch_search)", "max_batch_tried": []}
+    result.update(search)
     result["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
 
     print(summary(result))
@@ -546,4 +588,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
