@@ -14,6 +14,9 @@ Tolerances:
 - end to end (float32, kornia's own sampled parameters injected, smooth 256 image): <= 1e-4 abs.
 - gradient w.r.t. the image through both warps (float32, smooth image): <= 1e-4 x max |reference|.
 - distributions (jax.random draws): exact ranges, binomial 5-sigma bounds on frequencies.
+- against the pre-rewrite NHWC formulation kept below (reference_bilinear_sample), float32: values
+  <= 1e-6 abs, gradients <= 1e-5 x max |reference| (see VALUE_ATOL: same arithmetic per tap, so
+  only XLA's rounding and scatter accumulation order can differ).
 """
 
 import math
@@ -325,3 +328,181 @@ def test_single_copy_is_the_pooled_image():
     out = run(images, jax.random.split(jax.random.key(0), 2), aug_num=1, output_size=14)
     assert out.shape == (2, 14, 14, 3)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(augment.adaptive_avg_pool(images, 14)))
+
+
+# ----------------------------------------------------------------------------- the pre-rewrite formulation
+
+def reference_bilinear_sample(image, x, y, padding):
+    """The warps' sampling before they became channel-major (commit 6a08167), kept as the reference:
+    NHWC images read as a flat (N * H * W, C) array by one gather per tap (slices of C values)."""
+    *lead, height, width, channels = image.shape
+    count = int(np.prod(lead, dtype=np.int64))
+    if padding == "border":
+        x = jnp.clip(x, 0.0, width - 1.0)
+        y = jnp.clip(y, 0.0, height - 1.0)
+    if count == 0:
+        return jnp.zeros(x.shape + (channels,), image.dtype)
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    x1, y1 = x0 + 1.0, y0 + 1.0
+    flat = image.reshape(count * height * width, channels)
+    first = (jnp.arange(count, dtype=jnp.int32) * (height * width)).reshape(*lead, *(1,) * (x.ndim - len(lead)))
+    out = jnp.zeros(x.shape + (channels,), jnp.result_type(image.dtype, x.dtype))
+    for yi, wy in ((y0, y1 - y), (y1, y - y0)):
+        for xi, wx in ((x0, x1 - x), (x1, x - x0)):
+            inside = (xi >= 0) & (xi <= width - 1) & (yi >= 0) & (yi <= height - 1)
+            weight = jnp.where(inside, wx * wy, 0.0)
+            index = first + (jnp.clip(yi, 0, height - 1).astype(jnp.int32) * width
+                             + jnp.clip(xi, 0, width - 1).astype(jnp.int32))
+            out = out + jnp.take(flat, index, axis=0, mode="clip") * weight[..., None]
+    return out.astype(image.dtype)
+
+
+def reference_warp_affine(image, matrix, padding="border"):
+    height, width = image.shape[-3:-1]
+    last_row = jnp.broadcast_to(jnp.array([0, 0, 1], matrix.dtype), matrix.shape[:-2] + (1, 3))
+    points = augment._source_points(jnp.concatenate([matrix[..., :2, :], last_row], axis=-2), height, width)
+    return reference_bilinear_sample(image, points[..., 0], points[..., 1], padding)
+
+
+def reference_warp_perspective(image, matrix, padding="zeros"):
+    height, width = image.shape[-3:-1]
+    points = augment._source_points(matrix, height, width)
+    return reference_bilinear_sample(image, points[..., 0] / points[..., 2], points[..., 1] / points[..., 2], padding)
+
+
+def reference_extending_augmentations(images, keys, aug_num, output_size):
+    params = augment.sample_extending_params(keys, aug_num, output_size)
+    pooled = augment.adaptive_avg_pool(images, output_size)
+    copies = jnp.broadcast_to(pooled[:, None], (images.shape[0], aug_num - 1) + pooled.shape[1:])
+    flag = lambda f: f[..., None, None, None]  # noqa: E731
+    copies = jnp.where(flag(params.apply_affine), reference_warp_affine(copies, params.affine_matrix, "border"), copies)
+    copies = jnp.where(flag(params.apply_perspective),
+                       reference_warp_perspective(copies, params.perspective_matrix, "zeros"), copies)
+    return jnp.concatenate([pooled[None], jnp.moveaxis(copies, 1, 0)]).reshape((-1,) + pooled.shape[1:])
+
+
+# Tolerances against the pre-rewrite formulation: both compute every tap's weight and index with
+# the same operations and add the four taps in the same order, so values can differ only by float
+# rounding in how XLA compiles the two programs (FMA contraction, fusion) and gradients also by the
+# order in which the scatter-adds accumulate (up to hundreds of contributions on an edge pixel with
+# border padding). Values: <= 1e-6 abs (images in [-1, 1]: a few float32 ulps); gradients:
+# <= 1e-5 x max |reference|.
+VALUE_ATOL = 1e-6
+GRAD_RTOL = 1e-5
+
+
+def assert_close_to_reference(ours, ref, atol, finite=True):
+    """|ours - ref| <= atol; both finite, or (finite=False) non-finite at the same places."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    if finite:
+        assert np.isfinite(ours).all() and np.isfinite(ref).all()
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    both = np.isfinite(ref)
+    assert np.abs(ours[both] - ref[both]).max() <= atol
+
+
+def value_and_vjp(fn, *args):
+    """fn(*args) and its vjp with a fixed random cotangent, w.r.t. every argument."""
+    out, vjp = jax.vjp(fn, *args)
+    cotangent = jnp.asarray(np.random.default_rng(11).normal(size=out.shape), out.dtype)
+    return out, vjp(cotangent)
+
+
+def test_bilinear_sample_equals_reference_at_any_coordinates():
+    """Non-square images, coordinates inside, outside, on the edges, on exact integers, and non-finite
+    (a point behind the perspective's horizon): same values, same gradients w.r.t. image and
+    coordinates. Values and image gradients are finite; the gradient w.r.t. a non-finite
+    coordinate is NaN in both (0 times its infinite weight factor). Tolerances: VALUE_ATOL, GRAD_RTOL."""
+    rng = np.random.default_rng(3)
+    count, height, width = 3, 9, 13
+    image = jnp.asarray(rng.uniform(-1, 1, (count, height, width, 3)), jnp.float32)
+    x = rng.uniform(-3, width + 2, (count, 7, 11))
+    y = rng.uniform(-3, height + 2, (count, 7, 11))
+    x[:, 0, :6] = [0, width - 1, -1, width, 5, -0.5]  # edges and exact integers
+    y[:, 0, :6] = [0, height - 1, 4, 2, -1, height - 0.5]
+    x[:, 1, :4] = [np.inf, -np.inf, np.nan, 3.0]
+    y[:, 1, :4] = [2.0, np.nan, 1.0, np.inf]
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    for padding in augment.PADDINGS:
+        def run(sample):
+            return jax.jit(lambda *a: value_and_vjp(lambda i, u, v: sample(i, u, v, padding), *a))(image, x, y)
+        ours, ref = run(augment._bilinear_sample), run(reference_bilinear_sample)
+        assert_close_to_reference(ours[0], ref[0], VALUE_ATOL)
+        for ours_grad, ref_grad, finite in zip(ours[1], ref[1], (True, False, False)):
+            scale = np.abs(np.nan_to_num(np.asarray(ref_grad), nan=0, posinf=0, neginf=0)).max()
+            assert_close_to_reference(ours_grad, ref_grad, GRAD_RTOL * scale, finite)
+
+
+@pytest.mark.parametrize("kind, padding", [("affine", "border"), ("affine", "zeros"),
+                                           ("perspective", "zeros"), ("perspective", "border")])
+def test_warp_equals_reference(kind, padding):
+    """Each warp on a non-square noise stack with general matrices (rotations to 40 degrees, scales,
+    shifts; perspectives with a horizon inside the image): values and gradients w.r.t. the images
+    and the matrices (NaN in both for the horizon's matrix, finite for every image), to VALUE_ATOL
+    and GRAD_RTOL."""
+    rng = np.random.default_rng(5)
+    count, height, width = 4, 40, 56
+    images = jnp.asarray(rng.uniform(-1, 1, (count, height, width, 3)), jnp.float32)
+    if kind == "affine":
+        angle = rng.uniform(-40, 40, count)
+        scale = rng.uniform(0.7, 1.4, count)
+        shift = rng.uniform(-15, 15, (count, 2))
+        cos, sin = scale * np.cos(np.radians(angle)), scale * np.sin(np.radians(angle))
+        matrices = np.stack([np.stack([cos, -sin, shift[:, 0]], -1), np.stack([sin, cos, shift[:, 1]], -1)], 1)
+        warp, ref_warp = augment.warp_affine, reference_warp_affine
+    else:
+        start = corners(height, width)
+        end = start + rng.uniform(0, 0.35, (count, 4, 2)) * np.array([width, height]) * INWARD
+        matrices = np.stack([np.asarray(augment.perspective_matrix(start, e)) for e in end])
+        # The last image's homography sends the line x = 20 of the output to infinity.
+        matrices[-1] = np.linalg.inv(np.array([[1.0, 0.1, 0], [0.05, 1, 0], [-1 / 20, 0, 1]]))
+        warp, ref_warp = augment.warp_perspective, reference_warp_perspective
+    matrices = jnp.asarray(matrices, jnp.float32)
+    ours = jax.jit(lambda *a: value_and_vjp(lambda i, m: warp(i, m, padding), *a))(images, matrices)
+    ref = jax.jit(lambda *a: value_and_vjp(lambda i, m: ref_warp(i, m, padding), *a))(images, matrices)
+    assert_close_to_reference(ours[0], ref[0], VALUE_ATOL)
+    for ours_grad, ref_grad, finite in zip(ours[1], ref[1], (True, False)):
+        scale = np.abs(np.nan_to_num(np.asarray(ref_grad), nan=0, posinf=0, neginf=0)).max()
+        assert_close_to_reference(ours_grad, ref_grad, GRAD_RTOL * scale, finite)
+    if kind == "perspective" and padding == "zeros":
+        assert (np.asarray(ref[0])[-1] == 0).any()  # the horizon case samples outside the image
+
+
+@pytest.mark.parametrize("aug_num", [1, 8])
+def test_extending_augmentations_equal_reference(aug_num):
+    """The whole augmentation at the sampler's sizes (256 -> 224): values and gradient w.r.t. the
+    images, to VALUE_ATOL and GRAD_RTOL."""
+    images = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (2, 256, 256, 3)), jnp.float32)
+    keys = jax.random.split(jax.random.key(5), 2)
+    def run(augmentations):
+        return jax.jit(lambda x: value_and_vjp(lambda x: augmentations(x, keys, aug_num, SIZE), x))(images)
+    ours, ref = run(augment.extending_augmentations), run(reference_extending_augmentations)
+    assert ours[0].shape == (aug_num * 2, SIZE, SIZE, 3)
+    assert_close_to_reference(ours[0], ref[0], VALUE_ATOL)
+    assert_close_to_reference(ours[1][0], ref[1][0], GRAD_RTOL * np.abs(np.asarray(ref[1][0])).max())
+
+
+def test_single_copy_under_shard_map_vmap_and_grad():
+    """aug_num=1 inside the sampler's transformations: jit of shard_map (one CPU device), jit of
+    vmap, and the gradient through them; the result is the pooled images."""
+    from jax.sharding import Mesh, PartitionSpec
+
+    images = jnp.asarray(smooth_images(2, 16, seed=5))
+    keys = jax.random.split(jax.random.key(1), 2)
+    pooled = np.asarray(augment.adaptive_avg_pool(images, 14))
+
+    def augment_one(images, keys):
+        return augment.extending_augmentations(images, keys, aug_num=1, output_size=14)
+
+    mesh = Mesh(np.asarray(jax.devices("cpu")[:1]), ("data",))  # as bdjax.parallel builds it
+    sharded = jax.shard_map(augment_one, mesh=mesh, in_specs=(PartitionSpec("data"), PartitionSpec("data")),
+                            out_specs=PartitionSpec("data"))
+    np.testing.assert_array_equal(np.asarray(jax.jit(sharded)(images, keys)), pooled)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(sharded(x, keys) ** 2)))(images)
+    assert grad.shape == images.shape and np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
+
+    batched = jax.jit(jax.vmap(augment_one))(images[:, None], keys[:, None])
+    np.testing.assert_array_equal(np.asarray(batched)[:, 0], pooled)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(jax.vmap(augment_one)(x, keys[:, None]) ** 2)))(images[:, None])
+    assert np.isfinite(np.asarray(grad)).all()
