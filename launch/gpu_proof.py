@@ -5,8 +5,8 @@ unconditional + CLIP ViT-B/16), it measures and writes to --output as JSON, most
 
   step_bf16   bdjax's guided step (launch/benchmark.py's BdjaxStep) in bf16 at batch 16: compile time,
               median step time, samples/s, XLA's FLOP count, MFU against the MEASURED peak (and the
-              analytic MFU of SPEC "Cost"), peak memory, whether two runs are byte-identical, and the
-              largest batch XLA's memory analysis predicts to fit;
+              analytic MFU, a backward counted as two forwards), peak memory, whether two runs are
+              byte-identical, and the largest batch XLA's memory analysis predicts to fit;
   peak        the measured peak: an 8192^3 matmul in bf16, and in fp32 at jax's default precision (where
               XLA may use TF32) and at Precision.HIGHEST, timed with jax on the device;
   sampler     the whole sampler end to end, BlendedDiffusion(...).edit(...) for 64 samples at the

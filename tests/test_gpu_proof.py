@@ -16,7 +16,7 @@ import pytest
 from launch import gpu_proof
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Fields that stay null in the CPU dry run: SPEC "Cost" is for the real models only; a CPU has no
+# Fields that stay null in the CPU dry run: the analytic FLOP count is for the real models only; a CPU has no
 # device memory limit to predict a batch from; the 64-edit target needs 64 samples.
 NULL_IN_DRY_RUN = {
     "step_bf16.analytic_flops_per_sample_step", "step_bf16.analytic_flops_per_step", "step_bf16.mfu_analytic",
