@@ -36,6 +36,10 @@ flags.DEFINE_enum("precision", "bf16", ["fp32", "bf16"], "Activations and parame
 flags.DEFINE_integer("per_device_batch", 8, "Samples per device.")
 flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"], "UNet and CLIP rematerialisation in the guidance gradient.")
 flags.DEFINE_integer("aug_num", None, "CLIP augmentations per sample; default: 8 (smoke: the smoke preset's).")
+flags.DEFINE_enum("part", "sampler", ["sampler", "augmentations"],
+                  "sampler: the editor's whole sampler; augmentations: the extending augmentations' forward and "
+                  "gradient alone, as one guided step runs them (float32 images of the config's size, --aug_num "
+                  "copies per sample), e.g. to compare formulations of the warps.")
 flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
 flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch that fits in HBM, per remat policy.")
 flags.DEFINE_list("max_batch_remat", ["none", "dots", "blocks"], "Remat policies for --max_batch.")
@@ -182,13 +186,13 @@ def _reachable(computations: dict, roots: list[str]) -> set[str]:
     return seen
 
 
-def loop_ops(text: str) -> dict:
+def loop_ops(text: str, whole: bool = False) -> dict:
     """Counts of gather, scatter, collective and host-transfer ops inside the program's loops (the
     bodies of the while loops the entry computation runs, and all they call); without a loop (a
-    one-step scan is unrolled), inside the whole program."""
+    one-step scan is unrolled), or with `whole`, inside the whole program."""
     computations, entry = parse_hlo(text)
-    bodies = [m.group(1) for line in computations.get(entry, []) if " while(" in line
-              for m in [re.search(r"body=%?([\w.\-]+)", line)] if m]
+    bodies = [] if whole else [m.group(1) for line in computations.get(entry, []) if " while(" in line
+                               for m in [re.search(r"body=%?([\w.\-]+)", line)] if m]
     scope = _reachable(computations, bodies or [entry])
     counts = {"gather": 0, "scatter": 0, "collective": 0, "host_transfer": 0, "host_callback": 0}
     collectives: dict[str, int] = {}
@@ -326,6 +330,34 @@ def largest(ok, limit: int) -> int:
     return best
 
 
+def augmentations_report(mesh, size: int, aug_num: int, per_device_batch: int) -> dict:
+    """The extending augmentations' forward and gradient (what the guidance backpropagates through
+    them), per device on its share of the samples, compiled for the mesh's devices."""
+    import jax
+    import jax.numpy as jnp
+
+    from bdjax import augment, parallel
+    from bdjax.blended import CLIP_SIZE
+
+    def forward_and_gradient(images, key_data):
+        def loss(images):
+            copies = augment.extending_augmentations(images, jax.random.wrap_key_data(key_data), aug_num=aug_num,
+                                                     output_size=CLIP_SIZE)
+            return jnp.sum(jnp.square(copies))
+        return jax.value_and_grad(loss)(images)[1]
+
+    batch = per_device_batch * mesh.devices.size
+    sharded = parallel.batch_sharded(mesh)
+    program = jax.jit(parallel.over_samples(forward_and_gradient, mesh, replicated=()))
+    start = time.perf_counter()
+    compiled = program.lower(jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=sharded),
+                             jax.ShapeDtypeStruct((batch, 2), jnp.uint32, sharding=sharded)).compile()
+    return {"compile_s": time.perf_counter() - start, "memory": memory(compiled), "cost": cost(compiled),
+            "ops": loop_ops(compiled.as_text(), whole=True),
+            "note": "XLA counts a loop body once: the affine and perspective warps are the two iterations of "
+                    "one loop, so the cost covers one warp pass of the copies plus everything outside the loop"}
+
+
 # ----------------------------------------------------------------------------------- main
 
 def main(argv):
@@ -351,6 +383,31 @@ def main(argv):
     devices, chip = devices_for(FLAGS.topology)
     mesh = parallel.make_mesh(devices)
     batch = FLAGS.per_device_batch * len(devices)
+    source = (f"XLA:{devices[0].platform.upper()} compiler analysis without the hardware "
+              "(memory_analysis, cost_analysis, HLO text)")
+    if FLAGS.part == "augmentations":
+        from bdjax import smoke
+
+        size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else 256
+        aug_num = FLAGS.aug_num or (smoke.OPTIONS["aug_num"] if FLAGS.config == "smoke" else 8)
+        part = augmentations_report(mesh, size, aug_num, FLAGS.per_device_batch)
+        report = {"command": " ".join(["python -m launch.compile_report", *sys.argv[1:]]), "source": source,
+                  "jax_version": jax.__version__, "topology": FLAGS.topology, "devices": len(devices),
+                  "device_kind": devices[0].device_kind, "part": "augmentations", "image_size": size,
+                  "aug_num": aug_num, "per_device_batch": FLAGS.per_device_batch, **part,
+                  "per_sample_step": {k: None if v is None else v / FLAGS.per_device_batch
+                                      for k, v in part["cost"].items()}}
+        log(f"{FLAGS.topology}: the augmentations' forward and gradient, {FLAGS.per_device_batch} x {size}x{size} "
+            f"images per device, aug_num {aug_num}: {part['memory']['temp_bytes'] / GIB:.2f} GiB temporaries; "
+            f"per sample-step {report['per_sample_step']['flops']} FLOP, "
+            f"{report['per_sample_step']['bytes_accessed']} bytes accessed; {part['ops']['gather']} gather, "
+            f"{part['ops']['scatter']} scatter ops; compile {part['compile_s']:.1f} s")
+        if FLAGS.output:
+            from bdjax import outputs
+
+            outputs.save_json(FLAGS.output, report)
+            log(f"wrote {FLAGS.output}")
+        return
     log(f"compiling bdjax's sampler for {FLAGS.topology} ({len(devices)} x {devices[0].device_kind}), "
         f"config={FLAGS.config} precision={FLAGS.precision} remat={FLAGS.remat} per-device batch "
         f"{FLAGS.per_device_batch}")
@@ -361,7 +418,7 @@ def main(argv):
     report = {
         "command": " ".join(["python -m launch.compile_report", *sys.argv[1:]]),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": "XLA:TPU compiler analysis without TPU hardware (memory_analysis, cost_analysis, HLO text)",
+        "source": source,
         "jax_version": jax.__version__,
         "topology": FLAGS.topology, "devices": len(devices), "device_kind": devices[0].device_kind,
         "chip": chip, "config": FLAGS.config, "precision": FLAGS.precision, "remat": FLAGS.remat,

@@ -105,3 +105,17 @@ def test_bad_flags_are_one_line_errors(flag, words):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and words in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_augmentations_part_reports_the_warps_alone(tmp_path):
+    """--part=augmentations compiles the extending augmentations' forward and gradient by themselves:
+    four bilinear taps per warp, each a gather forward and a scatter-add backward."""
+    output = tmp_path / "augment.json"
+    proc = run("--topology=v5e:2x2", "--config=smoke", "--part=augmentations", "--per_device_batch=2",
+               f"--output={output}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert filled(report), report
+    assert report["part"] == "augmentations" and report["aug_num"] == 4 and report["image_size"] == 64
+    assert report["ops"]["gather"] == 8 and report["ops"]["scatter"] == 8 and report["ops"]["collective"] == 0
+    assert report["per_sample_step"]["bytes_accessed"] == report["cost"]["bytes_accessed"] / 2 > 0
