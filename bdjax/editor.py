@@ -18,7 +18,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from bdjax import image_io, parallel, tokenizer
-from bdjax.diffusion import space_timesteps
 from bdjax.blended import EditOptions, Models, Sampler, check_request, make_sampler, steps_per_call
 from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib

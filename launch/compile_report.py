@@ -19,7 +19,6 @@ Every figure comes from the compiler: none is a measurement on a TPU.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
