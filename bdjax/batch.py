@@ -10,22 +10,40 @@ Each sample k of a job is a work item with one output, OUTPUT_DIR/<name>/sample_
 its report entry sample_<k>.json, both written atomically (the JSON last: it marks the item as
 done). Sample k depends only on the job's inputs, seed and k, so items of different jobs that
 share options are packed into the same batches, and a rerun computes exactly the items whose
-files are missing. A job's summary (ranked.json, best first, and grid.png) is rebuilt whenever
-its finished samples change.
+files are missing. A job is identified by the content of its image and mask (not their paths),
+its prompt, seed and options, and the run's precision, config, model size and weights: a job
+directory holding samples of another identity is refused, never mixed. A job's summary
+(ranked.json, best first, and grid.png) is written when its last sample is.
+
+A run holds a lock on the output directory (`claim_output_dir`), so a second run refuses instead
+of computing everything twice; under it, temporaries left by killed runs are removed and every
+job's directory is probed before any compute. A sample whose image or distance is not finite is
+reported as failed and not written; a job whose files cannot be written during the run is
+reported and its remaining samples are skipped; a rerun retries both.
 
 Several processes (jax.distributed) build the same work list from the same disk state; every
 batch is sharded over all devices of all processes and each process writes the rows its own
-devices computed, so each item is written by exactly one process.
+devices computed, so each item is written by exactly one process. After every batch the
+processes exchange what became of each row (written, not finite, not writable), so they all
+keep the same record and the same work list.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
+import hashlib
 import json
 import os
+import re
+import socket
+import sys
+import tempfile
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -38,7 +56,10 @@ OPTION_NAMES = EditOptions.names()
 JOB_FIELDS = ("image", "mask", "prompt", "num_samples", "seed", "name", "invert_mask")
 REQUIRED = ("image", "prompt", "num_samples", "seed")
 RANKED = "ranked.json"
+LOCK = ".bdjax-run.lock"  # held (flock) by the run writing into an output directory
 RESERVED_NAMES = (outputs.REPORT,)  # the run's own report lives beside the job directories
+_SAMPLE_JSON = re.compile(r"sample_(0|[1-9][0-9]*)\.json")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # JSON strings may hold U+2028 etc.: only these end a line
 
 
 class ManifestError(ValueError):
@@ -48,6 +69,10 @@ class ManifestError(ValueError):
         super().__init__(f"manifest line {line}: {message}")
         self.line = line
         self.reason = message
+
+
+class OutputInUse(ValueError):
+    """The output directory is locked by another run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +86,29 @@ class Job:
     seed: int
     invert_mask: bool
     options: EditOptions
+    image_sha256: str = ""
+    mask_sha256: str | None = None
+    run: tuple = ()          # the run's identity as sorted (key, value) pairs: see `with_run`
 
     def spec(self) -> dict:
-        """Everything a sample's pixels depend on; stored with each item so a rerun with a
-        changed job is caught instead of mixing two jobs' samples in one directory."""
-        return {"image": self.image, "mask": self.mask, "prompt": self.prompt, "seed": self.seed,
-                "invert_mask": self.invert_mask, "options": dataclasses.asdict(self.options)}
+        """Everything a sample's pixels depend on, stored with each item so a rerun with a changed
+        job is caught instead of mixing two jobs' samples in one directory. The image and mask
+        count by content, so moving the files (or the whole project) keeps finished samples."""
+        return {"image_sha256": self.image_sha256, "mask_sha256": self.mask_sha256, "prompt": self.prompt,
+                "seed": self.seed, "invert_mask": self.invert_mask, "options": dataclasses.asdict(self.options),
+                "run": dict(self.run)}
+
+
+def run_identity(precision: str, config: str, image_size: int, weights_digest: str) -> dict:
+    """What a run contributes to every job's identity: samples made at another precision, with
+    other networks or at another size are other samples."""
+    return {"precision": precision, "config": config, "image_size": int(image_size), "weights": weights_digest}
+
+
+def with_run(jobs: list[Job], identity: dict) -> list[Job]:
+    """`jobs` as run with `identity` (from `run_identity`; known once the networks are loaded)."""
+    run = tuple(sorted(identity.items()))
+    return [dataclasses.replace(job, run=run) for job in jobs]
 
 
 def check_name(name) -> str:
@@ -76,14 +118,18 @@ def check_name(name) -> str:
     if os.path.isabs(name) or "/" in name or "\\" in name or os.sep in name:
         raise ValueError(f"name {name!r} is a path; it must be a single directory name (no separators), "
                          "since outputs must stay inside --output_dir")
-    if name in (".", "..") or ".." in name:
-        raise ValueError(f"name {name!r} contains '..', which could point outside --output_dir")
+    if set(name) == {"."}:
+        raise ValueError(f"name {name!r} is made only of dots: '.' and '..' are the output directory itself and "
+                         "its parent, not a directory of the job's own; choose a name with other characters")
     if name.startswith("."):
-        raise ValueError(f"name {name!r} starts with '.': hidden names are reserved for temporary files")
-    if any(ord(c) < 32 for c in name) or len(name.encode()) > 200:
-        raise ValueError(f"name {name!r} has control characters or is longer than 200 bytes")
+        raise ValueError(f"name {name!r} starts with '.': hidden names are reserved for bdjax's temporary and "
+                         "lock files; choose a name without the leading '.'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"name {name!r} contains control characters; use printable characters only")
+    if len(name.encode()) > 200:
+        raise ValueError(f"name {name[:40]!r}... is {len(name.encode())} bytes long; the limit is 200 bytes")
     if name in RESERVED_NAMES:
-        raise ValueError(f"name {name!r} is reserved for the run's report")
+        raise ValueError(f"name {name!r} is reserved for the run's report; choose another name")
     return name
 
 
@@ -103,19 +149,37 @@ def _typed(key: str, value, default):
     return value
 
 
+def file_sha256(path: str, cache: dict | None = None) -> str:
+    """Hex SHA-256 of a file's bytes; `cache` ({path: digest}) hashes each file once per run."""
+    if cache is not None and path in cache:
+        return cache[path]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if cache is not None:
+        cache[path] = digest.hexdigest()
+    return digest.hexdigest()
+
+
 def parse_job(line: int, text: str, base_dir: str, image_size: int, base_options: EditOptions,
-              context_length: int = 77) -> Job:
+              context_length: int = 77, cache: dict | None = None) -> Job:
     """One manifest line as a Job, checked as far as possible without running anything:
-    fields and types, options, prompt length, readable image, non-empty mask."""
+    fields and types, options, prompt length, readable image, non-empty mask. `cache` (one dict
+    per manifest) keeps what was learnt of each input file, so a file shared by many jobs is
+    read, decoded and hashed once."""
     try:
-        return _parse_job(line, text, base_dir, image_size, base_options, context_length)
+        return _parse_job(line, text, base_dir, image_size, base_options, context_length,
+                          {} if cache is None else cache)
     except ManifestError:
         raise
     except ValueError as e:  # includes image_io.InputError and json.JSONDecodeError
         raise ManifestError(line, str(e)) from None
+    except OSError as e:  # an input that vanished or turned unreadable between the checks
+        raise ManifestError(line, f"cannot read {e.filename} ({e.strerror})") from None
 
 
-def _parse_job(line, text, base_dir, image_size, base_options, context_length) -> Job:
+def _parse_job(line, text, base_dir, image_size, base_options, context_length, cache) -> Job:
     try:
         entry = json.loads(text)
     except json.JSONDecodeError as e:
@@ -144,13 +208,19 @@ def _parse_job(line, text, base_dir, image_size, base_options, context_length) -
     image = resolve(_typed("image", entry["image"], ""))
     mask = entry.get("mask")
     mask = None if mask is None else resolve(_typed("mask", mask, ""))
-    with warnings.catch_warnings(record=True) as caught:  # said once, here, with the line number
-        warnings.simplefilter("always")
-        load_inputs(image, mask, invert_mask, image_size)
-    for w in caught:
-        warnings.warn(f"manifest line {line}: {w.message}", stacklevel=2)
+    checked = cache.setdefault("checked", {})
+    key = (image, mask, invert_mask, image_size)
+    if key not in checked:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_inputs(image, mask, invert_mask, image_size)
+        checked[key] = [str(w.message) for w in caught]
+    for message in checked[key]:  # said for every line that uses the file, with its line number
+        warnings.warn(f"manifest line {line}: {message}", stacklevel=3)
+    digests = cache.setdefault("sha256", {})
     return Job(line=line, name=name, image=image, mask=mask, prompt=prompt, num_samples=num_samples, seed=seed,
-               invert_mask=invert_mask, options=options)
+               invert_mask=invert_mask, options=options, image_sha256=file_sha256(image, digests),
+               mask_sha256=None if mask is None else file_sha256(mask, digests))
 
 
 def load_inputs(image: str, mask: str | None, invert_mask: bool, image_size: int, quiet: bool = False):
@@ -164,20 +234,45 @@ def load_inputs(image: str, mask: str | None, invert_mask: bool, image_size: int
         return init, image_io.load_mask(mask, image_size, image_size=pil.size, invert_mask=invert_mask)
 
 
+def manifest_lines(path: str) -> list[str]:
+    """The manifest's lines (a UTF-8 byte-order mark is dropped); ValueError naming the file when
+    it is missing, unreadable, a directory, not UTF-8 text, or holds no job."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--manifest={path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--manifest={path} is a directory; pass a JSON-lines file, one job per line") from None
+    except OSError as e:
+        raise ValueError(f"--manifest={path} cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--manifest={path} is not UTF-8 text (undecodable byte at offset {e.start}): a manifest "
+                         "is a JSON-lines text file, one job per line") from None
+    if "\x00" in text:
+        raise ValueError(f"--manifest={path} is a binary file (it holds NUL bytes): a manifest is a JSON-lines text "
+                         "file, one job per line")
+    lines = _LINE_BREAK.split(text)
+    if not any(t.strip() and not t.lstrip().startswith("#") for t in lines):
+        raise ValueError(f"--manifest={path} holds no job (it is empty or only blank and '#' lines); "
+                         "write one JSON object per line")
+    return lines
+
+
 def read_manifest(path: str, image_size: int, base_options: EditOptions,
                   context_length: int = 77) -> tuple[list[Job], list[ManifestError]]:
     """The manifest's valid jobs and its bad lines. Blank lines and lines starting with '#' are
     skipped. Two jobs with the same name are an error for the whole manifest: their outputs would
-    collide."""
+    collide. The jobs' identity lacks the run's part until `with_run`."""
     base_dir = os.path.dirname(os.path.abspath(path))
-    jobs, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for number, text in enumerate(lines, start=1):
+    jobs, errors, cache = [], [], {}
+    for number, text in enumerate(manifest_lines(path), start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
         try:
-            jobs.append(parse_job(number, text, base_dir, image_size, base_options, context_length))
+            jobs.append(parse_job(number, text, base_dir, image_size, base_options, context_length, cache))
         except ManifestError as e:
             errors.append(e)
     seen = {}
@@ -190,7 +285,141 @@ def read_manifest(path: str, image_size: int, base_options: EditOptions,
 
 
 # ---------------------------------------------------------------------------------------------
+# The output directory: one run at a time, probed before any compute.
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as recorded in the lock file by `_lock`."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a run that has not recorded itself yet"
+
+
+@contextlib.contextmanager
+def _lock(output_dir: str) -> Iterator[None]:
+    """Hold an exclusive flock on OUTPUT_DIR/.bdjax-run.lock; OutputInUse at once if another
+    process holds it. The OS drops the lock when its holder dies, so a crashed run never leaves
+    the directory locked; the file records pid, host and start time for the message, and is
+    removed (while still locked) when the run ends."""
+    output_dir = os.path.abspath(output_dir)
+    path = os.path.join(output_dir, LOCK)
+    created, parent = [], output_dir
+    while not os.path.lexists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    fd = None
+    try:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _holder(fd)
+                    os.close(fd)
+                    fd = None  # not ours: the file stays
+                    raise OutputInUse(f"--output_dir={output_dir} is in use by another run ({holder}): wait for "
+                                      "it to finish or choose another output directory") from None
+                try:  # the previous holder may have removed the file between our open and flock
+                    if os.path.samestat(os.fstat(fd), os.stat(path)):
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+                fd = None
+        except OSError as e:
+            outputs.check_writable(output_dir)  # its message says what is wrong, if it finds it
+            raise PermissionError(f"cannot lock {path} ({e.strerror or e}); choose another output directory") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            os.close(fd)
+        for directory in created:  # made only to hold the lock: leave the disk as it was
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+
+
+def probe_job_dir(output_dir: str, job: Job) -> str | None:
+    """Why `job`'s files could not be written (None if they can), found by writing a probe
+    file; a directory made for the probe is removed again."""
+    directory = os.path.join(output_dir, job.name)
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        return f"{directory} exists and is not a directory; rename the job or move that file"
+    created = not os.path.lexists(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f"{outputs.TMP_PREFIX}probe-"):
+            pass
+    except OSError as e:
+        return f"cannot write in {directory} ({e.strerror or e}); fix its permissions or rename the job"
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+    return None
+
+
+def _union(flags: np.ndarray) -> np.ndarray:
+    """The element-wise OR of `flags` over all processes (also a barrier)."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(flags)).any(axis=0)
+
+
+@contextlib.contextmanager
+def claim_output_dir(output_dir: str, jobs: list[Job]) -> Iterator[tuple[list[Job], list[ManifestError], list[str]]]:
+    """Lock `output_dir` for this run, then, before any compute: remove the `.tmp-*` files killed
+    runs left in it and in the jobs' directories, and leave out the jobs whose directory cannot be
+    written. Yields (the jobs to run, the jobs left out as ManifestErrors, the removed paths).
+
+    An output directory that cannot be written raises (PermissionError, NotADirectoryError), one
+    locked by another run raises OutputInUse. Only process 0 of a multi-process run locks and
+    probes (the directory is shared); the others learn the outcome from it, so the processes of
+    one run never refuse each other."""
+    lead = jax.process_index() == 0
+    lock = contextlib.ExitStack()
+    error, removed, unwritable = None, [], {}
+    with lock:
+        if lead:
+            try:
+                lock.enter_context(_lock(output_dir))
+                outputs.check_writable(output_dir)
+                for directory in [output_dir] + [os.path.join(output_dir, job.name) for job in jobs]:
+                    removed += outputs.remove_stale_temporaries(directory)
+                for j, job in enumerate(jobs):
+                    reason = probe_job_dir(output_dir, job)
+                    if reason is not None:
+                        unwritable[j] = reason
+            except (OSError, ValueError) as e:
+                error = e
+        flags = np.zeros(len(jobs) + 1, bool)
+        flags[0] = error is not None
+        flags[[j + 1 for j in unwritable]] = True
+        flags = _union(flags)
+        if error is not None:
+            raise error
+        if flags[0]:
+            raise OutputInUse(f"process 0 of this run could not claim --output_dir={output_dir}; see its message")
+        skipped = [ManifestError(job.line, unwritable.get(j, f"process 0 cannot write {job.name}/"))
+                   for j, job in enumerate(jobs) if flags[j + 1]]
+        yield [job for j, job in enumerate(jobs) if not flags[j + 1]], skipped, removed
+
+
+# ---------------------------------------------------------------------------------------------
 # Work items on disk.
+
+Samples = dict  # {sample id: (distance, index of the process that wrote it)}: a job's finished samples
+
 
 def sample_png(output_dir: str, job: Job, k: int) -> str:
     return os.path.join(output_dir, job.name, f"sample_{k}.png")
@@ -208,23 +437,43 @@ def _read_json(path: str):
         return None
 
 
+def _finished_entries(output_dir: str, job: Job) -> Iterator[tuple[int, dict]]:
+    """(k, report entry) of each sample of `job` on disk (PNG and JSON both present, a finite
+    distance), in order of k; reads the directory once and only the entries that exist.
+
+    Raises ValueError if the job's directory holds samples of a different job."""
+    directory = os.path.join(output_dir, job.name)
+    try:
+        names = set(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    present = sorted(int(m.group(1)) for m in map(_SAMPLE_JSON.fullmatch, names) if m)
+    spec = job.spec()
+    for k in present:
+        if k >= job.num_samples or f"sample_{k}.png" not in names:
+            continue
+        entry = _read_json(sample_json(output_dir, job, k))
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("job") != spec:
+            raise ValueError(f"{directory} holds sample {k} of a different job (image or mask content, prompt, seed, "
+                             "options, or the run's precision, config, model size or weights differ); rename the "
+                             "job or remove that directory")
+        distance = entry.get("distance")
+        if isinstance(distance, (int, float)) and np.isfinite(distance):
+            yield k, entry
+
+
 def finished_samples(output_dir: str, job: Job) -> dict[int, dict]:
     """{k: report entry} for the samples of `job` on disk (PNG and JSON both present).
 
     Raises ValueError if the job's directory holds samples of a different job."""
-    directory = os.path.join(output_dir, job.name)
-    if not os.path.isdir(directory):
-        return {}
-    found = {}
-    for k in range(job.num_samples):
-        entry = _read_json(sample_json(output_dir, job, k))
-        if entry is None or not os.path.exists(sample_png(output_dir, job, k)):
-            continue
-        if entry.get("job") != job.spec():
-            raise ValueError(f"{directory} holds sample {k} of a different job (image, mask, prompt, seed or "
-                             "options differ); rename the job or remove that directory")
-        found[k] = entry
-    return found
+    return dict(_finished_entries(output_dir, job))
+
+
+def read_finished(output_dir: str, job: Job) -> Samples:
+    """`job`'s finished samples on disk, as the small entries a run keeps in memory."""
+    return {k: (float(e["distance"]), int(e.get("process_index", 0))) for k, e in _finished_entries(output_dir, job)}
 
 
 def write_sample(output_dir: str, job: Job, k: int, image: np.ndarray, distance: float, label: str = "") -> dict:
@@ -232,29 +481,36 @@ def write_sample(output_dir: str, job: Job, k: int, image: np.ndarray, distance:
     save = sample_png(output_dir, job, k)
     outputs.save_png(save, image)
     entry = {"name": job.name, "line": job.line, "sample_id": k, "seed": job.seed, "distance": float(distance),
-             "file": os.path.basename(save), "job": job.spec(), "process_index": jax.process_index()}
+             "file": os.path.basename(save), "image": job.image, "mask": job.mask, "job": job.spec(),
+             "process_index": jax.process_index()}
     if label:
         entry["label"] = label
     outputs.save_json(sample_json(output_dir, job, k), entry)
     return entry
 
 
-def write_summary(output_dir: str, job: Job, samples: dict[int, dict], image_size: int, label: str = "",
+def ranked(samples: Samples) -> list[dict]:
+    """A job's samples best first: {rank, sample_id, distance, file, process_index}."""
+    order = sorted(samples.items(), key=lambda item: (item[1][0], item[0]))
+    return [{"rank": r, "sample_id": k, "distance": distance, "file": f"sample_{k}.png", "process_index": writer}
+            for r, (k, (distance, writer)) in enumerate(order)]
+
+
+def write_summary(output_dir: str, job: Job, samples: Samples, image_size: int, label: str = "",
                   grid_size: int = 8) -> bool:
     """ranked.json (samples best first) and grid.png for a complete job; returns whether anything
     was written (nothing when the summary on disk already lists these samples)."""
-    ranked = sorted(samples.values(), key=lambda e: (e["distance"], e["sample_id"]))
+    best = ranked(samples)
     summary = {"name": job.name, "line": job.line, "num_samples": job.num_samples, "job": job.spec(),
                "label": label or None,
-               "samples": [{"rank": r, "sample_id": e["sample_id"], "distance": e["distance"], "file": e["file"]}
-                           for r, e in enumerate(ranked)]}
+               "samples": [{k: e[k] for k in ("rank", "sample_id", "distance", "file")} for e in best]}
     path = os.path.join(output_dir, job.name, RANKED)
     grid_path = os.path.join(output_dir, job.name, outputs.GRID)
     if _read_json(path) == summary and os.path.exists(grid_path):
         return False
     init, mask = load_inputs(job.image, job.mask, job.invert_mask, image_size, quiet=True)
-    images = [_read_png(os.path.join(output_dir, job.name, e["file"])) for e in ranked[:grid_size]]
-    caption = f"{job.prompt!r}: source, mask, best {len(images)} of {len(ranked)}"
+    images = [_read_png(os.path.join(output_dir, job.name, e["file"])) for e in best[:grid_size]]
+    caption = f"{job.prompt!r}: source, mask, best {len(images)} of {len(best)}"
     caption = f"{label}\n{caption}" if label else caption
     outputs.save_png(grid_path, outputs.grid(np.round((init + 1) * 127.5).astype(np.uint8),
                                              (mask[..., 0] * 255).astype(np.uint8), images, caption))
@@ -270,44 +526,67 @@ def _read_png(path: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Running.
 
+NOT_FINITE = "the image or distance is not finite (NaN or Inf): not written, a rerun retries it"
+
+
 @dataclasses.dataclass
 class RunStats:
     total: int = 0        # items of the valid jobs
     skipped: int = 0      # already on disk when the run started
-    computed: int = 0     # produced by this run, all processes together
+    computed: int = 0     # written by this run, all processes together
+    failed: int = 0       # computed by this run but not written (not finite, or not writable)
     sample_s: float = 0.0
     summaries: int = 0    # ranked.json/grid.png (re)written
+    finished: list = dataclasses.field(default_factory=list)    # per job: its finished Samples
+    failures: dict = dataclasses.field(default_factory=dict)    # {job index: {sample id: reason}}
+    job_errors: dict = dataclasses.field(default_factory=dict)  # {job index: why its files could not be written}
 
 
-def pending_items(output_dir: str, jobs: list[Job]) -> tuple[list[Job], list[tuple[int, int]], list[ManifestError]]:
+def pending_items(output_dir: str, jobs: list[Job]
+                  ) -> tuple[list[Job], list[tuple[int, int]], list[ManifestError], list[Samples]]:
     """(the jobs to run, (job index, sample id) of their missing items, the jobs left out because
-    their directory holds another job's samples), the same on every process.
+    their directory holds another job's samples, each kept job's finished Samples), the same on
+    every process. The disk is read once here; `run` keeps the Samples up to date.
 
     Each process looks at the disk, then they agree on the union of what anyone found (an
     all-gather, which is also a barrier: nobody writes before everybody has looked)."""
-    done, clash, reasons = [], np.zeros(len(jobs), bool), {}
+    found, clash, reasons = [], np.zeros(len(jobs), bool), {}
     for j, job in enumerate(jobs):
         try:
-            found = finished_samples(output_dir, job)
+            found.append(read_finished(output_dir, job))
         except ValueError as e:
-            clash[j], reasons[j], found = True, str(e), {}
-        done.append(np.array([k in found for k in range(job.num_samples)], bool))
-    done = np.concatenate(done) if done else np.zeros(0, bool)
+            clash[j], reasons[j] = True, str(e)
+            found.append({})
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        done = np.asarray(multihost_utils.process_allgather(done)).any(axis=0)
-        clash = np.asarray(multihost_utils.process_allgather(clash)).any(axis=0)
-    kept, items, conflicts, offset = [], [], [], 0
+        found, clash = _agree_on_disk(jobs, found, clash)
+    kept, items, conflicts, finished = [], [], [], []
     for j, job in enumerate(jobs):
         if clash[j]:
             conflicts.append(ManifestError(job.line, reasons.get(j, f"another process found samples of a "
                                                                     f"different job in {job.name}/")))
         else:
-            items += [(len(kept), k) for k in range(job.num_samples) if not done[offset + k]]
+            items += [(len(kept), k) for k in range(job.num_samples) if k not in found[j]]
             kept.append(job)
-        offset += job.num_samples
-    return kept, items, conflicts
+            finished.append(found[j])
+    return kept, items, conflicts, finished
+
+
+def _agree_on_disk(jobs, found, clash):
+    """The union over processes of the samples each found (and of the clashes)."""
+    from jax.experimental import multihost_utils
+
+    offsets = np.cumsum([0] + [job.num_samples for job in jobs])
+    distance = np.full(offsets[-1], np.nan, np.float32)
+    writer = np.full(offsets[-1], -1, np.int32)
+    for j, samples in enumerate(found):
+        for k, (d, w) in samples.items():
+            distance[offsets[j] + k], writer[offsets[j] + k] = d, w
+    distance, writer, clash = (np.asarray(multihost_utils.process_allgather(a)) for a in (distance, writer, clash))
+    first = np.argmax(writer >= 0, axis=0)  # a process that found the item, if any did
+    distance, writer = np.take_along_axis(distance, first[None], 0)[0], np.take_along_axis(writer, first[None], 0)[0]
+    union = [{k: (float(distance[offsets[j] + k]), int(writer[offsets[j] + k]))
+              for k in np.flatnonzero(writer[offsets[j]:offsets[j + 1]] >= 0).tolist()} for j in range(len(jobs))]
+    return union, clash.any(axis=0)
 
 
 def _barrier(name: str) -> None:
@@ -317,56 +596,168 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], *, label: str = "",
+# What became of a row of a batch, exchanged between processes after every batch.
+_NOT_MINE, _WRITTEN, _NOT_FINITE, _UNWRITABLE = 0, 1, 2, 3
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], *,
+        finished: list[Samples] | None = None, label: str = "",
         on_batch: Callable[[int], None] | None = None) -> RunStats:
     """Compute `items` (from `pending_items`) and write each on the process that computed it.
 
     Items that share (options, guided) are packed into batches of options.batch_size regardless
-    of their job. After every batch, process 0 rebuilds the summaries of that batch's jobs once
-    they are complete.
+    of their job. `finished` (from `pending_items`; read from disk if None) is kept up to date in
+    the returned stats, so no batch reads the disk; process 0 writes a job's summary when its
+    last sample is written. A sample that is not finite is reported on stderr and in
+    stats.failures and not written; a job whose files cannot be written is reported in
+    stats.job_errors and its remaining items are left out.
     `on_batch(n)` is called on every process with the number of items the batch finished.
     """
-    stats = RunStats(total=sum(j.num_samples for j in jobs), skipped=sum(j.num_samples for j in jobs) - len(items))
+    total = sum(j.num_samples for j in jobs)
+    finished = [read_finished(output_dir, job) for job in jobs] if finished is None else finished
+    stats = RunStats(total=total, skipped=total - len(items), finished=finished)
     groups: dict[tuple, list] = {}
     for j, k in items:  # manifest order within a group, so a job's samples stay together
         groups.setdefault((jobs[j].options, jobs[j].prompt != ""), []).append((j, k))
-    inputs: dict[int, tuple] = {}
+    inputs: dict[tuple, tuple] = {}
     embeds: dict[str, np.ndarray] = {}
-    for g, ((options, guided), group) in enumerate(groups.items()):
-        for start in range(0, len(group), options.batch_size):
-            chunk = group[start:start + options.batch_size]
+    count = 0
+    for (options, guided), group in groups.items():
+        position = 0
+        while True:
+            chunk = []
+            while position < len(group) and len(chunk) < options.batch_size:
+                if group[position][0] not in stats.job_errors:  # the same on every process
+                    chunk.append(group[position])
+                position += 1
+            if not chunk:
+                break
             needed = {j for j, _ in chunk}
-            # Only the jobs of this batch stay loaded: a manifest may hold many thousands of images.
-            inputs = {j: inputs[j] if j in inputs else load_inputs(jobs[j].image, jobs[j].mask, jobs[j].invert_mask,
-                                                                    editor.image_size, quiet=True) for j in needed}
+            keys = {j: (jobs[j].image, jobs[j].mask, jobs[j].invert_mask) for j in needed}
+            # Only the inputs of this batch stay loaded: a manifest may hold many thousands of images.
+            inputs = {key: inputs[key] if key in inputs else load_inputs(*key, editor.image_size, quiet=True)
+                      for key in set(keys.values())}
             for j in needed:
                 if jobs[j].prompt not in embeds:
                     embeds[jobs[j].prompt] = np.asarray(editor.encode_prompt(jobs[j].prompt))
             began = time.perf_counter()
             out = editor.sample(options, guided,
-                                np.stack([inputs[j][0] for j, _ in chunk]), np.stack([inputs[j][1] for j, _ in chunk]),
+                                np.stack([inputs[keys[j]][0] for j, _ in chunk]),
+                                np.stack([inputs[keys[j]][1] for j, _ in chunk]),
                                 np.stack([embeds[jobs[j].prompt] for j, _ in chunk]),
                                 np.array([k for _, k in chunk]), np.array([jobs[j].seed for j, _ in chunk]))
             stats.sample_s += time.perf_counter() - began
-            for row, image, distance in zip(out["rows"], out["images"], out["distances"]):
-                j, k = chunk[row]
-                write_sample(output_dir, jobs[j], k, np.round(image * 255).astype(np.uint8), distance, label)
-            stats.computed += len(chunk)
-            _barrier(f"bdjax.batch {g}:{start}")  # every item of the batch is on disk now
+            outcome, distances, errors = _write_rows(output_dir, jobs, chunk, out, label)
+            outcome, distances, writers = _exchange(outcome, distances, f"bdjax.batch {count}")
+            count += 1
+            completed = []
+            for row, (j, k) in enumerate(chunk):
+                if outcome[row] == _WRITTEN:
+                    finished[j][k] = (float(distances[row]), int(writers[row]))
+                    stats.computed += 1
+                    if len(finished[j]) == jobs[j].num_samples:
+                        completed.append(j)
+                    continue
+                stats.failed += 1
+                if outcome[row] == _NOT_FINITE:
+                    stats.failures.setdefault(j, {})[k] = NOT_FINITE
+                elif outcome[row] == _UNWRITABLE and j not in stats.job_errors:
+                    stats.job_errors[j] = errors.get(j, f"its files could not be written by process {writers[row]} "
+                                                        "(see that process's messages)")
             if jax.process_index() == 0:
-                stats.summaries += write_summaries(output_dir, [jobs[j] for j in sorted(needed)],
-                                                   editor.image_size, label)
+                for j in completed:
+                    stats.summaries += _summarize(output_dir, jobs[j], j, finished[j], editor.image_size, label,
+                                                  stats.job_errors)
             if on_batch is not None:
                 on_batch(len(chunk))
     _barrier("run finished")
     return stats
 
 
-def write_summaries(output_dir: str, jobs: list[Job], image_size: int, label: str = "") -> int:
-    """Summaries of the complete jobs among `jobs`; returns how many were (re)written."""
+def _write_rows(output_dir, jobs, chunk, out, label) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Write this process's rows of a batch: (outcome and distance per row of `chunk`, why a job's
+    files could not be written)."""
+    outcome = np.full(len(chunk), _NOT_MINE, np.int32)
+    distances = np.zeros(len(chunk), np.float32)
+    errors: dict[int, str] = {}
+    finite = out.get("finite")
+    if finite is None:
+        finite = np.ones(len(out["rows"]), bool)
+    for row, image, distance, ok in zip(out["rows"], out["images"], out["distances"], finite):
+        j, k = chunk[row]
+        job = jobs[j]
+        if not ok:
+            outcome[row] = _NOT_FINITE
+            _say(f"failed: job {job.name!r} (manifest line {job.line}) sample {k}: {NOT_FINITE}")
+        elif j in errors:
+            outcome[row] = _UNWRITABLE
+        else:
+            try:
+                write_sample(output_dir, job, k, np.round(np.asarray(image) * 255).astype(np.uint8), distance, label)
+                outcome[row], distances[row] = _WRITTEN, distance
+            except OSError as e:
+                outcome[row] = _UNWRITABLE
+                errors[j] = (f"cannot write {e.filename or sample_png(output_dir, job, k)} ({e.strerror or e}); its "
+                             "remaining samples are skipped, a rerun retries them")
+                _say(f"failed: job {job.name!r} (manifest line {job.line}): {errors[j]}")
+    return outcome, distances, errors
+
+
+def _exchange(outcome: np.ndarray, distances: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every process's view of a batch's rows: (outcome, distance, writing process) per row, from
+    the process that computed it (an all-gather, also a barrier: the batch is on disk after it)."""
+    if jax.process_count() == 1:
+        return outcome, distances, np.zeros(len(outcome), np.int32)
+    from jax.experimental import multihost_utils
+
+    outcome, distances = (np.asarray(multihost_utils.process_allgather(a)) for a in (outcome, distances))
+    writer = np.argmax(outcome != _NOT_MINE, axis=0)
+    columns = np.arange(outcome.shape[1])
+    return outcome[writer, columns], distances[writer, columns], writer
+
+
+def _summarize(output_dir: str, job: Job, j: int, samples: Samples, image_size: int, label: str,
+               job_errors: dict) -> int:
+    """Write a complete job's summary; a failure to write it is recorded in `job_errors`."""
+    try:
+        return int(write_summary(output_dir, job, samples, image_size, label))
+    except OSError as e:
+        job_errors[j] = f"cannot write its summary {e.filename or ''} ({e.strerror or e}); a rerun retries it"
+        _say(f"failed: job {job.name!r} (manifest line {job.line}): {job_errors[j]}")
+        return 0
+
+
+def job_results(jobs: list[Job], stats: RunStats) -> list[dict]:
+    """Per job, for the run's report: its samples best first, the samples that failed in this
+    run and why, and why its files could not be written (if so)."""
+    results = []
+    for j, job in enumerate(jobs):
+        samples = stats.finished[j]
+        result = {"name": job.name, "line": job.line, "prompt": job.prompt, "num_samples": job.num_samples,
+                  "complete": len(samples) == job.num_samples,
+                  "samples": [{"seed": job.seed, "sample_id": e["sample_id"], "distance": e["distance"],
+                               "file": e["file"], "process_index": e["process_index"]} for e in ranked(samples)]}
+        if j in stats.failures:
+            result["failed"] = [{"sample_id": k, "reason": reason} for k, reason in sorted(stats.failures[j].items())]
+        if j in stats.job_errors:
+            result["error"] = stats.job_errors[j]
+        results.append(result)
+    return results
+
+
+def write_summaries(output_dir: str, jobs: list[Job], image_size: int, label: str = "",
+                    finished: list[Samples] | None = None, job_errors: dict | None = None) -> int:
+    """Summaries of the complete jobs among `jobs` (`finished`: their Samples, else read from
+    disk) but those in `job_errors`, where a failure to write one is recorded; returns how many
+    were (re)written."""
+    job_errors = {} if job_errors is None else job_errors
     written = 0
-    for job in jobs:
-        samples = finished_samples(output_dir, job)
-        if len(samples) == job.num_samples:
-            written += write_summary(output_dir, job, samples, image_size, label)
+    for j, job in enumerate(jobs):
+        samples = read_finished(output_dir, job) if finished is None else finished[j]
+        if len(samples) == job.num_samples and j not in job_errors:
+            written += _summarize(output_dir, job, j, samples, image_size, label, job_errors)
     return written

@@ -26,6 +26,18 @@ from bdjax.models.clip import spherical_distance
 CLIP_SIZE = 224
 
 
+# The values each EditOptions annotation accepts (ints are floats too; bools are nothing else).
+_OPTION_TYPES = {"bool": (bool, np.bool_), "int": (int, np.integer), "float": (int, float, np.integer, np.floating),
+                 "str": (str,)}
+
+
+def _finite(value) -> bool:
+    try:
+        return bool(np.isfinite(float(value)))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class EditOptions:
     """Sampling options, named and defaulted as the reference's flags."""
@@ -56,8 +68,17 @@ class EditOptions:
             batch_size=self.batch_size)
 
     def validate(self, num_timesteps: int | None = None) -> None:
-        """Raise ValueError for settings the sampler cannot run; `num_timesteps` defaults to the
-        respaced schedule's length."""
+        """Raise ValueError for settings the sampler cannot run: a value of the wrong type, a
+        non-finite number, a bad respacing, skip_timesteps outside the schedule; `num_timesteps`
+        defaults to the respaced schedule's length."""
+        for field in dataclasses.fields(self):
+            value, kinds = getattr(self, field.name), _OPTION_TYPES.get(field.type)
+            if kinds is None:
+                continue
+            if not isinstance(value, kinds) or (field.type != "bool" and isinstance(value, (bool, np.bool_))):
+                raise ValueError(f"{field.name}={value!r} should be of type {field.type}")
+            if field.type == "float" and not _finite(value):
+                raise ValueError(f"{field.name}={value} must be a finite number")
         if num_timesteps is None:
             num_timesteps = len(diffusion.space_timesteps(1000, self.timestep_respacing))
         if not 0 <= self.skip_timesteps < num_timesteps:
@@ -78,11 +99,22 @@ class Models:
     lpips: Any = None
 
 
+# The most samples one edit (one run, one manifest job) may ask for.
+MAX_NUM_SAMPLES = 100_000
+
+
 def check_request(num_samples: int, seed: int, flag_prefix: str = "") -> None:
     """The checks on one edit's sample count and seed, shared by the API, the launch programs and
     manifests; flag_prefix "--" names them as command-line flags."""
+    for name, value in (("num_samples", num_samples), ("seed", seed)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{flag_prefix}{name}={value!r} should be an integer")
     if num_samples < 1:
         raise ValueError(f"{flag_prefix}num_samples={num_samples} must be at least 1")
+    if num_samples > MAX_NUM_SAMPLES:
+        raise ValueError(f"{flag_prefix}num_samples={num_samples} is more than {MAX_NUM_SAMPLES:,}, the most one "
+                         "edit may ask for: split the work into several runs (or batch manifest jobs) with "
+                         "different seeds")
     if not 0 <= seed < 2 ** 31:
         raise ValueError(f"{flag_prefix}seed={seed} must be in [0, 2**31)")
 

@@ -2,36 +2,44 @@
 
 A converted network lives in a directory as two files: `NAME.safetensors` holds
 the Flax parameters (keys are the Flax parameter paths joined with "/"), and
-`NAME.json` holds the module configuration plus provenance. Reading needs
-neither torch nor pickle.
+`NAME.json` holds the module configuration, provenance and `tensors_sha256`, a
+digest of the tensors (see `digest`). Reading needs neither torch nor pickle.
 
 Every converter and every `load()` checks the parameters key by key and shape
 by shape against `jax.eval_shape` of the module, so a wrong or damaged
 checkpoint fails with the offending names instead of a shape error deep in a
-forward pass.
+forward pass. Loading also verifies the digest (flipped bytes), refuses NaN or
+infinite weights and a config that cannot build the module, and reports each
+as one `CheckpointError` naming the file, the problem and how to reconvert.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+import re
+import types
+import typing
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from bdjax.outputs import atomic_write
+from bdjax.outputs import atomic_write, check_writable
 
 FORMAT = "bdjax-converted-weights"
 SEP = "/"
+DIGEST_KEY = "tensors_sha256"
 
 
 class CheckpointMismatchError(ValueError):
     """Parameters do not match the module: lists missing, unexpected and mis-shaped keys."""
 
-    def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), fix: str = ""):
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.misshaped = sorted(misshaped)
@@ -42,7 +50,32 @@ class CheckpointMismatchError(ValueError):
         if self.misshaped:
             shown = [f"{k} {tuple(got)} (expected {tuple(want)})" for k, got, want in self.misshaped]
             parts.append(f"{len(shown)} mis-shaped key(s): {_preview(shown)}")
-        super().__init__(f"{what} does not match the module: " + "; ".join(parts))
+        super().__init__(f"{what} does not match the module: " + "; ".join(parts) + (f"; {fix}" if fix else ""))
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint that cannot be used (damaged, unreadable, or not what the run asks
+    for). The message is one line: the file, what is wrong, and the fix."""
+
+    def __init__(self, path: str, problem: str, fix: str):
+        self.path = path
+        super().__init__(f"{path}: {problem}; {fix}")
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint converted before digests were recorded: its tensors cannot be verified."""
+
+
+def reconvert_hint(name: str) -> str:
+    """How to rewrite NAME.* (the converter of the same name, or fetch for the weights cache)."""
+    return (f"reconvert it (python -m checkpoints_convert.{name} ... --overwrite; for the weights cache: "
+            "python -m checkpoints_convert.fetch --force)")
+
+
+def _shorten(error: Exception, limit: int = 300) -> str:
+    """An exception's message on one line, at most `limit` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _preview(items, limit=12):
@@ -71,7 +104,37 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
     return tree
 
 
-def check_params(flat: Mapping[str, Any], expected: Mapping, what: str = "checkpoint") -> None:
+def digest(flat: Mapping[str, Any]) -> str:
+    """sha256 (hex) over the tensors in sorted key order: each key, dtype name and shape, then
+    the array's bytes (C order). Equal for equal weights whatever file or device holds them."""
+    h = hashlib.sha256()
+    for key in sorted(flat):
+        array = np.ascontiguousarray(np.asarray(flat[key]))
+        h.update(f"{key}\0{array.dtype.name}\0{array.shape}\0".encode())
+        h.update(array.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def weights_digest(digests: Mapping[str, str]) -> str:
+    """A short stable id (16 hex digits) of several networks' weights, from their `digest`s by name."""
+    text = json.dumps(dict(sorted(digests.items())), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def non_finite(flat: Mapping[str, Any]) -> list[str]:
+    """Keys of the floating-point arrays holding a NaN or an infinity (sorted)."""
+    bad = []
+    for key in sorted(flat):
+        array = np.asarray(flat[key])
+        if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+            continue
+        # A sum is non-finite whenever an element is (and, rarely, on overflow): check exactly then.
+        if not np.isfinite(array.sum(dtype=np.float32)) and not np.isfinite(array).all():
+            bad.append(key)
+    return bad
+
+
+def check_params(flat: Mapping[str, Any], expected: Mapping, what: str = "checkpoint", fix: str = "") -> None:
     """Raise CheckpointMismatchError unless `flat` has exactly the keys and shapes of `expected`.
 
     `expected` is a nested params tree of arrays or `jax.ShapeDtypeStruct`s
@@ -83,7 +146,7 @@ def check_params(flat: Mapping[str, Any], expected: Mapping, what: str = "checkp
     unexpected = got.keys() - want.keys()
     misshaped = [(k, got[k], want[k]) for k in want.keys() & got.keys() if got[k] != want[k]]
     if missing or unexpected or misshaped:
-        raise CheckpointMismatchError(what, missing, unexpected, misshaped)
+        raise CheckpointMismatchError(what, missing, unexpected, misshaped, fix)
 
 
 def paths(directory: str, name: str) -> tuple[str, str]:
@@ -91,28 +154,43 @@ def paths(directory: str, name: str) -> tuple[str, str]:
 
 
 def ensure_writable(directory: str, name: str, overwrite: bool) -> None:
-    """Raise FileExistsError if NAME.* already exist in `directory` and `overwrite` is off.
+    """Raise unless NAME.* can be written into `directory`: FileExistsError if they exist and
+    `overwrite` is off, NotADirectoryError / PermissionError if the directory cannot be made or
+    written, IsADirectoryError if a directory stands where a file goes.
 
     Converters call this first, so a refused run fails before any slow work.
     """
-    existing = [p for p in paths(directory, name) if os.path.exists(p)]
+    existing = [p for p in paths(directory, name) if os.path.lexists(p)]
+    for p in existing:
+        if os.path.isdir(p):
+            raise IsADirectoryError(f"{p} is a directory where the converted file goes: remove it or "
+                                    "choose another output directory")
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+    try:
+        check_writable(directory)
+    except NotADirectoryError as e:
+        raise NotADirectoryError(f"{e}; choose another output directory") from None
 
 
 def save(directory: str, name: str, flat: Mapping[str, np.ndarray], config: Mapping[str, Any],
          *, model: str, source: str = "", overwrite: bool = False) -> tuple[str, str]:
-    """Write NAME.safetensors and NAME.json into `directory`; returns their paths.
+    """Write NAME.safetensors and NAME.json (with the tensors' `digest`) into `directory`;
+    returns their paths.
 
-    Refuses to replace existing files unless `overwrite`. Each file is written
-    to a temporary name and renamed, so an interrupted save leaves no half file.
+    Refuses to replace existing files unless `overwrite`, and refuses NaN or infinite weights.
+    Each file is written to a temporary name and renamed, so an interrupted save leaves no half file.
     """
     ensure_writable(directory, name, overwrite)
     weights_path, config_path = paths(directory, name)
-    os.makedirs(directory, exist_ok=True)
-    meta = {"format": FORMAT, "model": model, "source": source, "config": dict(config)}
     # ascontiguousarray turns 0-d arrays into shape (1,); keep scalars (e.g. CLIP's logit_scale) 0-d.
     arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in flat.items()}
+    bad = non_finite(arrays)
+    if bad:
+        raise ValueError(f"refusing to write {weights_path}: {len(bad)} tensor(s) hold NaN or infinite "
+                         f"values ({_preview(bad)}); the source weights are damaged")
+    meta = {"format": FORMAT, "model": model, "source": source, "config": dict(config), DIGEST_KEY: digest(arrays)}
+    os.makedirs(directory, exist_ok=True)
     atomic_write(weights_path, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT}))
     atomic_write(config_path, lambda tmp: _write_json(tmp, meta))
     return weights_path, config_path
@@ -124,23 +202,144 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def read(directory: str, name: str, *, model: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read (config, flat params) written by `save`. Raises FileNotFoundError / ValueError."""
-    weights_path, config_path = paths(directory, name)
-    for p in (weights_path, config_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(
-                f"{p} not found: convert the weights first (python -m checkpoints_convert.{name} ...)")
-    with open(config_path, encoding="utf-8") as f:
-        meta = json.load(f)
+def _require_file(path: str, name: str) -> None:
+    if os.path.isdir(path):
+        raise CheckpointError(path, "is a directory, not a file", reconvert_hint(name))
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: convert the weights first (python -m checkpoints_convert.{name} ...)")
+
+
+def read_meta(directory: str, name: str, *, model: str) -> dict:
+    """NAME.json, checked: a JSON object of the right format and model, with a `config` object
+    and (from converters since digests were added) a sha256 hex digest."""
+    _, config_path = paths(directory, name)
+    _require_file(config_path, name)
+    hint = reconvert_hint(name)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(config_path, f"is not valid JSON ({e})", hint) from None
+    except OSError as e:
+        raise CheckpointError(config_path, f"cannot be read ({e.strerror or e})", hint) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(config_path, f"holds a JSON {type(meta).__name__}, not an object", hint)
     if meta.get("format") != FORMAT or meta.get("model") != model:
-        raise ValueError(f"{config_path} is not a converted {model} checkpoint "
-                         f"(format={meta.get('format')!r}, model={meta.get('model')!r})")
-    return meta["config"], load_file(weights_path)
+        raise CheckpointError(config_path, f"is not a converted {model} checkpoint "
+                              f"(format={meta.get('format')!r}, model={meta.get('model')!r})", hint)
+    if not isinstance(meta.get("config"), dict):
+        got = "no" if "config" not in meta else f"a {type(meta['config']).__name__} as"
+        raise CheckpointError(config_path, f"has {got} `config`, expected an object of module fields", hint)
+    recorded = meta.get(DIGEST_KEY)
+    if recorded is not None and not (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded)):
+        raise CheckpointError(config_path, f"has a malformed `{DIGEST_KEY}` {recorded!r} (expected 64 hex digits)",
+                              hint)
+    return meta
 
 
-def restore(flat: Mapping[str, np.ndarray], expected: Mapping, *, what: str, dtype=None) -> dict:
+def recorded_digest(directory: str, name: str, *, model: str) -> str | None:
+    """The tensors' digest recorded at conversion; None for checkpoints converted before digests."""
+    return read_meta(directory, name, model=model).get(DIGEST_KEY)
+
+
+_warned_unverified: set[str] = set()
+
+
+def read_weights(directory: str, name: str, meta: Mapping, *, verify: bool = True) -> dict[str, np.ndarray]:
+    """NAME.safetensors as flat numpy arrays, checked against `meta`'s digest (unless not
+    `verify`) and for NaN or infinite values."""
+    weights_path, config_path = paths(directory, name)
+    _require_file(weights_path, name)
+    hint = reconvert_hint(name)
+    try:
+        flat = load_file(weights_path)
+    except Exception as e:  # safetensors raises its own error type, and OSError
+        raise CheckpointError(weights_path, f"is not a readable safetensors file, truncated or damaged "
+                              f"({_shorten(e)})", hint) from None
+    recorded = meta.get(DIGEST_KEY)
+    if verify and recorded is not None and digest(flat) != recorded:
+        raise CheckpointError(weights_path, f"its tensors do not match the digest recorded in {config_path} "
+                              "(damaged or altered bytes)", hint)
+    if recorded is None and os.path.abspath(weights_path) not in _warned_unverified:
+        _warned_unverified.add(os.path.abspath(weights_path))
+        warnings.warn(f"{config_path} records no digest of its tensors (converted by an older bdjax), so "
+                      f"{weights_path} is used unverified; {hint}", UnverifiedCheckpointWarning, stacklevel=3)
+    bad = non_finite(flat)
+    if bad:
+        raise CheckpointError(weights_path, f"{len(bad)} tensor(s) hold NaN or infinite values ({_preview(bad, 4)})",
+                              hint)
+    return flat
+
+
+def read(directory: str, name: str, *, model: str, verify: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read (config, flat params) written by `save`, checked as `read_meta` and `read_weights` do.
+    Raises FileNotFoundError when a file is missing, CheckpointError when one is unusable."""
+    meta = read_meta(directory, name, model=model)
+    return meta["config"], read_weights(directory, name, meta, verify=verify)
+
+
+def check_fields(cls: type, fields: Mapping[str, Any]) -> None:
+    """Raise ValueError unless every value in `fields` has the type its dataclass field of `cls`
+    is annotated with (int, float, bool, None, str, tuple[T, ...] and unions of them)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in fields.items():
+        if key in hints and not _has_type(value, hints[key]):
+            raise ValueError(f"field {key}={value!r} is not of type {_type_name(hints[key])}")
+
+
+def _has_type(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_has_type(v, a) for v, a in zip(value, args))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def load(directory: str, name: str, *, model: str, build: Callable[[dict], Any], shapes: Callable[[Any], Mapping],
+         param_dtype=None, verify: bool = True, check: Callable[[Any, str], None] | None = None) -> tuple[Any, dict]:
+    """(module, params) from NAME.* in `directory`, every problem a one-line error.
+
+    `build(config)` makes the module from the stored config, `shapes(module)` its expected params
+    tree; `check(module, config_path)` may then refuse a module the caller cannot use (raise
+    CheckpointError). `verify=False` skips the digest check.
+    """
+    meta = read_meta(directory, name, model=model)
+    weights_path, config_path = paths(directory, name)
+    hint = reconvert_hint(name)
+    try:
+        module = build(meta["config"])
+        expected = shapes(module)
+    except Exception as e:  # any failure here comes from the stored config
+        raise CheckpointError(config_path, f"its config does not describe a valid {model} ({_shorten(e, 500)})",
+                              hint) from None
+    flat = read_weights(directory, name, meta, verify=verify)
+    check_params(flat, expected, weights_path, hint)  # a different network is named as such first
+    if check is not None:
+        check(module, config_path)
+    return module, restore(flat, expected, what=weights_path, dtype=param_dtype, fix=hint)
+
+
+def restore(flat: Mapping[str, np.ndarray], expected: Mapping, *, what: str, dtype=None, fix: str = "") -> dict:
     """Check `flat` against `expected` and return the nested params tree as jax arrays."""
-    check_params(flat, expected, what)
+    check_params(flat, expected, what, fix)
     cast = (lambda a: jax.numpy.asarray(a, dtype)) if dtype is not None else jax.numpy.asarray
     return unflatten({k: cast(v) for k, v in flat.items()})

@@ -46,28 +46,37 @@ def named_betas(name: str, num_timesteps: int) -> np.ndarray:
 def space_timesteps(num_timesteps: int, section_counts: str) -> list[int]:
     """The original timesteps kept by a respacing string, ascending.
 
-    "100" keeps round(k * 999 / 99) for k = 0..99; "10,20,30" splits the process
-    into three equal sections strided to those counts; "ddimN" uses the DDIM
-    paper's fixed integer stride and must give exactly N steps.
+    "" keeps every step; "100" keeps round(k * 999 / 99) for k = 0..99; "10,20,30" splits the
+    process into three equal sections strided to those counts (a section may keep 0); "ddimN"
+    uses the DDIM paper's fixed integer stride and must give exactly N steps. Counts are plain
+    decimal digits; anything else, or a string that keeps no step, is a ValueError.
     """
+    if not isinstance(section_counts, str):
+        raise _bad_respacing(section_counts, "is not a string")
     if not section_counts:
         return list(range(num_timesteps))
     if section_counts.startswith("ddim"):
-        desired = int(section_counts[len("ddim"):])
+        desired = _step_count(section_counts[len("ddim"):])
+        if desired is None:
+            raise _bad_respacing(section_counts, "needs a step count after 'ddim'")
+        if desired == 0:
+            raise _bad_respacing(section_counts, "keeps no step")
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == desired:
                 return list(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot take exactly {desired} of {num_timesteps} steps with an integer stride")
-    try:
-        counts = [int(c) for c in section_counts.split(",")]
-    except ValueError:
-        raise ValueError(f"bad timestep_respacing {section_counts!r}: use e.g. '100', '10,20,30' or 'ddim50'") from None
+        raise _bad_respacing(section_counts, f"cannot take exactly {desired} of {num_timesteps} steps "
+                                             "with an integer stride")
+    counts = [_step_count(c) for c in section_counts.split(",")]
+    if None in counts:
+        raise _bad_respacing(section_counts, "is not a step count or comma-separated step counts")
+    if not any(counts):
+        raise _bad_respacing(section_counts, "keeps no step")
     size_per, extra = divmod(num_timesteps, len(counts))
     start, kept = 0, []
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+            raise _bad_respacing(section_counts, f"asks for {count} steps from a section of {size}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         position = 0.0
         for _ in range(count):
@@ -75,6 +84,16 @@ def space_timesteps(num_timesteps: int, section_counts: str) -> list[int]:
             position += stride  # accumulated, not k * stride: the rounding must match the reference's
         start += size
     return sorted(set(kept))
+
+
+def _step_count(text: str) -> int | None:
+    """A non-negative count written as ASCII digits only (no sign, space, underscore), else None."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _bad_respacing(value, why: str) -> ValueError:
+    return ValueError(f"timestep_respacing={value!r} {why}: use a step count ('100'), steps per section "
+                      "('10,20,30') or a DDIM step count ('ddim50')")
 
 
 @flax.struct.dataclass

@@ -2,13 +2,15 @@
 
 Samples run in batches of `batch_size` through one jit-compiled sampler per configuration;
 the last batch is padded to full size (so nothing recompiles) and the padding discarded.
-Results come back ranked best first by the reference's CLIP distance.
+Results come back ranked best first by the reference's CLIP distance; `edit_batches` yields them
+batch by batch instead, as they finish. Samples that turn NaN or infinite are flagged, never ranked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -17,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bdjax import image_io, parallel, tokenizer
+from bdjax import checkpoint, image_io, parallel, tokenizer
 from bdjax.blended import EditOptions, Models, Sampler, check_request, make_sampler, steps_per_call
 from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib
@@ -37,18 +39,63 @@ class EditResult:
     mask: np.ndarray          # [H, W] uint8 {0, 255}, after invert_mask
     prompt: str
     options: EditOptions
+    # Sample ids whose image or distance came out NaN or infinite: left out of the above.
+    failed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     def pil_images(self) -> list[Image.Image]:
         return [Image.fromarray(im) for im in self.images]
+
+
+@dataclasses.dataclass
+class EditBatch:
+    """One finished batch of an edit, in sample order (on several hosts: this process's share)."""
+    sample_ids: np.ndarray    # [n] int
+    images: np.ndarray        # [n, H, W, 3] uint8; all black where not finite
+    distances: np.ndarray     # [n] float
+    finite: np.ndarray        # [n] bool: False where the image or the distance is NaN or infinite
+
+
+@dataclasses.dataclass
+class EditStream:
+    """An edit that runs as it is iterated, yielding each `EditBatch` as soon as it is computed.
+
+    Inputs and options are checked and prepared when the stream is made (`edit_batches`), so a
+    bad request fails before any sampling; iterating computes the batches in order, once.
+    """
+    source: np.ndarray        # [H, W, 3] uint8, the resized input
+    mask: np.ndarray          # [H, W] uint8 {0, 255}, after invert_mask
+    prompt: str
+    seed: int
+    num_samples: int
+    options: EditOptions
+    batches: Iterator[EditBatch]
+
+    def __iter__(self) -> Iterator[EditBatch]:
+        return self.batches
+
+
+def to_uint8(images: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] as uint8; rows that are not `finite` become black instead of garbage."""
+    images = np.where(finite[:, None, None, None], images, 0)
+    return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
 
 
 class BlendedDiffusion:
     """Holds the three networks and their params; compiles a sampler per configuration."""
 
     def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None,
-                 mesh=None):
-        """Each network as (module, params). Samples are split over `mesh` (default: every device)."""
+                 mesh=None, *, weights_digest: str | None = None):
+        """Each network as (module, params). Samples are split over `mesh` (default: every device).
+
+        `weights_digest` identifies all the networks' weights (`from_pretrained` passes the one
+        built from the checkpoints' recorded digests); by default it is computed from the params.
+        """
         self.models = Models(unet=unet[0], clip=clip[0], lpips=None if lpips is None else lpips[0])
+        if weights_digest is None:
+            nets = {"unet": unet, "clip": clip, **({"lpips": lpips} if lpips is not None else {})}
+            weights_digest = checkpoint.weights_digest(
+                {name: checkpoint.digest(checkpoint.flatten(net[1])) for name, net in nets.items()})
+        self.weights_digest: str = weights_digest
         self.mesh = parallel.make_mesh() if mesh is None else mesh
         params = {"unet": unet[1], "clip": clip[1]}
         if lpips is not None:
@@ -61,21 +108,34 @@ class BlendedDiffusion:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str, dtype=jnp.float32, param_dtype=None,
-                        unet_dir: str | None = None, remat: str = "none") -> "BlendedDiffusion":
-        """Load converted weights: unet.*, clip.* and (if present) lpips.* in `checkpoint_dir`.
+                        unet_dir: str | None = None, remat: str = "none", *, with_lpips: bool | None = None,
+                        image_size: int | None = None, verify_weights: bool = True) -> "BlendedDiffusion":
+        """Load converted weights: unet.* and clip.* in `checkpoint_dir`, and lpips.* there when
+        `with_lpips` (None: when present; a run without the LPIPS loss does not need it).
 
         `unet_dir` picks another directory for the UNet (e.g. the 512 model); `remat` is the
         rematerialisation policy of the UNet's and CLIP's blocks in the guidance gradient
-        ("none", "dots", "blocks"; see bdjax/models/remat.py).
+        ("none", "dots", "blocks"; see bdjax/models/remat.py). `image_size` refuses a UNet made
+        for another size; `verify_weights=False` skips checking the tensors against the digests
+        recorded at conversion (bdjax/checkpoint.py). `weights_digest` is built from those digests.
         """
         checkpoint_dir = os.path.expanduser(checkpoint_dir)
         unet_dir = os.path.expanduser(unet_dir or checkpoint_dir)
-        unet = unet_lib.load(unet_dir, dtype=dtype, param_dtype=param_dtype, remat=remat)
-        clip = clip_lib.load(checkpoint_dir, dtype=dtype, param_dtype=param_dtype, remat=remat)
-        lpips = None
-        if os.path.exists(os.path.join(checkpoint_dir, f"{lpips_lib.CHECKPOINT_NAME}.json")):
-            lpips = lpips_lib.load(checkpoint_dir, dtype=dtype, param_dtype=param_dtype)
-        return cls(unet, clip, lpips)
+        if with_lpips is None:
+            with_lpips = os.path.exists(os.path.join(checkpoint_dir, f"{lpips_lib.CHECKPOINT_NAME}.json"))
+        common = dict(dtype=dtype, param_dtype=param_dtype, verify=verify_weights)
+        nets = {"unet": (unet_dir, lambda: unet_lib.load(unet_dir, remat=remat, image_size=image_size, **common)),
+                "clip": (checkpoint_dir, lambda: clip_lib.load(checkpoint_dir, remat=remat, **common))}
+        if with_lpips:
+            nets["lpips"] = (checkpoint_dir, lambda: lpips_lib.load(checkpoint_dir, **common))
+        loaded, digests = {}, {}
+        for name, (directory, load) in nets.items():
+            loaded[name] = load()
+            # Checkpoints converted before digests were recorded: the digest of the params as loaded.
+            digests[name] = (checkpoint.recorded_digest(directory, name, model=name)
+                             or checkpoint.digest(checkpoint.flatten(loaded[name][1])))
+        return cls(loaded["unet"], loaded["clip"], loaded.get("lpips"),
+                   weights_digest=checkpoint.weights_digest(digests))
 
     def encode_prompt(self, prompt: str) -> jax.Array:
         tokens = tokenizer.tokenize(prompt, context_length=self.models.clip.context_length)
@@ -100,26 +160,45 @@ class BlendedDiffusion:
         """Edit the masked region of `image` to match `prompt`; returns results ranked best first.
 
         Samples are spread over every device; on several hosts each process gets back the
-        samples its devices produced.
+        samples its devices produced. A sample that turns NaN or infinite is left out of the
+        ranking and listed in `failed`. To handle results batch by batch as they finish (without
+        holding them all in memory), iterate `edit_batches` instead.
 
         options: the reference's flags (see EditOptions): skip_timesteps, timestep_respacing, ddim,
         clip_guidance_lambda, range_lambda, aug_num, local_clip_guided_diffusion,
         background_preservation_loss, lpips_sim_lambda, l2_sim_lambda, enforce_background,
         batch_size, randomize_class, symmetric_translation.
         """
+        stream = self.edit_batches(image, mask, prompt, num_samples=num_samples, seed=seed,
+                                   invert_mask=invert_mask, progress=progress, **options)
+        batches = list(stream)
+        ids, images, distances, finite = (np.concatenate([getattr(b, key) for b in batches])
+                                          for key in ("sample_ids", "images", "distances", "finite"))
+        order = np.argsort(distances[finite], kind="stable")
+        return EditResult(images=images[finite][order], distances=distances[finite][order],
+                          sample_ids=ids[finite][order], seed=seed, source=stream.source, mask=stream.mask,
+                          prompt=prompt, options=stream.options, failed=np.sort(ids[~finite]))
+
+    def edit_batches(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
+                     invert_mask: bool = False, progress: bool = True, **options) -> EditStream:
+        """`edit` as a stream: checks and prepares the request now, then computes one batch per
+        step of the iteration (see EditStream). Memory stays that of one batch whatever
+        `num_samples` is: every sample shares one copy of the inputs."""
         opts = self.options(**options)
         check_request(num_samples, seed)
         init, m = self.prepare(image, mask, invert_mask)
-        text_embed = self.encode_prompt(prompt)
-        rows = lambda a: np.broadcast_to(a, (num_samples, *np.shape(a)[1:]))  # noqa: E731
-        out = self.sample(opts, prompt != "", rows(init), rows(m), rows(np.asarray(text_embed)[None]),
-                          np.arange(num_samples), np.full(num_samples, seed), progress=progress)
-        order = np.argsort(out["distances"], kind="stable")
-        return EditResult(
-            images=np.round(out["images"][order] * 255).astype(np.uint8), distances=out["distances"][order],
-            sample_ids=out["rows"][order], seed=seed,
-            source=np.round((init[0] + 1) * 127.5).astype(np.uint8),
-            mask=(m[0, ..., 0] * 255).astype(np.uint8), prompt=prompt, options=opts)
+        text_embed = np.asarray(self.encode_prompt(prompt))[None]
+        rows = lambda a: np.broadcast_to(a, (num_samples, *np.shape(a)[1:]))  # noqa: E731  views, not copies
+
+        def batches():
+            for out in self.sample_batches(opts, prompt != "", rows(init), rows(m), rows(text_embed),
+                                           range(num_samples), rows(np.int32(seed)[None]), progress=progress):
+                yield EditBatch(sample_ids=out["rows"], images=to_uint8(out["images"], out["finite"]),
+                                distances=out["distances"], finite=out["finite"])
+
+        return EditStream(source=np.round((init[0] + 1) * 127.5).astype(np.uint8),
+                          mask=(m[0, ..., 0] * 255).astype(np.uint8), prompt=prompt, seed=seed,
+                          num_samples=num_samples, options=opts, batches=batches())
 
     def options(self, **options) -> EditOptions:
         """EditOptions from the reference's flag names, checked against these networks."""
@@ -129,17 +208,30 @@ class BlendedDiffusion:
         opts = EditOptions(**options)
         opts.validate()
         if opts.background_preservation_loss and opts.lpips_sim_lambda and self.models.lpips is None:
-            raise ValueError("background_preservation_loss needs LPIPS weights: convert them with "
-                             "python -m checkpoints_convert.lpips, or set lpips_sim_lambda=0")
+            raise ValueError("background_preservation_loss needs the LPIPS weights, which this editor was built "
+                             "without: convert them (python -m checkpoints_convert.lpips) and load them with "
+                             "from_pretrained(..., with_lpips=True), or set lpips_sim_lambda=0")
         return opts
 
     def sample(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
                progress: bool = False) -> dict:
         """Run N independent samples, each with its own inputs, `options.batch_size` at a time.
 
-        init [N, S, S, 3] in [-1, 1], mask [N, S, S, 1], text_embed [N, D], sample_ids [N], seeds [N].
-        Returns {"rows", "images" [n, S, S, 3] in [0, 1], "distances" [n]} for the n rows this
-        process computed (all N on one host); "rows" are their indices into the inputs.
+        init [N, S, S, 3] in [-1, 1], mask [N, S, S, 1], text_embed [N, D], sample_ids [N] (an array
+        or a range), seeds [N]. Returns {"rows", "images" [n, S, S, 3] in [0, 1], "distances" [n],
+        "finite" [n] bool} for the n rows this process computed (all N on one host); "rows" are
+        their indices into the inputs, and "finite" is False where a row's image or distance is NaN
+        or infinite.
+        """
+        out = list(self.sample_batches(options, guided, init, mask, text_embed, sample_ids, seeds, progress))
+        return {key: np.concatenate([o[key] for o in out]) for key in ("rows", "images", "distances", "finite")}
+
+    def sample_batches(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
+                       progress: bool = False) -> Iterator[dict]:
+        """`sample`, one batch at a time: yields each batch's dict as soon as it is computed.
+
+        Only one batch of inputs is gathered at a time: the inputs may be broadcast views (one
+        image for N samples) and are indexed, never copied whole.
         """
         run = self.sampler(options, guided)
         n = len(sample_ids)
@@ -150,23 +242,23 @@ class BlendedDiffusion:
             chunks = -(-n // options.batch_size)
             bar = tqdm(total=run.num_steps * chunks * (mine.stop - mine.start),
                        desc="blended diffusion", unit="sample-step")
-        inputs = (init, mask, text_embed, np.asarray(sample_ids, np.int32), np.asarray(seeds, np.int32))
-        rows, images, distances = [], [], []
+        inputs = ((init, None), (mask, None), (text_embed, None), (sample_ids, np.int32), (seeds, np.int32))
+        gather = lambda a, index, dtype: np.asarray(  # noqa: E731  a range stays lazy
+            [a[i] for i in index] if isinstance(a, range) else np.asarray(a)[index], dtype)
         try:
             for start in range(0, n, options.batch_size):
                 layout, valid = parallel.spread(np.arange(start, min(start + options.batch_size, n)), global_batch)
                 local, keep = layout[mine], valid[mine]
                 on_steps = None if bar is None else (lambda steps: bar.update(steps * (mine.stop - mine.start)))
-                out = run(self.params, *(parallel.put_batch(np.asarray(a)[local], self.mesh, global_batch)
-                                         for a in inputs), on_steps=on_steps)
-                images.append(parallel.local_rows(out["images"])[keep])
-                distances.append(parallel.local_rows(out["distances"])[keep])
-                rows.append(local[keep])
+                out = run(self.params, *(parallel.put_batch(gather(a, local, dtype), self.mesh,
+                                                            global_batch) for a, dtype in inputs), on_steps=on_steps)
+                images = parallel.local_rows(out["images"])[keep]
+                distances = parallel.local_rows(out["distances"])[keep]
+                finite = np.isfinite(distances) & np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
+                yield {"rows": local[keep], "images": images, "distances": distances, "finite": finite}
         finally:
             if bar is not None:
                 bar.close()
-        return {"rows": np.concatenate(rows), "images": np.concatenate(images),
-                "distances": np.concatenate(distances)}
 
 
 class CompiledSampler:

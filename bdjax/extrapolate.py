@@ -43,12 +43,18 @@ def paste_strip(canvas: np.ndarray, window: np.ndarray, side: str, strip: int) -
     return np.concatenate([window[:, :strip], canvas], axis=1)
 
 
-def best_result(result) -> tuple[np.ndarray, float]:
-    """The best-ranked image of an edit over all processes (on several hosts each holds its own)."""
+def best_result(stream) -> tuple[np.ndarray, float]:
+    """The best image of a streamed edit (`BlendedDiffusion.edit_batches`) over all processes,
+    holding one batch at a time; samples that are not finite never win. (A black image, inf)
+    when no sample anywhere came out finite."""
     import jax
 
-    image = result.images[0] if len(result.images) else np.zeros_like(result.source)
-    distance = float(result.distances[0]) if len(result.distances) else np.inf
+    image, distance = np.zeros_like(stream.source), np.inf
+    for batch in stream:
+        distances = np.where(batch.finite, batch.distances, np.inf)
+        if len(distances) and distances.min() < distance:  # ties: the lowest sample id
+            best = int(np.argmin(distances))
+            image, distance = batch.images[best], float(distances[best])
     if jax.process_count() == 1:
         return image, distance
     from jax.experimental import multihost_utils

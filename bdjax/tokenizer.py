@@ -169,7 +169,8 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH,
     """int32 [len(texts), context_length] token ids, zero-padded, as `clip.tokenize` returns.
 
     A prompt longer than `context_length` tokens (start and end included) is an error, as in the
-    reference, unless `truncate`: then it is cut and its last token becomes end-of-text.
+    reference, unless `truncate` (Python only; no command-line flag): then it is cut and its last
+    token becomes end-of-text.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -180,10 +181,11 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH,
         tokens = [start, *encode(text), end]
         if len(tokens) > context_length:
             if not truncate:
+                shown = text if len(text) <= 60 else text[:57] + "..."
                 raise ValueError(
-                    f"prompt {text!r} is {len(tokens)} tokens long (start and end tokens included), "
-                    f"more than CLIP's context length of {context_length}; "
-                    "shorten it or pass truncate=True")
+                    f"prompt {shown!r} is {len(tokens)} tokens long (start and end tokens included), more "
+                    f"than CLIP's limit of {context_length}: shorten the prompt by at least "
+                    f"{len(tokens) - context_length} token(s)")
             tokens = tokens[:context_length]
             tokens[-1] = end
         result[i, :len(tokens)] = tokens

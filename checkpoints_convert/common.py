@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 
@@ -27,18 +29,38 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or not a torch.save file): "
-            f"{first_line[:200]}") from None
+            f"{path} is not a readable PyTorch checkpoint (truncated, not a torch.save file, or holding "
+            f"objects other than tensors): {torch_load_reason(e)}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConversionError(f"{path} does not hold a state dict of tensors")
     return {k: _to_numpy(v) for k, v in obj.items()}
+
+
+# Sentences of torch's advice that would have a user load the file unsafely: never quoted.
+_UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|allowlist|trust|arbitrary code", re.IGNORECASE)
+
+
+def torch_load_reason(error: Exception) -> str:
+    """Why `torch.load` refused a file, in one short line, without torch's advice to load it
+    with `weights_only=False` or to allowlist its classes (either would run code from the file)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if "WeightsUnpickler error:" in text:  # the safe unpickler's own reason follows this marker
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s and not _UNSAFE_ADVICE.search(s)]
+    kept = sentences[:1]
+    for sentence in sentences[1:]:  # whole sentences, up to about 200 characters
+        if len(" ".join(kept + [sentence])) > 200:
+            break
+        kept.append(sentence)
+    return " ".join(kept)[:200] or type(error).__name__
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -80,8 +102,29 @@ def dense_kernel(w: np.ndarray) -> np.ndarray:
     return np.transpose(w)
 
 
+USAGE_ERROR = 2  # exit status for bad command-line flags, as for any other bad input
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parser for `app.run(..., flags_parser=parse_flags)`: a bad flag (unknown, a
+    value of the wrong type, not one of the choices, missing) ends the program with one line on
+    stderr and exit status 2, instead of absl's usage text and status 1. Used by every program
+    of launch/ and checkpoints_convert/."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = " ".join(str(e).split())
+        for python, plain in (("invalid literal for int() with base 10", "not an integer"),
+                              ("could not convert string to float", "not a number")):
+            message = message.replace(python, plain)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
 def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-    """Wrap an absl `main` so user errors print one line to stderr and exit with status 1.
+    """Wrap an absl `main` so user errors print one line to stderr and exit with status 2.
 
     Conversion only traces shapes, so it runs on the CPU: accelerators (and their start-up
     logging on stderr) stay out of it.
@@ -94,8 +137,9 @@ def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         jax.config.update("jax_platforms", "cpu")
         try:
             main(argv)
-        except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+        except (ConversionError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError, ValueError) as e:
+            print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+            sys.exit(USAGE_ERROR)
 
     return wrapped

@@ -14,9 +14,11 @@ The cache directory is `--cache_dir`, else $BDJAX_CACHE, else ~/.cache/bdjax. It
 
 Downloads go to DIR/downloads/NAME.part, resume with an HTTP Range request after an
 interruption (from zero when the server ignores Range), are checked against a sha256 where one
-is known and only then renamed to NAME. A file already at DIR/downloads/NAME (placed there by
-hand on an offline machine) is verified and converted without any network access. Models whose
-converted files exist are skipped unless --force.
+is known and only then renamed to NAME. A transfer that stalls (less than 64 KiB in 60 s) is
+resumed; a file not complete within its deadline (10 minutes plus 10 s per MB) is abandoned. A
+file already at DIR/downloads/NAME (placed there by hand on an offline machine) is verified and
+converted without any network access; one with no published hash that fails to convert is moved
+to NAME.rejected. Models whose converted files exist are skipped unless --force.
 
 $BDJAX_WEIGHTS_URL, when set, replaces every official location by BDJAX_WEIGHTS_URL/NAME
 (a mirror holding the files flat under one URL; the tests point it at a local server).
@@ -36,8 +38,11 @@ import os
 import posixpath
 import re
 import shlex
+import socket
 import sys
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -53,6 +58,16 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "bdjax")
 DOWNLOADS = "downloads"
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
+REJECTED_SUFFIX = ".rejected"
+
+# A download attempt that receives less than STALL_BYTES in `stall_timeout` seconds (headers
+# included) is abandoned and resumed, like a dropped connection. A file not complete within its
+# deadline (DEADLINE_BASE_S plus its size at DEADLINE_RATE, unless given) is abandoned.
+STALL_TIMEOUT_S = 60.0
+STALL_BYTES = 64 << 10
+DEADLINE_BASE_S = 600.0
+DEADLINE_RATE = 100_000           # bytes per second: 10 s per MB
+DEADLINE_UNKNOWN_SIZE_S = 6 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +143,15 @@ class _Unreachable(Exception):
 
 
 class _Interrupted(Exception):
-    """The connection ended before the announced length arrived."""
+    """The connection ended (or stalled) before the announced length arrived: worth resuming."""
+
+
+class _Abandoned(Exception):
+    """The file's deadline passed: not retried."""
+
+
+class _BadRange(Exception):
+    """The server answered a request for the whole file with a range of it."""
 
 
 # ---- locations ------------------------------------------------------------------------------
@@ -201,21 +224,107 @@ def hash_matches(source: Source, actual: str) -> bool:
 
 # ---- downloading ----------------------------------------------------------------------------
 
-def _content_range(header: str | None) -> tuple[int | None, int | None]:
-    """`bytes 100-199/1000` -> (100, 1000); `bytes */1000` -> (None, 1000)."""
-    match = re.fullmatch(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", (header or "").strip())
+def _content_range(header: str | None) -> tuple[int | None, int | None, int | None]:
+    """`bytes 100-199/1000` -> (100, 199, 1000); `bytes */1000` -> (None, None, 1000)."""
+    match = re.fullmatch(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", (header or "").strip())
     if not match:
-        return None, None
-    start, total = match.groups()
-    return (int(start) if start else None), (int(total) if total != "*" else None)
+        return None, None, None
+    start, end, total = match.groups()
+    return (int(start) if start else None), (int(end) if end else None), (int(total) if total != "*" else None)
 
 
-def _open(url: str, offset: int, timeout: float):
+def default_deadline(size: int | None) -> float:
+    """Seconds a file of `size` bytes may take in all: DEADLINE_BASE_S plus its size at DEADLINE_RATE."""
+    return DEADLINE_UNKNOWN_SIZE_S if size is None else DEADLINE_BASE_S + size / DEADLINE_RATE
+
+
+class _Watchdog:
+    """Abandons a slow transfer from a thread of its own: when the deadline passes, or fewer than
+    STALL_BYTES arrive in `stall_timeout` seconds, it shuts the connection's socket, so a read
+    blocked on a server that trickles bytes (or headers) returns at once. The reading side adds
+    to `received` and, on any failure, asks `failure()` whether the watchdog caused it."""
+
+    def __init__(self, stall_timeout: float, started: float, deadline: float | None):
+        self.stall_timeout, self.started, self.deadline = stall_timeout, started, deadline
+        self.received = 0
+        self._failure: Exception | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fetch-watchdog", daemon=True)
+
+    def __enter__(self) -> "_Watchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self._failure is not None:
+                self._shut(sock)
+
+    def failure(self) -> Exception | None:
+        return self._failure
+
+    def _watch(self) -> None:
+        poll = min(0.5, self.stall_timeout / 4)
+        window_start, window_received = time.monotonic(), 0
+        while not self._stop.wait(poll):
+            now = time.monotonic()
+            if self.deadline is not None and now > self.started + self.deadline:
+                limit = f"{self.deadline:.0f}" if self.deadline >= 10 else f"{self.deadline:g}"
+                self._abandon(_Abandoned(f"not complete within the per-file deadline of {limit} s"))
+                return
+            if now - window_start >= self.stall_timeout:
+                got = self.received - window_received
+                if got < STALL_BYTES:
+                    self._abandon(_Interrupted(f"stalled: {got} bytes in {now - window_start:.0f} s, "
+                                               f"under {STALL_BYTES >> 10} KiB"))
+                    return
+                window_start, window_received = now, self.received
+
+    def _abandon(self, failure: Exception) -> None:
+        with self._lock:
+            self._failure = failure
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
+    """urllib's opener, whose HTTP(S) connections report their sockets to `watchdog`."""
+    def watched(base):
+        class Connection(base):
+            def connect(self):
+                super().connect()
+                watchdog.attach(self.sock)
+        return Connection
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
+
+    return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
+
+
+def _open(opener, url: str, offset: int, timeout: float):
     headers = {"User-Agent": "bdjax-fetch"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:
             return e  # the caller decides whether the .part is already whole
@@ -224,52 +333,89 @@ def _open(url: str, offset: int, timeout: float):
         raise _Unreachable(url, str(getattr(e, "reason", e))) from None
 
 
-def _transfer(url: str, part: str, progress: bool, timeout: float) -> str:
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _transfer(url: str, part: str, progress: bool, timeout: float, stall_timeout: float, started: float,
+              deadline: float | None) -> str:
     """Bring `part` up to the whole file, appending when the server honours Range.
 
-    Returns the sha256 of the whole `part`. Raises _Interrupted when the stream ends early
-    (what is there stays, for the next attempt to resume from).
+    Returns the sha256 of the whole `part`. Raises _Interrupted when the stream ends early or
+    stalls (what is there stays, for the next attempt to resume from), _Abandoned when the
+    deadline (seconds since `started`; None: `default_deadline` of the size) passes, and
+    _BadRange when the server sends part of the file unasked.
     """
-    offset = os.path.getsize(part) if os.path.exists(part) else 0
-    response = _open(url, offset, timeout)
+    offset = _size(part)
+    with _Watchdog(stall_timeout, started, deadline) as watchdog:
+        try:
+            return _receive(url, part, offset, progress, timeout, started, deadline, watchdog)
+        except (_Interrupted, _Unreachable):
+            if watchdog.failure() is not None:  # the watchdog shut the connection
+                raise watchdog.failure() from None
+            raise
+
+
+def _receive(url, part, offset, progress, timeout, started, deadline, watchdog) -> str:
+    opener = _opener(watchdog)
+    response = _open(opener, url, offset, timeout)
     if isinstance(response, urllib.error.HTTPError):  # 416: nothing left after `offset`
-        _, total = _content_range(response.headers.get("Content-Range"))
+        _, _, total = _content_range(response.headers.get("Content-Range"))
         response.close()
         if offset and total == offset:
             return sha256_file(part)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(part)  # the .part is longer than the file: start over
+        _remove(part)  # the .part is longer than the file: start over
         offset = 0
-        response = _open(url, 0, timeout)
+        response = _open(opener, url, 0, timeout)
     with response:
-        start, _ = _content_range(response.headers.get("Content-Range"))
-        resumed = offset > 0 and response.status == 206 and start == offset
-        if response.status == 206 and not resumed:  # a range we did not ask for: start over
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(part)
-            raise _Interrupted(f"server sent an unexpected range ({response.headers.get('Content-Range')})")
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        resumed = False
+        if response.status == 206:
+            header = response.headers.get("Content-Range")
+            start, end, size = _content_range(header)
+            consistent = (start is not None and (size is None or end == size - 1)
+                          and (length is None or length == end - start + 1))
+            if consistent and start == offset:
+                resumed = offset > 0  # from 0: the whole file, only labelled a range
+            else:
+                _remove(part)
+                asked = f"bytes={offset}-" if offset else "the whole file (no Range)"
+                what = f"the server answered a request for {asked} with HTTP 206 Content-Range {header!r}"
+                if offset:
+                    raise _Interrupted(f"{what}; starting again from zero")
+                raise _BadRange(what)
         if not resumed:
             offset = 0  # the server ignored Range (200): the body is the whole file
+        total = offset + length if length is not None else None
+        if deadline is None:
+            watchdog.deadline = default_deadline(total)
         digest = hashlib.sha256()
         if resumed:
             with open(part, "rb") as f:
                 while chunk := f.read(CHUNK):
                     digest.update(chunk)
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
         received = offset
         with open(part, "ab" if resumed else "wb") as f, _progress_bar(url, total, offset, progress) as bar:
             while True:
                 try:
-                    chunk = response.read(CHUNK)
-                except (http.client.HTTPException, OSError) as e:
+                    chunk = response.read1(CHUNK)  # what has arrived, so the watchdog sees progress
+                except (http.client.HTTPException, OSError, ValueError) as e:
                     raise _Interrupted(f"{type(e).__name__}: {e}") from None
                 if not chunk:
                     break
                 f.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
+                watchdog.received += len(chunk)
                 bar.update(len(chunk))
+    if watchdog.failure() is not None and (total is None or received < total):
+        raise watchdog.failure()
     # http.client returns b"" instead of raising when the peer closes early: compare lengths.
     if total is not None and received < total:
         raise _Interrupted(f"connection closed after {received} of {total} bytes")
@@ -285,23 +431,38 @@ def _progress_bar(url: str, total: int | None, initial: int, enabled: bool):
 
 
 def download(url: str, dest: str, source: Source | None = None, *, retries: int = 3,
-             progress: bool = True, timeout: float = 60.0) -> str:
+             progress: bool = True, timeout: float = 60.0, stall_timeout: float = STALL_TIMEOUT_S,
+             deadline: float | None = None) -> str:
     """Download `url` to `dest` through `dest.part`; returns the file's sha256.
 
-    An interrupted transfer is resumed up to `retries` times, and by the next call after that.
+    An interrupted or stalled transfer (less than STALL_BYTES in `stall_timeout` seconds) is
+    resumed up to `retries` times, and by the next call after that. The whole file, retries
+    included, must arrive within `deadline` seconds (None: `default_deadline` of its size).
     The file is renamed to `dest` only once complete and matching `source`'s hash; on a
     mismatch the .part is deleted. Raises _Unreachable when no connection can be made.
     """
     part = dest + ".part"
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    started = time.monotonic()
+
+    def kept() -> str:
+        size = _size(part)
+        return f"{size} bytes kept in {part}" if size else "nothing kept"
+
     for attempt in range(retries + 1):
         try:
-            actual = _transfer(url, part, progress, timeout)
+            actual = _transfer(url, part, progress, timeout, stall_timeout, started, deadline)
             break
         except _Interrupted as e:
             if attempt == retries:
-                raise FetchError(f"download of {url} interrupted ({e}); {os.path.getsize(part)} bytes "
-                                 f"kept in {part}: run the same command again to resume") from None
+                raise FetchError(f"download of {url} interrupted ({e}); {kept()}: run the same command again "
+                                 "to resume") from None
+        except _Abandoned as e:
+            raise FetchError(f"download of {url} abandoned: {e}; {kept()}: run the same command again to "
+                             f"resume, on a faster connection or from a mirror (${BASE_URL_ENV})") from None
+        except _BadRange as e:
+            raise FetchError(f"cannot download {url}: {e}, not the file; nothing kept: try again later, or "
+                             f"from a mirror (${BASE_URL_ENV})") from None
     if source is not None and not hash_matches(source, actual):
         os.remove(part)
         raise FetchError(f"{os.path.basename(dest)} from {url} has sha256 {actual}, expected "
@@ -352,7 +513,7 @@ def _lock(cache_dir: str):
 
 
 def _obtain(key: str, cache_dir: str, wanted: Sequence[str], manifest: dict, progress: bool,
-            log: Callable[[str], None]) -> str:
+            log: Callable[[str], None], **limits) -> str:
     """The verified raw file for SOURCES[key]: one placed by hand, or downloaded now."""
     source = SOURCES[key]
     dest = os.path.join(cache_dir, DOWNLOADS, source.filename)
@@ -366,7 +527,7 @@ def _obtain(key: str, cache_dir: str, wanted: Sequence[str], manifest: dict, pro
     else:
         log(f"downloading {url}")
         try:
-            actual = download(url, dest, source, progress=progress)
+            actual = download(url, dest, source, progress=progress, **limits)
         except _Unreachable as e:
             raise FetchError(
                 f"cannot download {url} ({e.reason}); offline? fetch that file elsewhere, place it at "
@@ -379,7 +540,7 @@ def _obtain(key: str, cache_dir: str, wanted: Sequence[str], manifest: dict, pro
     return dest
 
 
-def _convert(name: str, paths: Sequence[str], out_dir: str, overwrite: bool) -> None:
+def _convert(name: str, paths: Sequence[str], out_dir: str, overwrite: bool, manifest: dict) -> None:
     model = MODELS[name]
     try:
         # Imported here: a cache that is already converted needs neither torch nor the converters.
@@ -399,16 +560,35 @@ def _convert(name: str, paths: Sequence[str], out_dir: str, overwrite: bool) -> 
         raise FetchError(f"converting {name} needs {e.name or 'torch'}: pip install -e '.[convert]' "
                          "(torch; lpips for the LPIPS heads)") from None
     except (ConversionError, ValueError) as e:
-        raise FetchError(f"converting {', '.join(paths)} for {name} failed: {e}") from None
+        rejected = _reject(model, paths, manifest)
+        raise FetchError(f"converting {', '.join(paths)} for {name} failed: {e}{rejected}") from None
+
+
+def _reject(model: Model, paths: Sequence[str], manifest: dict) -> str:
+    """Move the raw files that no published hash vouches for out of the way (NAME.rejected), so
+    the next run downloads them afresh instead of failing on them again; returns what to tell."""
+    moved = []
+    for key, path in zip(model.files, paths):
+        if expected_hash(SOURCES[key]) is None and os.path.isfile(path):
+            os.replace(path, path + REJECTED_SUFFIX)
+            manifest.get("files", {}).pop(os.path.basename(path), None)
+            moved.append(path)
+    if not moved:
+        return ""
+    return (f"; {', '.join(moved)} (no published hash to check it against) was moved to "
+            f"{', '.join(p + REJECTED_SUFFIX for p in moved)}: run the same command again to download it afresh")
 
 
 def fetch(cache_dir: str | None = None, models: Sequence[str] = DEFAULT_MODELS, *, force: bool = False,
-          keep_downloads: bool = True, download: bool = True, progress: bool = True) -> str:
+          keep_downloads: bool = True, download: bool = True, progress: bool = True,
+          stall_timeout: float = STALL_TIMEOUT_S, deadline: float | None = None) -> str:
     """Make every model in `models` converted under the cache directory; returns the directory.
 
     Converted models are skipped unless `force`, which reconverts (overwriting) and re-verifies.
     With `download=False` nothing is fetched: files already in DIR/downloads/ are converted, and
-    the error for the rest names them and the command to run.
+    the error for the rest names them and the command to run. `stall_timeout` and `deadline`
+    bound each download (see `download`). A file with no published hash that fails to convert
+    is moved to NAME.rejected in DIR/downloads/, so the next run fetches it again.
     """
     cache_dir = cache_dir_from(cache_dir)
     models = parse_models(models)
@@ -436,10 +616,14 @@ def fetch(cache_dir: str | None = None, models: Sequence[str] = DEFAULT_MODELS, 
                                  f"offline: place the files at {', '.join(missing)} and run it)")
         manifest = _read_manifest(cache_dir)
         for name in todo:
-            paths = [_obtain(k, cache_dir, models, manifest, progress, log) for k in MODELS[name].files]
+            paths = [_obtain(k, cache_dir, models, manifest, progress, log, stall_timeout=stall_timeout,
+                             deadline=deadline) for k in MODELS[name].files]
             _write_manifest(cache_dir, manifest)
             log(f"{name}: converting {', '.join(os.path.basename(p) for p in paths)}")
-            _convert(name, paths, model_dir(cache_dir, name), overwrite=force)
+            try:
+                _convert(name, paths, model_dir(cache_dir, name), force, manifest)
+            finally:
+                _write_manifest(cache_dir, manifest)
             manifest.setdefault("models", {})[name] = dict(
                 directory=MODELS[name].subdir or ".", from_files=[os.path.basename(p) for p in paths],
                 files=[os.path.relpath(p, cache_dir) for p in converted_paths(cache_dir, name)])
@@ -490,5 +674,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from checkpoints_convert.common import parse_flags
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -89,5 +89,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from checkpoints_convert.common import parse_flags
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

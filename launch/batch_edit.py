@@ -6,6 +6,13 @@ paths are relative to the manifest. Writes OUTPUT_DIR/<name>/sample_<k>.png and 
 sample, OUTPUT_DIR/<name>/ranked.json and grid.png per finished job, OUTPUT_DIR/report.json.
 Rerunning the same command finishes what is missing: finished samples are found on disk.
 Runs unchanged on several processes (--distributed, or a TPU pod): see bdjax/batch.py.
+
+A run locks OUTPUT_DIR (a second run on it refuses at once). Exit status: 0 when every sample of
+the valid jobs is on disk (bad manifest lines and jobs that cannot be written are reported and
+skipped; --strict makes them errors); 2 for bad input (flags, an unreadable manifest, an unusable
+or locked output directory), before any network is loaded; 1 when samples failed during the run
+(not finite, or their files could not be written): they are listed in report.json and a rerun
+retries them.
 """
 
 from __future__ import annotations
@@ -52,74 +59,93 @@ def main(argv):
         raise runtime.FlagError("--manifest and --output_dir are required")
     runtime.setup()
     import jax
+
+    from bdjax import batch, smoke
+
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
+    if not lead:  # every process reads the manifest; one reports on it
+        warnings.simplefilter("ignore")
+    image_size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else int(FLAGS.model_output_size)
+    start = time.perf_counter()
+    with runtime.user_errors():
+        jobs, errors = batch.read_manifest(FLAGS.manifest, image_size, base_options())
+        if errors and FLAGS.strict:
+            raise errors[0]
+        for e in errors:
+            say(f"skipped: {e}", file=sys.stderr)
+        # The lock is held until the run ends; only then is the directory free for another run.
+        with batch.claim_output_dir(FLAGS.output_dir, jobs) as (jobs, unwritable, removed):
+            if unwritable and FLAGS.strict:
+                raise unwritable[0]
+            for e in unwritable:
+                say(f"skipped: {e}", file=sys.stderr)
+            if removed:
+                say(f"removed {len(removed)} temporary file(s) left by an interrupted run", file=sys.stderr)
+            failed = run_jobs(jobs, errors + unwritable, image_size, start)
+    if failed:  # the summary line and report.json say which; a rerun retries them
+        sys.exit(1)
+
+
+def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
+    """Build the networks, run the jobs' missing samples, write the report; returns how many of
+    the jobs' samples are still missing (failed) at the end."""
+    import jax
     from tqdm.auto import tqdm
 
     from bdjax import batch, outputs, smoke
 
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
-    if not lead:  # every process reads the manifest; one reports on it
-        warnings.simplefilter("ignore")
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
-    image_size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else int(FLAGS.model_output_size)
-    start = time.perf_counter()
-    with runtime.user_errors():
-        if not os.path.isfile(FLAGS.manifest):
-            raise FileNotFoundError(f"--manifest={FLAGS.manifest}: no such file")
-        jobs, errors = batch.read_manifest(FLAGS.manifest, image_size, base_options())
-        if errors and FLAGS.strict:
-            raise errors[0]
-        for e in errors:
-            say(f"skipped: {e}", file=sys.stderr)
-        need_lpips = any(j.options.background_preservation_loss and j.options.lpips_sim_lambda for j in jobs)
-        editor = runtime.build_editor(need_lpips)
-        for job in jobs:  # what the manifest cannot know: e.g. LPIPS weights present
-            editor.options(**dataclasses.asdict(job.options))
-        loaded = time.perf_counter()
-        jobs, items, conflicts = batch.pending_items(FLAGS.output_dir, jobs)
-        if conflicts and FLAGS.strict:
-            raise conflicts[0]
-        for e in conflicts:
-            say(f"skipped: {e}", file=sys.stderr)
-        uneven = sorted({j.options.batch_size for j in jobs if j.options.batch_size % jax.device_count()})
-        if uneven:
-            say(f"warning: batch_size {uneven} is not a multiple of the {jax.device_count()} devices; batches are "
-                "padded and the padded rows are computed for nothing", file=sys.stderr)
-        total = sum(j.num_samples for j in jobs)
-        say(f"{len(jobs)} jobs, {total} samples: {total - len(items)} already in {FLAGS.output_dir}, "
-            f"{len(items)} to compute on {jax.device_count()} devices ({jax.process_count()} processes)")
-        bar = tqdm(total=len(items), desc="batch", unit="sample", disable=not lead or not items)
-        stats = batch.run(editor, jobs, FLAGS.output_dir, items, label=label, on_batch=bar.update)
-        bar.close()
-        if lead:  # also a job finished by an earlier, killed run whose summary was never written
-            stats.summaries += batch.write_summaries(FLAGS.output_dir, jobs, image_size, label)
-            done = time.perf_counter()
-            report = run_report(jobs, errors + conflicts, stats, label,
-                                {"load": loaded - start, "sample": stats.sample_s, "total": done - start,
-                                 "per_sample": stats.sample_s / max(1, stats.computed)})
+    need_lpips = any(j.options.background_preservation_loss and j.options.lpips_sim_lambda for j in jobs)
+    editor = runtime.build_editor(need_lpips)
+    for job in jobs:  # what the manifest cannot know: e.g. LPIPS weights present
+        editor.options(**dataclasses.asdict(job.options))
+    loaded = time.perf_counter()
+    jobs = batch.with_run(jobs, batch.run_identity(FLAGS.precision, FLAGS.config, image_size, editor.weights_digest))
+    jobs, items, conflicts, finished = batch.pending_items(FLAGS.output_dir, jobs)
+    if conflicts and FLAGS.strict:
+        raise conflicts[0]
+    for e in conflicts:
+        say(f"skipped: {e}", file=sys.stderr)
+    uneven = sorted({j.options.batch_size for j in jobs if j.options.batch_size % jax.device_count()})
+    if uneven:
+        say(f"warning: batch_size {uneven} is not a multiple of the {jax.device_count()} devices; batches are "
+            "padded and the padded rows are computed for nothing", file=sys.stderr)
+    total = sum(j.num_samples for j in jobs)
+    say(f"{len(jobs)} jobs, {total} samples: {total - len(items)} already in {FLAGS.output_dir}, "
+        f"{len(items)} to compute on {jax.device_count()} devices ({jax.process_count()} processes)")
+    bar = tqdm(total=len(items), desc="batch", unit="sample", disable=not lead or not items)
+    stats = batch.run(editor, jobs, FLAGS.output_dir, items, finished=finished, label=label, on_batch=bar.update)
+    bar.close()
+    missing = stats.total - sum(len(samples) for samples in stats.finished)
+    if lead:  # also a job finished by an earlier, killed run whose summary was never written
+        stats.summaries += batch.write_summaries(FLAGS.output_dir, jobs, image_size, label, stats.finished,
+                                                 stats.job_errors)
+        done = time.perf_counter()
+        report = run_report(jobs, skipped_lines + conflicts, stats, label,
+                            {"load": loaded - start, "sample": stats.sample_s, "total": done - start,
+                             "per_sample": stats.sample_s / max(1, stats.computed)})
+        try:
             outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
-            items_report = report["items"]
-            say(f"{items_report['computed']} computed, {items_report['skipped']} skipped, "
-                f"{items_report['failed']} failed, {len(errors) + len(conflicts)} lines skipped; "
-                f"report in {os.path.join(FLAGS.output_dir, outputs.REPORT)}" + (f"\n{label}" if label else ""))
+        except OSError as e:  # e.g. the disk filled up: the samples on disk stay valid
+            print(f"failed: cannot write {os.path.join(FLAGS.output_dir, outputs.REPORT)} ({e.strerror or e})",
+                  file=sys.stderr)
+            missing += 1
+        items_report = report["items"]
+        say(f"{items_report['computed']} computed, {items_report['skipped']} skipped, "
+            f"{items_report['failed']} failed, {len(skipped_lines) + len(conflicts)} lines skipped; "
+            f"report in {os.path.join(FLAGS.output_dir, outputs.REPORT)}" + (f"\n{label}" if label else ""))
+    return missing + len(stats.job_errors)
 
 
 def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
-    """The run's report, with every job's samples as found on disk (written by any process)."""
+    """The run's report, with every job's samples (written by any process) and what failed."""
     from bdjax import batch
 
-    results, done = [], 0
-    for job in jobs:
-        try:
-            samples = batch.finished_samples(FLAGS.output_dir, job)
-        except ValueError:
-            samples = {}
-        done += len(samples)
-        ranked = sorted(samples.values(), key=lambda e: (e["distance"], e["sample_id"]))
-        results.append({"name": job.name, "line": job.line, "prompt": job.prompt, "num_samples": job.num_samples,
-                        "complete": len(samples) == job.num_samples,
-                        "samples": [{k: e[k] for k in ("sample_id", "seed", "distance", "file", "process_index")}
-                                    for e in ranked]})
+    results = batch.job_results(jobs, stats)
+    done = sum(len(samples) for samples in stats.finished)
     return {
         "manifest": os.path.abspath(FLAGS.manifest),
         "flags": runtime.flag_values(sys.modules[__name__]),
@@ -135,4 +161,4 @@ def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(runtime.program(main))
+    app.run(runtime.program(main), flags_parser=runtime.parse_flags)

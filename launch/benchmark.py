@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import gc
-import json
 import os
 import platform
 import resource
@@ -579,14 +578,14 @@ def main(argv):
 
     print(summary(result))
     if FLAGS.output:
-        directory = os.path.dirname(os.path.abspath(FLAGS.output))
-        os.makedirs(directory, exist_ok=True)
-        with open(FLAGS.output, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        from bdjax import outputs
+
+        outputs.save_json(FLAGS.output, outputs.finite_or_none(result))  # strict JSON: NaN becomes null
         print(f"wrote {FLAGS.output}")
 
 
 if __name__ == "__main__":
+    from checkpoints_convert.common import parse_flags
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

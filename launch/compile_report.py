@@ -27,23 +27,28 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("topology", "v5e:2x2", "TPU topology GEN:SHAPE with GEN one of v4, v5e, v5p, v6e, e.g. "
-                    "v5e:1x1 (one chip), v5e:2x2, v5e:16x16, v5p:2x2x1; or h100 / h200 GPUs, e.g. h200:8.")
-flags.DEFINE_enum("config", "adm256_uncond", ["adm256_uncond", "smoke"],
-                  "adm256_uncond: ADM 256 + CLIP ViT-B/16 at their real sizes; smoke: the smoke preset's networks.")
-flags.DEFINE_enum("precision", "bf16", ["fp32", "bf16"], "Activations and parameters in float32 or bfloat16.")
-flags.DEFINE_integer("per_device_batch", 8, "Samples per device.")
-flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"], "UNet and CLIP rematerialisation in the guidance gradient.")
-flags.DEFINE_integer("aug_num", None, "CLIP augmentations per sample; default: 8 (smoke: the smoke preset's).")
-flags.DEFINE_enum("part", "sampler", ["sampler", "augmentations"],
-                  "sampler: the editor's whole sampler; augmentations: the extending augmentations' forward and "
-                  "gradient alone, as one guided step runs them (float32 images of the config's size, --aug_num "
-                  "copies per sample), e.g. to compare formulations of the warps.")
-flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
-flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch that fits in HBM, per remat policy.")
-flags.DEFINE_list("max_batch_remat", ["none", "dots", "blocks"], "Remat policies for --max_batch.")
-flags.DEFINE_integer("max_batch_limit", 256, "Largest per-device batch --max_batch tries.")
-flags.DEFINE_string("output", None, "Write the report to this JSON file.")
+
+
+def define_flags() -> None:
+    """Only when run as a program, like the other launch programs: importing this module defines no flags."""
+    flags.DEFINE_string("topology", "v5e:2x2", "TPU topology GEN:SHAPE with GEN one of v4, v5e, v5p, v6e, e.g. "
+                        "v5e:1x1 (one chip), v5e:2x2, v5e:16x16, v5p:2x2x1; or h100 / h200 GPUs, e.g. h200:8.")
+    flags.DEFINE_enum("config", "adm256_uncond", ["adm256_uncond", "smoke"],
+                      "adm256_uncond: ADM 256 + CLIP ViT-B/16 at their real sizes; smoke: the smoke preset's networks.")
+    flags.DEFINE_enum("precision", "bf16", ["fp32", "bf16"], "Activations and parameters in float32 or bfloat16.")
+    flags.DEFINE_integer("per_device_batch", 8, "Samples per device.")
+    flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"], "UNet and CLIP rematerialisation in the guidance gradient.")
+    flags.DEFINE_integer("aug_num", None, "CLIP augmentations per sample; default: 8 (smoke: the smoke preset's).")
+    flags.DEFINE_enum("part", "sampler", ["sampler", "augmentations"],
+                      "sampler: the editor's whole sampler; augmentations: the extending augmentations' forward and "
+                      "gradient alone, as one guided step runs them (float32 images of the config's size, --aug_num "
+                      "copies per sample), e.g. to compare formulations of the warps.")
+    flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
+    flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch that fits in HBM, per remat policy.")
+    flags.DEFINE_list("max_batch_remat", ["none", "dots", "blocks"], "Remat policies for --max_batch.")
+    flags.DEFINE_integer("max_batch_limit", 256, "Largest per-device batch --max_batch tries.")
+    flags.DEFINE_string("output", None, "Write the report to this JSON file.")
+
 
 GIB = 2 ** 30
 # Per chip, from the vendors' published specifications: HBM bytes, dense bf16 TFLOP/s, HBM GB/s.
@@ -492,4 +497,5 @@ def summary(r: dict) -> str:
 if __name__ == "__main__":
     from launch import runtime
 
-    app.run(runtime.program(main))
+    define_flags()
+    app.run(runtime.program(main), flags_parser=runtime.parse_flags)

@@ -8,14 +8,17 @@ canvas. Each round, on each chosen side, the model-size window at that edge (the
 the canvas next to it) is edited with the strip as the mask and that side's prompt; the
 best-ranked result's strip is pasted onto the canvas. Writes OUTPUT_DIR/canvas_<round>.png
 (canvas_0 is the start), OUTPUT_DIR/extrapolated.png and OUTPUT_DIR/report.json. All edit
-flags (--num_samples per round, --seed, --skip_timesteps, ...) apply to every round.
+flags (--num_samples per round, --seed, --skip_timesteps, ...) apply to every round, and the
+inputs get launch/edit.py's checks before anything is built, removed or written; --overwrite
+removes only the files named above. Non-finite samples never win a round; a round whose samples
+all turn non-finite stops the run (exit status 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
+import re
 import sys
 import time
 
@@ -28,6 +31,7 @@ from launch import edit, runtime
 FLAGS = flags.FLAGS
 SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
 FINAL = "extrapolated.png"
+MAX_WIDTH = 65535  # pixels: the canvas is held in memory, and wider images few programs open
 
 
 def define_flags():
@@ -49,25 +53,36 @@ def prompts_from_flags(sides) -> dict:
     return prompts
 
 
-def existing_outputs(output_dir: str) -> list[str]:
-    from bdjax import outputs
+# The files this program writes (patterns for outputs.own_outputs): --overwrite removes these
+# and nothing else.
+OUTPUTS = (r"canvas_\d+\.png", re.escape(FINAL), re.escape("report.json"))
 
-    found = sorted(glob.glob(os.path.join(output_dir, "canvas_*.png")))
-    return found + [p for p in (os.path.join(output_dir, FINAL), os.path.join(output_dir, outputs.REPORT))
-                    if os.path.exists(p)]
+
+def check_flags() -> dict:
+    """The checks on this program's own flags (before the shared preflight); returns the prompt
+    of each side."""
+    if FLAGS.init_image is None:
+        raise runtime.FlagError("--init_image is required")
+    if FLAGS.mask is not None or FLAGS.invert_mask:
+        raise runtime.FlagError("--mask/--invert_mask do not apply: each round's mask is the new strip")
+    prompts = prompts_from_flags(SIDES[FLAGS.side])
+    if FLAGS.repeats < 1:
+        raise runtime.FlagError(f"--repeats={FLAGS.repeats} must be at least 1")
+    size = edit.model_size()
+    if not 0 < FLAGS.strip < size:
+        raise runtime.FlagError(f"--strip={FLAGS.strip} must be in (0, {size}): each window keeps {size} - strip "
+                                "columns of the canvas as context")
+    width = size + FLAGS.strip * FLAGS.repeats * len(prompts)
+    if width > MAX_WIDTH:
+        raise runtime.FlagError(f"--repeats={FLAGS.repeats} rounds of --strip={FLAGS.strip} would make the canvas "
+                                f"{width} pixels wide, more than {MAX_WIDTH}; use fewer rounds or a narrower strip")
+    return prompts
 
 
 def main(argv):
     if len(argv) > 1:
         raise runtime.FlagError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.init_image is None:
-        raise runtime.FlagError("--init_image is required")
-    if FLAGS.mask is not None or FLAGS.invert_mask:
-        raise runtime.FlagError("--mask/--invert_mask do not apply: each round's mask is the new strip")
-    sides = SIDES[FLAGS.side]
-    prompts = prompts_from_flags(sides)
-    if FLAGS.repeats < 1:
-        raise runtime.FlagError(f"--repeats={FLAGS.repeats} must be at least 1")
+    prompts = check_flags()
     runtime.setup()
     import jax
 
@@ -77,51 +92,56 @@ def main(argv):
     options = edit.options_from_flags()
     need_lpips = FLAGS.background_preservation_loss and FLAGS.lpips_sim_lambda != 0
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
-    with runtime.user_errors():
-        old = existing_outputs(FLAGS.output_dir)
-        if old and not FLAGS.overwrite:
-            raise FileExistsError(f"{FLAGS.output_dir} already holds results ({old[0]}); choose another "
-                                  "--output_dir or pass --overwrite")
-        start = time.perf_counter()
-        editor = runtime.build_editor(need_lpips)
-        size = editor.image_size
-        if not 0 < FLAGS.strip < size:
-            raise ValueError(f"--strip={FLAGS.strip} must be in (0, {size}): each window keeps "
-                             f"{size} - strip columns of the canvas as context")
-        for path in old if lead else ():
-            os.remove(path)
-        # The canvas starts as the image prepared exactly as for an edit (model size, Lanczos).
-        canvas = np.round((image_io.load_image(FLAGS.init_image, size) + 1) * 127.5).astype(np.uint8)
+    files = ("canvas_0.png", "canvas_1.png", FINAL, outputs.REPORT)
+    inputs = edit.preflight(options, list(prompts.values()), FLAGS.output_dir, OUTPUTS, writes=((), files),
+                            mask=False)
+    start = time.perf_counter()
+    editor = runtime.build_editor(need_lpips)
+    size = editor.image_size
+    if size != inputs.size:
+        raise ValueError(f"the UNet works at {size}x{size}, not the {inputs.size} of --model_output_size")
+    if jax.process_count() > 1:  # every process has checked (and probed) the output directory
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("extrapolate preflight")
+    if lead:  # everything is checked: only now is the previous run removed
+        outputs.clear_for_run(FLAGS.output_dir, OUTPUTS, overwrite=FLAGS.overwrite)
+    # The canvas starts as the image prepared exactly as for an edit (model size, Lanczos).
+    canvas = np.round((image_io.load_image(inputs.image, size) + 1) * 127.5).astype(np.uint8)
+    if lead:
+        outputs.save_png(os.path.join(FLAGS.output_dir, "canvas_0.png"), canvas)
+    loaded = time.perf_counter()
+    rounds = []
+    for r in range(1, FLAGS.repeats + 1):
+        for side in prompts:
+            seed = round_seed(FLAGS.seed, r, side)
+            window, mask = edge_window(canvas, side, FLAGS.strip, size)
+            stream = editor.edit_batches(window, mask, prompts[side], num_samples=FLAGS.num_samples, seed=seed,
+                                         progress=lead, **options)
+            best, distance = best_result(stream)
+            if not np.isfinite(distance):
+                print(f"error: round {r} ({side}): all {FLAGS.num_samples} samples turned non-finite (NaN or "
+                      f"infinite); the canvas so far is canvas_{r - 1}.png", file=sys.stderr)
+                sys.exit(1)
+            canvas = paste_strip(canvas, best, side, FLAGS.strip)
+            rounds.append({"round": r, "side": side, "prompt": prompts[side], "seed": seed,
+                           "distance": distance, "width": int(canvas.shape[1])})
         if lead:
-            outputs.save_png(os.path.join(FLAGS.output_dir, "canvas_0.png"), canvas)
-        loaded = time.perf_counter()
-        rounds = []
-        for r in range(1, FLAGS.repeats + 1):
-            for side in sides:
-                seed = round_seed(FLAGS.seed, r, side)
-                window, mask = edge_window(canvas, side, FLAGS.strip, size)
-                result = editor.edit(window, mask, prompts[side], num_samples=FLAGS.num_samples, seed=seed,
-                                     progress=lead, **options)
-                best, distance = best_result(result)
-                canvas = paste_strip(canvas, best, side, FLAGS.strip)
-                rounds.append({"round": r, "side": side, "prompt": prompts[side], "seed": seed,
-                               "distance": distance, "width": int(canvas.shape[1])})
-            if lead:
-                outputs.save_png(os.path.join(FLAGS.output_dir, f"canvas_{r}.png"), canvas)
-                print(f"round {r}/{FLAGS.repeats}: canvas {canvas.shape[1]}x{canvas.shape[0]}", flush=True)
-        done = time.perf_counter()
-        if lead:
-            outputs.save_png(os.path.join(FLAGS.output_dir, FINAL), canvas)
-            report = edit.run_report(dataclasses.asdict(editor.options(**options)),
-                                     {"load": loaded - start, "extrapolate": done - loaded})
-            report["flags"].update(runtime.flag_values(sys.modules[__name__]))
-            report.update(label=label or None, rounds=rounds, size={"height": int(canvas.shape[0]),
-                                                                    "width": int(canvas.shape[1])})
-            outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
-            print(f"{os.path.join(FLAGS.output_dir, FINAL)}: {canvas.shape[1]}x{canvas.shape[0]} after "
-                  f"{FLAGS.repeats} rounds in {done - loaded:.1f} s" + (f"\n{label}" if label else ""))
+            outputs.save_png(os.path.join(FLAGS.output_dir, f"canvas_{r}.png"), canvas)
+            print(f"round {r}/{FLAGS.repeats}: canvas {canvas.shape[1]}x{canvas.shape[0]}", flush=True)
+    done = time.perf_counter()
+    if lead:
+        outputs.save_png(os.path.join(FLAGS.output_dir, FINAL), canvas)
+        report = edit.run_report(dataclasses.asdict(editor.options(**options)),
+                                 {"load": loaded - start, "extrapolate": done - loaded})
+        report["flags"].update(runtime.flag_values(sys.modules[__name__]))
+        report.update(label=label or None, rounds=rounds, size={"height": int(canvas.shape[0]),
+                                                                "width": int(canvas.shape[1])})
+        outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
+        print(f"{os.path.join(FLAGS.output_dir, FINAL)}: {canvas.shape[1]}x{canvas.shape[0]} after "
+              f"{FLAGS.repeats} rounds in {done - loaded:.1f} s" + (f"\n{label}" if label else ""))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(runtime.program(main))
+    app.run(runtime.program(main), flags_parser=runtime.parse_flags)

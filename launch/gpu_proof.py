@@ -61,6 +61,8 @@ import traceback
 
 from absl import app, flags
 
+from bdjax.outputs import finite_or_none
+
 FLAGS = flags.FLAGS
 
 PHASES = ("step_bf16", "peak", "sampler", "reference", "determinism", "step_fp32", "max_batch")
@@ -180,7 +182,8 @@ class Record:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=2, default=_json_default)
+            # Strict JSON: a non-finite figure is written as null.
+            json.dump(finite_or_none(self.data), f, indent=2, default=_json_default, allow_nan=False)
             f.write("\n")
         os.replace(tmp, self.path)
 

@@ -4,13 +4,18 @@ compilation cache, and one-line errors."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import sys
+import traceback
 
 from absl import flags
 
+from checkpoints_convert import common
+
 FLAGS = flags.FLAGS
+parse_flags = common.parse_flags  # app.run(..., flags_parser=runtime.parse_flags): one line, status 2
 
 
 def define_flags():
@@ -23,6 +28,7 @@ def define_flags():
                       "their activations: less memory (larger batches), more compute.")
     flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
     flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
+    flags.DEFINE_bool("verify_weights", True, "Check the weights against the digests recorded at conversion.")
     flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs on disk, so later runs skip compiling.")
     flags.DEFINE_string("compilation_cache_dir", None, "Where compiled programs are kept; default: "
                         "xla_cache/ in the weights cache ($BDJAX_CACHE, else ~/.cache/bdjax).")
@@ -129,7 +135,9 @@ def build_editor(need_lpips: bool):
             checkpoint_dir = ensure_weights(models=models, download=False)
         unet_dir = model_dir(checkpoint_dir, models[0])
     return BlendedDiffusion.from_pretrained(checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir,
-                                            remat=FLAGS.remat)
+                                            remat=FLAGS.remat, with_lpips=need_lpips,
+                                            image_size=int(FLAGS.model_output_size),
+                                            verify_weights=FLAGS.verify_weights)
 
 
 def _on_tpu_pod() -> bool:
@@ -196,15 +204,47 @@ def _lost_processes() -> list[int]:
     return []
 
 
-@contextlib.contextmanager
-def user_errors():
-    """Turn problems with the user's inputs into one line on stderr and exit status 2."""
+# Plain OSErrors that a user fixes (a full or read-only disk, a name too long) rather than bugs.
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
+_USER_OS_ERRORS = (FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def _raised_in_library(e: BaseException) -> bool:
+    """Whether the innermost frame of `e` is inside JAX or Flax (tracing, compiling), apart from
+    jax.distributed's checks on the multi-process flags."""
+    roots = [os.path.dirname(m.__file__) + os.sep for m in (sys.modules.get(n) for n in ("jax", "jaxlib", "flax"))
+             if m is not None and getattr(m, "__file__", None)]
+    frames = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+    return (bool(frames) and any(frames[-1].filename.startswith(root) for root in roots)
+            and os.path.basename(frames[-1].filename) != "distributed.py")
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether `e` is a problem with the user's inputs or environment (one line, status 2),
+    rather than a crash that needs its traceback. The project's checks raise ValueError (or a
+    subclass, as json.JSONDecodeError and UnicodeDecodeError are); a ValueError that JAX or Flax
+    raised while tracing is a bug, and so is a NaN reaching a JSON report."""
+    from bdjax.outputs import NonFiniteJSONError
     from checkpoints_convert.common import ConversionError
 
+    if isinstance(e, NonFiniteJSONError):
+        return False
+    if isinstance(e, (ConversionError, *_USER_OS_ERRORS)):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in _USER_ERRNOS
+    return isinstance(e, ValueError) and not _raised_in_library(e)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn problems with the user's inputs (`is_user_error`) into one line on stderr and exit
+    status 2; anything else keeps its traceback."""
     try:
         yield
-    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError,
-            IsADirectoryError, ConversionError) as e:
-        message = " ".join(str(e).split("\n"))
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(USER_ERROR)

@@ -4,6 +4,7 @@
 Every run uses one sampler configuration (smoke options, skip_timesteps 20, batch_size 2), the
 same as tests/test_extrapolate.py, so the persistent compilation cache serves both."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -88,8 +89,9 @@ def test_first_run_writes_every_item_and_summary(first_run, workdir):
         assert np.asarray(Image.open(out / job / "sample_0.png")).shape == (64, 64, 3)
     entry = json.loads((out / "sky" / "sample_0.json").read_text())
     assert entry["job"]["invert_mask"] and entry["seed"] == 3 and entry["sample_id"] == 0
-    assert entry["job"]["options"]["skip_timesteps"] == 20 and entry["job"]["image"] == str(workdir / "img.png")
-    assert json.loads((out / "line_0002" / "sample_0.json").read_text())["job"]["image"] == str(
+    assert entry["job"]["options"]["skip_timesteps"] == 20 and entry["image"] == str(workdir / "img.png")
+    assert entry["job"]["image_sha256"] == hashlib.sha256((workdir / "img.png").read_bytes()).hexdigest()
+    assert json.loads((out / "line_0002" / "sample_0.json").read_text())["image"] == str(
         workdir / "sub" / "wide.png")  # relative to the manifest, not to the working directory
 
     # The invert_mask job kept the masked square and edited the rest; "ball" the opposite.

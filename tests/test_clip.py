@@ -234,7 +234,7 @@ def test_tiny_state_dict_through_cli(tiny_state_dict):
     # A second run refuses to replace the output and says so in one line.
     before = os.path.getmtime(directory / "converted" / "clip.safetensors")
     result = run_cli(f"--input={directory / 'tiny.pt'}", f"--output={directory / 'converted'}")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "already exist" in result.stderr
     assert "--overwrite" in result.stderr
     assert os.path.getmtime(directory / "converted" / "clip.safetensors") == before
@@ -303,7 +303,7 @@ def test_converter_rejects_wrong_and_damaged_inputs(tiny_state_dict, tmp_path):
 
     # Through the CLI: one line on stderr, exit status 1.
     result = run_cli(f"--input={tmp_path / 'other.pt'}", f"--output={out}")
-    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert result.stderr.strip().count("\n") == 0 and "unexpected key(s): fc/bias, fc/kernel" in result.stderr
     assert not out.exists()
 

@@ -62,3 +62,13 @@ def test_two_rounds_on_both_sides(tmp_path):
     assert report["options"]["skip_timesteps"] == 20 and report["label"].startswith("SMOKE TEST")
     assert sorted(os.listdir(out)) == ["canvas_0.png", "canvas_1.png", "canvas_2.png", "extrapolated.png",
                                        "report.json"]  # no temporary files left
+
+    # A typo in the image with --overwrite: refused before the previous results are touched.
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.extrapolate", "--config=smoke", f"--init_image={tmp_path / 'im.png'}",
+         "--prompt=sky", f"--strip={strip}", f"--output_dir={out}", "--overwrite"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "no such file" in err, err
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before

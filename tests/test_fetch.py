@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -86,7 +87,10 @@ def files(tmp_path_factory):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves server.files; honours `Range: bytes=N-` unless server.ignore_range; with
-    server.drop_after set, the first response for each file stops after that many bytes."""
+    server.drop_after set, the first response for each file stops after that many bytes.
+    server.pace = (seconds, piece) sends the body `piece` bytes at a time with a pause before
+    each (server.trickle_headers: the status line and headers too); server.bogus_range answers
+    with HTTP 206 and that Content-Range: for Range requests only when it is "range", else always."""
 
     def do_GET(self):
         server = self.server
@@ -96,6 +100,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data, start = server.files[name], 0
+        if server.bogus_range and (range_header or server.bogus_range_always):
+            self.send_response(206)
+            self.send_header("Content-Range", server.bogus_range)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        if server.trickle_headers:
+            for byte in b"HTTP/1.1 200 OK\r\n":
+                if server.stopping.wait(server.pace[0]):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            return
         if range_header and not server.ignore_range:
             start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1])
             if start >= len(data):
@@ -111,6 +129,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if server.pace is not None:
+            seconds, piece = server.pace
+            for i in range(0, len(body), piece):
+                if server.stopping.wait(seconds):
+                    return
+                self.wfile.write(body[i:i + piece])
+                self.wfile.flush()
+            return
         if server.drop_after is not None and name not in server.dropped:
             server.dropped.add(name)
             self.wfile.write(body[:server.drop_after])
@@ -128,7 +154,10 @@ def server(files, monkeypatch):
     """A running server, $BDJAX_WEIGHTS_URL pointing at it, and hashes of the fabricated files."""
     data, _ = files
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files, httpd.requests, httpd.ignore_range, httpd.drop_after, httpd.dropped = data, [], False, None, set()
+    httpd.files, httpd.requests, httpd.ignore_range = dict(data), [], False
+    httpd.drop_after, httpd.dropped = None, set()
+    httpd.pace, httpd.trickle_headers, httpd.bogus_range, httpd.bogus_range_always = None, False, None, False
+    httpd.stopping = threading.Event()  # ends paced responses at teardown
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv(fetch.BASE_URL_ENV, f"http://127.0.0.1:{httpd.server_address[1]}/")
@@ -141,6 +170,7 @@ def server(files, monkeypatch):
     monkeypatch.setitem(fetch.MODELS, "adm256", dataclasses.replace(fetch.MODELS["adm256"], unet_config=UNET))
     monkeypatch.setitem(fetch.MODELS, "adm512", dataclasses.replace(fetch.MODELS["adm512"], unet_config=UNET_512))
     yield httpd
+    httpd.stopping.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -345,12 +375,133 @@ def test_cli_offline_one_line_error(tmp_path):
     port = closed_port()
     env = dict(os.environ, **{fetch.BASE_URL_ENV: f"http://127.0.0.1:{port}", fetch.CACHE_ENV: str(tmp_path)})
     proc = run_cli("--models=clip", env=env)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: cannot download http://127.0.0.1:{port}/ViT-B-16.pt")
     assert os.path.join(str(tmp_path), "downloads", "ViT-B-16.pt") in lines[0]
 
     proc = run_cli(f"--cache_dir={tmp_path}", "--models=adm256,nope", env=env)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: unknown model(s) ['nope']; choose from {', '.join(fetch.MODELS)}"]
+
+
+# ---- slow, bogus and wrong servers --------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
+def test_trickling_server_is_abandoned_and_resumed(server, tmp_path, headers):
+    """A server that sends a byte now and then is dropped once less than 64 KiB arrives in
+    `stall_timeout`, resumed (with Range when bytes arrived), and given up on after the retries."""
+    server.files["slow.bin"] = bytes(range(256)) * 64
+    server.pace, server.trickle_headers = (0.2, 1), headers
+    url, dest = f"{os.environ[fetch.BASE_URL_ENV]}slow.bin", str(tmp_path / "slow.bin")
+    begun = time.monotonic()
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.download(url, dest, retries=1, progress=False, stall_timeout=1.0)
+    elapsed = time.monotonic() - begun
+    message = str(error.value)
+    assert "\n" not in message and "stalled" in message and "run the same command again" in message, message
+    assert 2.0 <= elapsed < 6.0, elapsed  # two attempts of about one stall_timeout each
+    assert [name for name, _ in server.requests] == ["slow.bin", "slow.bin"]
+    assert not os.path.exists(dest)
+    if headers:
+        assert "nothing kept" in message and not os.path.exists(dest + ".part")
+    else:
+        kept = os.path.getsize(dest + ".part")
+        assert 4 <= kept < 64 and server.requests[1][1] is not None  # the retry resumed
+        assert open(dest + ".part", "rb").read() == server.files["slow.bin"][:kept]
+
+
+def test_file_past_its_deadline_is_abandoned_without_retries(server, tmp_path):
+    """A steady but slow transfer (well above the stall threshold) ends at the file's deadline;
+    what arrived is kept for the next run to resume."""
+    server.files["big.bin"] = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    server.pace = (0.05, 256 << 10)  # about 5 MB/s: 1.6 s for the file
+    url, dest = f"{os.environ[fetch.BASE_URL_ENV]}big.bin", str(tmp_path / "big.bin")
+    begun = time.monotonic()
+    with pytest.raises(fetch.FetchError, match=r"abandoned: not complete within the per-file deadline of 0.6 s") as e:
+        fetch.download(url, dest, progress=False, stall_timeout=2.0, deadline=0.6)
+    assert time.monotonic() - begun < 3.0
+    assert server.requests == [("big.bin", None)]  # a deadline is not retried
+    kept = os.path.getsize(dest + ".part")
+    assert 0 < kept < len(server.files["big.bin"]) and f"{kept} bytes kept" in str(e.value)
+    server.pace = None  # the next run resumes from there
+    assert fetch.download(url, dest, progress=False) == sha(server.files["big.bin"])
+    assert server.requests[-1] == ("big.bin", f"bytes={kept}-")
+    assert fetch.default_deadline(2_211_383_297) == pytest.approx(600 + 22_113.8, abs=1)
+
+
+def test_bogus_range_answer_restarts_from_zero(server, files, tmp_path):
+    """A 206 whose Content-Range is not the range asked for: the .part is discarded and the
+    file fetched whole (the server here answers requests without Range normally)."""
+    data, _ = files
+    source = fetch.SOURCES["adm256"]
+    url, dest = fetch.source_url(source), str(tmp_path / source.filename)
+    with open(dest + ".part", "wb") as f:
+        f.write(data[source.filename][:DROP_AFTER])
+    server.bogus_range = f"bytes 0-{len(data[source.filename]) - 1}/{len(data[source.filename])}"
+    assert fetch.download(url, dest, source, progress=False) == sha(data[source.filename])
+    assert server.requests == [(source.filename, f"bytes={DROP_AFTER}-"), (source.filename, None)]
+    assert open(dest, "rb").read() == data[source.filename]
+
+
+def test_server_answering_only_ranges_is_named(server, files, tmp_path):
+    """A server that answers every request with a range it was not asked for: the message says
+    so (not a missing file), and nothing is left behind."""
+    data, _ = files
+    source = fetch.SOURCES["adm256"]
+    url, dest = fetch.source_url(source), str(tmp_path / source.filename)
+    with open(dest + ".part", "wb") as f:
+        f.write(data[source.filename][:DROP_AFTER])
+    server.bogus_range, server.bogus_range_always = "bytes 5-9/100", True
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.download(url, dest, source, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "No such file" not in message
+    assert "HTTP 206 Content-Range 'bytes 5-9/100'" in message and "nothing kept" in message, message
+    assert os.listdir(tmp_path) == []
+
+
+def html_page() -> bytes:
+    return b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Wi-Fi login</body></html>"
+
+
+def test_unloadable_download_is_moved_aside_and_fetched_again(server, files, tmp_path):
+    """512x512_diffusion.pt has no published hash: an HTML page served under its name fails to
+    convert, is moved to downloads/NAME.rejected, and the next run downloads the real file."""
+    data, torch_state = files
+    server.files["512x512_diffusion.pt"] = html_page()
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.fetch(str(tmp_path), ["adm512"], progress=False)
+    message = str(error.value)
+    rejected = tmp_path / "downloads" / "512x512_diffusion.pt.rejected"
+    assert "\n" not in message and "weights_only" not in message
+    assert f"moved to {rejected}" in message and "run the same command again" in message, message
+    assert os.listdir(tmp_path / "downloads") == [rejected.name] and rejected.read_bytes() == html_page()
+    assert "512x512_diffusion.pt" not in json.loads((tmp_path / "manifest.json").read_text()).get("files", {})
+
+    server.files["512x512_diffusion.pt"] = data["512x512_diffusion.pt"]
+    fetch.fetch(str(tmp_path), ["adm512"], progress=False)
+    module, params = bdunet.load(os.path.join(tmp_path, "adm512"))
+    np.testing.assert_array_equal(params["label_emb"]["embedding"], torch_state["adm512"]["label_emb.weight"].numpy())
+
+
+class NotATensor:
+    pass
+
+
+def test_placed_pickle_with_code_is_refused_without_unsafe_advice(server, tmp_path, monkeypatch):
+    """A placed file whose pickle names a class: refused by the safe loader, quoted without
+    torch's advice to load it with weights_only=False or to allowlist the class, moved aside."""
+    monkeypatch.setenv(fetch.BASE_URL_ENV, f"http://127.0.0.1:{closed_port()}")
+    os.makedirs(tmp_path / "downloads")
+    placed = tmp_path / "downloads" / "512x512_diffusion.pt"
+    torch.save({"model": NotATensor()}, placed)
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.fetch(str(tmp_path), ["adm512"], download=False, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "Unsupported global" in message, message
+    for advice in ("weights_only", "safe_globals", "allowlist", "trust"):
+        assert advice not in message, message
+    assert not placed.exists() and (tmp_path / "downloads" / "512x512_diffusion.pt.rejected").exists()
+    assert server.requests == []

@@ -48,8 +48,15 @@ def test_smoke_run_writes_ranked_results_grid_and_report(smoke_run):
     assert [n[:4] for n in names] == ["000_", "001_", "002_"]
     distances = [float(n[4:-4]) for n in names]
     assert distances == sorted(distances)
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert report["label"].startswith("SMOKE TEST")
+    assert report["failed"] == []
+    # Each sample was written as its batch finished; the ranked files are the same images.
+    assert sorted(os.listdir(out / "samples")) == [f"sample_{k}.{e}" for k in range(3) for e in ("json", "png")]
+    for s in report["samples"]:
+        entry = json.loads((out / "samples" / f"sample_{s['sample_id']}.json").read_text())
+        assert entry["distance"] == s["distance"] and entry["seed"] == 7
+        assert np.array_equal(np.asarray(Image.open(out / entry["file"])), np.asarray(Image.open(out / s["file"])))
     assert report["flags"]["prompt"] == "a red ball" and report["flags"]["seed"] == 7
     assert sorted(s["sample_id"] for s in report["samples"]) == [0, 1, 2]
     assert all(s["seed"] == 7 for s in report["samples"])
@@ -71,9 +78,14 @@ def test_existing_results_are_kept_unless_overwrite(smoke_run):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "--overwrite" in proc.stderr
     assert sorted(os.listdir(out / "ranked")) == before
+    (out / "ranked" / "notes.png").write_bytes(b"a user's file")
+    (out / "ranked" / ".tmp-killed.png").write_bytes(b"a killed write")
     proc = run(*common, "--num_samples=2", "--overwrite", env={"JAX_DEBUG_LOG_MODULES": "jax._src.compiler"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(os.listdir(out / "ranked")) == 2  # the old run's files are gone, not mixed in
+    ranked = sorted(os.listdir(out / "ranked"))
+    assert ranked[-1] == "notes.png" and (out / "ranked" / "notes.png").read_bytes() == b"a user's file"
+    assert len(ranked[:-1]) == 2  # the old run's files are gone, not mixed in (the user's stays)
+    assert sorted(os.listdir(out / "samples")) == ["sample_0.json", "sample_0.png", "sample_1.json", "sample_1.png"]
     # Same configuration as the first run: the sampler's loop comes from the persistent cache,
     # with the progress bar on (no host callback in the compiled program).
     assert "cache hit for 'jit_advance'" in proc.stderr and "sample-step" in proc.stderr

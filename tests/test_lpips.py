@@ -273,7 +273,7 @@ def test_cli_truncated_file_one_line_error(vgg_path, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "checkpoints_convert.lpips", f"--vgg={truncated}", f"--output={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(truncated) in lines[0], proc.stderr
     assert not out.exists()

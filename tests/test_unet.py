@@ -175,7 +175,7 @@ def test_wrong_models_checkpoint_names_the_keys_and_writes_nothing(converted, tm
     cfg.write_text(json.dumps(unet.config_to_json(CONFIGS["plain_conv_resample_new_order"])))
     out = tmp_path / "out"
     proc = run_cli("--input", pt, "--output", str(out), "--config_json", str(cfg))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1, err
     assert "does not match the module" in err and "unexpected" in err and "mis-shaped" in err
@@ -202,7 +202,7 @@ def test_unreadable_input_is_a_one_line_error(converted, tmp_path, damage):
     elif damage == "text":
         bad.write_text("this is not a checkpoint\n")
     proc = run_cli("--input", str(bad), "--output", str(tmp_path / "out"), "--config_json", str(_tiny_json(tmp_path)))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("error: ") and str(bad) in err
@@ -222,7 +222,7 @@ def test_existing_output_is_kept_unless_overwrite(converted, tmp_path):
     out.mkdir()
     (out / "unet.json").write_text("precious")
     proc = run_cli("--input", pt, "--output", str(out), "--config_json", str(cfg))
-    assert proc.returncode == 1 and "--overwrite" in proc.stderr
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (out / "unet.json").read_text() == "precious"
     assert not (out / "unet.safetensors").exists()
     run_cli("--input", pt, "--output", str(out), "--config_json", str(cfg), "--overwrite", check=True)

@@ -256,14 +256,18 @@ def param_shapes(module: CLIP) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), images, tokens)["params"]
 
 
-def load(directory: str, dtype=jnp.float32, param_dtype=None, remat: str = "none") -> tuple[CLIP, dict]:
+def load(directory: str, dtype=jnp.float32, param_dtype=None, remat: str = "none", *,
+         verify: bool = True) -> tuple[CLIP, dict]:
     """Read `clip.safetensors` + `clip.json` written by checkpoints_convert.clip.
 
     `dtype` is the activation dtype; `param_dtype` optionally casts the stored
-    float32 parameters (e.g. to bfloat16). No torch import.
+    float32 parameters (e.g. to bfloat16); `verify=False` skips the digest check
+    (see bdjax/checkpoint.py). No torch import.
     """
-    config, flat = checkpoint.read(directory, CHECKPOINT_NAME, model="clip")
-    module = CLIP(**config_from_json(config), dtype=dtype, remat=remat)
-    params = checkpoint.restore(flat, param_shapes(module), what=f"{directory}/clip.safetensors",
-                                dtype=param_dtype)
-    return module, params
+    def build(config: dict) -> CLIP:
+        fields = config_from_json(config)
+        checkpoint.check_fields(CLIP, fields)
+        return CLIP(**fields, dtype=dtype, remat=remat)
+
+    return checkpoint.load(directory, CHECKPOINT_NAME, model="clip", build=build, shapes=param_shapes,
+                           param_dtype=param_dtype, verify=verify)

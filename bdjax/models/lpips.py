@@ -117,16 +117,16 @@ def param_shapes(module: LPIPS, image_size: int = 64) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), x, x)["params"]
 
 
-def load(directory: str, dtype=jnp.float32, param_dtype=None) -> tuple[LPIPS, dict]:
+def load(directory: str, dtype=jnp.float32, param_dtype=None, *, verify: bool = True) -> tuple[LPIPS, dict]:
     """Read `lpips.safetensors` + `lpips.json` written by checkpoints_convert.lpips.
 
     `dtype` is the trunk's activation dtype; `param_dtype` optionally casts the stored float32
-    parameters. No torch import.
+    parameters; `verify=False` skips the digest check (see bdjax/checkpoint.py). No torch import.
     """
-    config, flat = checkpoint.read(directory, CHECKPOINT_NAME, model="lpips")
-    if config != CONFIG:
-        raise ValueError(f"{directory}/lpips.json: expected LPIPS config {CONFIG}, got {config}")
-    module = LPIPS(dtype=dtype)
-    params = checkpoint.restore(flat, param_shapes(module), what=f"{directory}/lpips.safetensors",
-                                dtype=param_dtype)
-    return module, params
+    def build(config: dict) -> LPIPS:
+        if config != CONFIG:
+            raise ValueError(f"expected LPIPS config {CONFIG}, got {config}")
+        return LPIPS(dtype=dtype)
+
+    return checkpoint.load(directory, CHECKPOINT_NAME, model="lpips", build=build, shapes=param_shapes,
+                           param_dtype=param_dtype, verify=verify)

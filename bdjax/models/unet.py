@@ -305,14 +305,27 @@ def param_shapes(module: UNetModel, image_size: int | None = None) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), x, t, y)["params"]
 
 
-def load(directory: str, dtype=jnp.float32, param_dtype=None, remat: str = "none") -> tuple[UNetModel, dict]:
+def load(directory: str, dtype=jnp.float32, param_dtype=None, remat: str = "none", *,
+         image_size: int | None = None, verify: bool = True) -> tuple[UNetModel, dict]:
     """Read `unet.safetensors` + `unet.json` written by checkpoints_convert.unet.
 
     `dtype` is the activation dtype; `param_dtype` optionally casts the stored
-    float32 parameters (e.g. to bfloat16); `remat` as in the module. No torch import.
+    float32 parameters (e.g. to bfloat16); `remat` as in the module. A UNet made
+    for another `image_size` than the one given is refused; `verify=False` skips
+    the digest check (see bdjax/checkpoint.py). No torch import.
     """
-    config, flat = checkpoint.read(directory, CHECKPOINT_NAME, model="unet")
-    module = UNetModel(**config_from_json(config), dtype=dtype, remat=remat)
-    params = checkpoint.restore(flat, param_shapes(module), what=f"{directory}/unet.safetensors",
-                                dtype=param_dtype)
-    return module, params
+    def build(config: dict) -> UNetModel:
+        fields = config_from_json(config)
+        checkpoint.check_fields(UNetModel, fields)
+        return UNetModel(**fields, dtype=dtype, remat=remat)
+
+    def check(module: UNetModel, config_path: str) -> None:
+        if image_size is not None and module.image_size != image_size:
+            got, preset_name = module.image_size, "adm256_uncond" if image_size == 256 else "adm512_cond"
+            raise checkpoint.CheckpointError(
+                config_path, f"holds a UNet for {got}x{got} images, but the run asks for {image_size}x{image_size} "
+                f"(--model_output_size={image_size})", f"use weights converted for {image_size}x{image_size} "
+                f"(python -m checkpoints_convert.unet --config={preset_name} ...), or run at the size these are for")
+
+    return checkpoint.load(directory, CHECKPOINT_NAME, model="unet", build=build, shapes=param_shapes,
+                           param_dtype=param_dtype, verify=verify, check=check)

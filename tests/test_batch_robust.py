@@ -1,0 +1,466 @@
+"""Batch jobs against hostile inputs and faults: job identity by content and run, unwritable job
+directories and output directories, the run lock, stale temporaries, odd manifests, samples that
+turn non-finite, write failures mid-run, reserved job names.
+
+Most checks run in-process on a fake editor (no networks); the subprocess runs are the ones whose
+exit status and stderr matter: failures before any network is built (a few seconds each) and one
+shared smoke run plus its rerun on the moved tree."""
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdjax import batch, outputs
+from bdjax.blended import EditOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, ".jax_cache")
+FAST = {"skip_timesteps": 20}  # as tests/test_batch_edit.py: the compilation cache serves both
+IDENTITY = batch.run_identity("fp32", "smoke", 8, "fake-weights")
+
+
+def launch(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "launch.batch_edit", "--config=smoke", "--batch_size=2",
+                           f"--compilation_cache_dir={CACHE}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tree(path) -> dict:
+    """{relative path: bytes} of every file under `path` (directories as None)."""
+    found = {}
+    for d, dirs, names in os.walk(path):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(d, name), path)] = None
+        for name in names:
+            with open(os.path.join(d, name), "rb") as f:
+                found[os.path.relpath(os.path.join(d, name), path)] = f.read()
+    return found
+
+
+def one_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def images(root, names=("img.png", "other.png")):
+    rng = np.random.RandomState(0)
+    for name in names:
+        Image.fromarray(rng.randint(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / name)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:25, 10:30] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+
+
+def write_manifest(path, lines, bom=False):
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return path
+
+
+class FakeEditor:
+    """The editor interface batch.run uses, without networks: sample k of seed s is a flat image
+    whose distance is k + s / 10; `poison` lists (seed, k) whose row comes back NaN."""
+
+    image_size = 8
+    weights_digest = "fake-weights"
+
+    def __init__(self, poison=()):
+        self.poison = set(poison)
+        self.computed = []
+
+    def encode_prompt(self, prompt):
+        return np.zeros(4, np.float32)
+
+    def sample(self, options, guided, init, mask, text_embed, sample_ids, seeds, progress=False):
+        n = len(sample_ids)
+        self.computed += [(int(s), int(k)) for s, k in zip(seeds, sample_ids)]
+        images = np.broadcast_to((np.asarray(sample_ids, np.float32) / 10)[:, None, None, None], (n, 8, 8, 3)).copy()
+        distances = np.asarray(sample_ids, np.float32) + np.asarray(seeds, np.float32) / 10
+        for row, key in enumerate(zip(seeds, sample_ids)):
+            if tuple(map(int, key)) in self.poison:
+                images[row], distances[row] = np.nan, np.nan
+        finite = np.isfinite(distances) & np.isfinite(images).reshape(n, -1).all(axis=1)
+        return {"rows": np.arange(n), "images": images, "distances": distances, "finite": finite}
+
+
+def jobs_of(manifest, identity=IDENTITY, batch_size=1):
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions(batch_size=batch_size))
+    assert not errors, errors
+    return batch.with_run(jobs, identity)
+
+
+def run_fake(out, jobs, editor=None):
+    editor = editor or FakeEditor()
+    jobs, items, conflicts, finished = batch.pending_items(str(out), jobs)
+    stats = batch.run(editor, jobs, str(out), items, finished=finished)
+    return jobs, stats, conflicts, editor
+
+
+@pytest.fixture
+def fake_tree(tmp_path):
+    images(tmp_path)
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [
+        {"name": "a", "image": "img.png", "mask": "mask.png", "prompt": "x", "num_samples": 3, "seed": 1},
+        {"name": "b", "image": "other.png", "prompt": "y", "num_samples": 2, "seed": 2},
+    ])
+    return tmp_path, manifest
+
+
+# -- identity --------------------------------------------------------------------------------
+
+def test_job_identity_is_content_and_run_not_paths(fake_tree):
+    root, manifest = fake_tree
+    out = root / "out"
+    jobs, stats, _, _ = run_fake(out, jobs_of(manifest))
+    assert stats.computed == 5 and [len(s) for s in stats.finished] == [3, 2]
+    entry = json.loads((out / "a" / "sample_0.json").read_text())
+    assert "image" not in entry["job"] and entry["job"]["run"] == IDENTITY and entry["image"] == str(root / "img.png")
+
+    # The same run again: everything is found, nothing computed.
+    _, items, conflicts, _ = batch.pending_items(str(out), jobs_of(manifest))
+    assert items == [] and conflicts == []
+
+    # Another precision, config or weights: other samples, never mixed with these.
+    for change in ({"precision": "bf16"}, {"config": "real"}, {"weights": "other"}, {"image_size": 16}):
+        kept, items, conflicts, _ = batch.pending_items(str(out), jobs_of(manifest, {**IDENTITY, **change}))
+        assert kept == [] and [c.line for c in conflicts] == [1, 2], change
+        assert "different job" in conflicts[0].reason
+        assert "rename the job or remove that directory" in conflicts[0].reason
+
+    # The whole tree moved elsewhere: the samples still count (identity is content, not path).
+    moved = root.parent / (root.name + "_moved")
+    shutil.move(str(root), str(moved))
+    _, items, conflicts, finished = batch.pending_items(str(moved / "out"), jobs_of(moved / "jobs.jsonl"))
+    assert items == [] and conflicts == [] and [len(s) for s in finished] == [3, 2]
+
+    # Other pixels under the same path: job "a" clashes, job "b" is untouched.
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(moved / "img.png")
+    kept, items, conflicts, _ = batch.pending_items(str(moved / "out"), jobs_of(moved / "jobs.jsonl"))
+    assert [j.name for j in kept] == ["b"] and items == [] and [c.line for c in conflicts] == [1]
+
+
+def test_samples_written_before_content_identity_count_as_another_job(fake_tree):
+    root, manifest = fake_tree
+    out = root / "out"
+    run_fake(out, jobs_of(manifest))
+    path = out / "a" / "sample_1.json"
+    entry = json.loads(path.read_text())
+    old = {k: v for k, v in entry["job"].items() if k not in ("image_sha256", "mask_sha256", "run")}
+    old.update(image=str(root / "img.png"), mask=str(root / "mask.png"))
+    path.write_text(json.dumps({**entry, "job": old}))
+    with pytest.raises(ValueError, match="holds sample 1 of a different job"):
+        batch.finished_samples(str(out), jobs_of(manifest)[0])
+
+
+def test_each_input_file_is_hashed_once_per_manifest(fake_tree, monkeypatch):
+    root, _ = fake_tree
+    lines = [{"name": f"j{i}", "image": "img.png", "mask": "mask.png", "prompt": "x", "num_samples": 1, "seed": i}
+             for i in range(5)]
+    manifest = write_manifest(root / "many.jsonl", lines)
+    opened, decoded = [], []
+    real_sha, real_load = batch.file_sha256, batch.load_inputs
+
+    def sha(path, cache=None):
+        if path not in (cache or {}):
+            opened.append(path)
+        return real_sha(path, cache)
+
+    monkeypatch.setattr(batch, "file_sha256", sha)
+    monkeypatch.setattr(batch, "load_inputs", lambda *a, **k: decoded.append(a) or real_load(*a, **k))
+    jobs = jobs_of(manifest)
+    assert len(jobs) == 5 and len({j.image_sha256 for j in jobs}) == 1
+    assert sorted(opened) == sorted([str(root / "img.png"), str(root / "mask.png")]) and len(decoded) == 1
+
+
+# -- the output directory ---------------------------------------------------------------------
+
+def test_unwritable_job_directory_is_skipped_before_compute(fake_tree):
+    root, manifest = fake_tree
+    out = root / "out"
+    out.mkdir()
+    (out / "a").write_text("a user's file")
+    with batch.claim_output_dir(str(out), jobs_of(manifest)) as (jobs, skipped, removed):
+        assert [j.name for j in jobs] == ["b"] and removed == []
+        assert [e.line for e in skipped] == [1]
+        assert "exists and is not a directory; rename the job or move that file" in skipped[0].reason
+        assert sorted(os.listdir(out)) == [batch.LOCK, "a"]  # probing left nothing behind
+        run_fake(out, jobs)
+    assert (out / "a").read_text() == "a user's file" and sorted(os.listdir(out / "b")) == [
+        "grid.png", "ranked.json", "sample_0.json", "sample_0.png", "sample_1.json", "sample_1.png"]
+    assert not (out / batch.LOCK).exists()
+
+
+def test_lock_refuses_a_second_run_and_is_released(fake_tree):
+    root, manifest = fake_tree
+    out = root / "new" / "out"
+    with batch.claim_output_dir(str(out), []):
+        holder = json.loads((out / batch.LOCK).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(batch.OutputInUse, match=f"in use by another run \\(pid {os.getpid()} on host "):
+            with batch.claim_output_dir(str(out), []):
+                pass
+        assert json.loads((out / batch.LOCK).read_text()) == holder  # the refused run left it alone
+    assert not (root / "new").exists()  # made only for the lock: removed with it
+    with batch.claim_output_dir(str(out), []):  # free again
+        pass
+
+
+def test_lock_of_a_killed_run_does_not_stick(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out / batch.LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(batch.OutputInUse, match="a run that has not recorded itself yet"):
+            with batch.claim_output_dir(str(out), []):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    with batch.claim_output_dir(str(out), []):  # the OS dropped the dead process's lock
+        pass
+    assert os.listdir(out) == []
+
+
+def test_processes_after_the_first_neither_lock_nor_probe(fake_tree, monkeypatch):
+    root, manifest = fake_tree
+    out = root / "out"
+    out.mkdir()
+    (out / "a").write_text("a user's file")
+    with batch.claim_output_dir(str(out), []):  # process 0 of the run holds the lock
+        (out / ".tmp-abc.png").write_bytes(b"x")  # a temporary of process 0, being written
+        monkeypatch.setattr(batch.jax, "process_index", lambda: 1)
+        with batch.claim_output_dir(str(out), jobs_of(manifest)) as (jobs, skipped, removed):
+            assert [j.name for j in jobs] == ["a", "b"] and skipped == [] and removed == []
+    assert sorted(os.listdir(out)) == [".tmp-abc.png", "a"]
+
+
+def test_stale_temporaries_are_removed_under_the_lock(fake_tree):
+    root, manifest = fake_tree
+    out = root / "out"
+    (out / "b" / "keep").mkdir(parents=True)
+    for path in (out / ".tmp-1.json", out / "b" / ".tmp-2.png", out / "b" / "keep" / ".tmp-3.png"):
+        path.write_bytes(b"partial")
+    (out / "notes.txt").write_text("mine")
+    with batch.claim_output_dir(str(out), jobs_of(manifest)) as (_, _, removed):
+        assert sorted(removed) == sorted([str(out / ".tmp-1.json"), str(out / "b" / ".tmp-2.png")])
+    assert sorted(tree(out)) == ["b", "b/keep", "b/keep/.tmp-3.png", "notes.txt"]
+
+
+def test_locked_output_dir_refuses_at_once_naming_the_holder(fake_tree):
+    root, manifest = fake_tree
+    out = root / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    fd = os.open(out / batch.LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({"pid": 4242, "host": "node7", "started": "2026-01-02T03:04:05+00:00"}).encode())
+        before = tree(out)
+        began = time.monotonic()
+        proc = launch(f"--manifest={manifest}", f"--output_dir={out}")
+        assert proc.returncode == 2 and time.monotonic() - began < 60
+        line = one_line(proc)
+        assert "is in use by another run (pid 4242 on host node7, started 2026-01-02T03:04:05+00:00)" in line
+        assert "jobs," not in proc.stdout and tree(out) == before  # refused before networks, nothing written
+    finally:
+        os.close(fd)
+
+
+def test_unwritable_output_dir_is_one_line_before_networks(fake_tree):
+    root, manifest = fake_tree
+    (root / "afile").write_text("x")
+    before = tree(root)
+    proc = launch(f"--manifest={manifest}", f"--output_dir={root / 'afile' / 'out'}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "is a file, not a directory" in one_line(proc) and "jobs," not in proc.stdout
+    assert tree(root) == before
+
+
+# -- manifests --------------------------------------------------------------------------------
+
+def test_bom_manifest_loses_no_job(fake_tree):
+    root, _ = fake_tree
+    manifest = write_manifest(root / "bom.jsonl", [
+        {"name": "first", "image": "img.png", "prompt": "x", "num_samples": 1, "seed": 0},
+        {"name": "second", "image": "img.png", "prompt": "y\u2028z", "num_samples": 1, "seed": 0}], bom=True)
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions())
+    assert [j.name for j in jobs] == ["first", "second"] and errors == [] and jobs[1].prompt == "y\u2028z"
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("binary", "is not UTF-8 text"), ("nul", "is a binary file"), ("directory", "is a directory"),
+    ("empty", "holds no job"), ("comments", "holds no job"), ("missing", "no such file")])
+def test_unusable_manifest_is_one_error_naming_the_file(tmp_path, kind, message):
+    path = tmp_path / "jobs.jsonl"
+    if kind == "binary":
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(path, format="PNG")
+    elif kind == "nul":
+        path.write_bytes(b'{"image": "a.png"}\x00\n')
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "comments":
+        path.write_text("# nothing yet\n\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as caught:
+        batch.read_manifest(str(path), 8, EditOptions())
+    assert f"--manifest={path}" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_binary_manifest_exits_2_with_one_line(tmp_path):
+    manifest = tmp_path / "jobs.jsonl"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(manifest, format="PNG")
+    before = tree(tmp_path)
+    proc = launch(f"--manifest={manifest}", f"--output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert one_line(proc).startswith(f"error: --manifest={manifest} is not UTF-8 text")
+    assert tree(tmp_path) == before
+
+
+def test_job_names_say_what_is_wrong():
+    for name in (".", "..", "..."):
+        with pytest.raises(ValueError, match="made only of dots") as caught:
+            batch.check_name(name)
+        assert "contains '..'" not in str(caught.value)
+    assert batch.check_name("a..b") == "a..b"  # one directory name: cannot leave the output directory
+    with pytest.raises(ValueError, match="control characters"):
+        batch.check_name("a\tb")
+    with pytest.raises(ValueError, match="is 201 bytes long; the limit is 200"):
+        batch.check_name("x" * 201)
+    with pytest.raises(ValueError, match="reserved for bdjax's temporary and lock files"):
+        batch.check_name(batch.LOCK)
+    with pytest.raises(ValueError, match="is a path"):
+        batch.check_name("a/b")
+
+
+# -- faults during the run --------------------------------------------------------------------
+
+def test_non_finite_sample_is_reported_failed_not_written(fake_tree, capsys):
+    root, manifest = fake_tree
+    out = root / "out"
+    jobs, stats, _, _ = run_fake(out, jobs_of(manifest), FakeEditor(poison={(1, 1)}))
+    assert stats.computed == 4 and stats.failed == 1 and stats.failures == {0: {1: batch.NOT_FINITE}}
+    assert not (out / "a" / "sample_1.png").exists() and not (out / "a" / "sample_1.json").exists()
+    assert not (out / "a" / "ranked.json").exists() and (out / "b" / "ranked.json").exists()
+    assert sorted(stats.finished[0]) == [0, 2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"failed: job 'a' (manifest line 1) sample 1: {batch.NOT_FINITE}"]
+    results = batch.job_results(jobs, stats)  # as report.json lists them
+    assert results[0]["failed"] == [{"sample_id": 1, "reason": batch.NOT_FINITE}] and not results[0]["complete"]
+    assert [s["sample_id"] for s in results[0]["samples"]] == [0, 2] and "failed" not in results[1]
+    json.dumps(results, allow_nan=False)  # strict JSON
+
+    _, stats, _, editor = run_fake(out, jobs_of(manifest))  # a rerun retries exactly that sample
+    assert editor.computed == [(1, 1)] and stats.failed == 0
+    ranked = json.loads((out / "a" / "ranked.json").read_text())
+    assert [s["sample_id"] for s in ranked["samples"]] == [0, 1, 2]
+    assert all(np.isfinite(s["distance"]) for s in ranked["samples"])
+
+
+def test_write_failure_skips_that_job_and_the_others_complete(fake_tree, monkeypatch, capsys):
+    root, manifest = fake_tree
+    out = root / "out"
+    save_png = outputs.save_png
+
+    def full_disk(path, image):
+        if os.path.basename(os.path.dirname(path)) == "a":
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        save_png(path, image)
+
+    monkeypatch.setattr(batch.outputs, "save_png", full_disk)
+    jobs, stats, _, editor = run_fake(out, jobs_of(manifest, batch_size=1))
+    assert list(stats.job_errors) == [0] and "No space left on device" in stats.job_errors[0]
+    assert "a rerun retries them" in stats.job_errors[0]
+    assert editor.computed == [(1, 0), (2, 0), (2, 1)]  # a's later samples were not computed
+    assert stats.computed == 2 and stats.failed == 1 and (out / "b" / "ranked.json").exists()
+    assert not [p for p in tree(out) if os.path.basename(p).startswith(".tmp")]
+    err = capsys.readouterr().err
+    assert err.count("failed: job 'a' (manifest line 1): cannot write") == 1
+
+    monkeypatch.setattr(batch.outputs, "save_png", save_png)
+    _, stats, _, editor = run_fake(out, jobs_of(manifest, batch_size=1))  # the rerun is not blocked
+    assert editor.computed == [(1, 0), (1, 1), (1, 2)] and stats.job_errors == {}
+
+
+def test_run_reads_no_sample_files_per_batch(fake_tree, monkeypatch):
+    root, manifest = fake_tree
+    out = root / "out"
+    jobs, items, _, finished = batch.pending_items(str(out), jobs_of(manifest, batch_size=1))
+    reads = []
+    monkeypatch.setattr(batch, "_read_json", lambda path: reads.append(path) or None)
+    monkeypatch.setattr(batch, "read_finished", lambda *a: pytest.fail("a batch re-read the disk"))
+    stats = batch.run(FakeEditor(), jobs, str(out), items, finished=finished)
+    # Per batch nothing is read; a completed job's summary compares with the one on disk once.
+    assert stats.computed == 5 and sorted(reads) == [str(out / "a" / "ranked.json"), str(out / "b" / "ranked.json")]
+
+
+# -- one smoke run of the program --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust") / "project"
+    root.mkdir()
+    images(root)
+    manifest = write_manifest(root / "jobs.jsonl", [
+        {"name": "first", "image": "img.png", "mask": "mask.png", "prompt": "a red ball", "num_samples": 2,
+         "seed": 1, **FAST},
+        {"name": "blocked", "image": "img.png", "prompt": "a cat", "num_samples": 1, "seed": 2, **FAST},
+        {"name": "second", "image": "other.png", "mask": "mask.png", "prompt": "a tree", "num_samples": 1,
+         "seed": 3, **FAST},
+    ], bom=True)
+    out = root / "out"
+    (out / "first").mkdir(parents=True)
+    (out / "blocked").write_text("not a directory")
+    (out / ".tmp-killed.json").write_text("{")
+    (out / "first" / ".tmp-killed.png").write_bytes(b"\x89PNG")
+    proc = launch(f"--manifest={manifest}", f"--output_dir={out}")
+    return root, proc
+
+
+def test_smoke_run_skips_the_blocked_job_and_cleans_up(smoke_run):
+    root, proc = smoke_run
+    out = root / "out"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped: manifest line 2: " in proc.stderr and "blocked exists and is not a directory" in proc.stderr
+    assert "removed 2 temporary file(s)" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["results"]] == ["first", "second"]  # the BOM line is a job
+    assert all(r["complete"] for r in report["results"]) and report["items"]["failed"] == 0
+    assert [e["line"] for e in report["jobs"]["skipped_lines"]] == [2]
+    assert (out / "blocked").read_text() == "not a directory"
+    assert sorted(tree(out)) == sorted(["blocked", "report.json", "first", "second"] + [
+        f"{job}/{f}" for job, n in (("first", 2), ("second", 1))
+        for f in ["grid.png", "ranked.json"] + [f"sample_{k}.{e}" for k in range(n) for e in ("png", "json")]])
+    identity = json.loads((out / "first" / "sample_0.json").read_text())["job"]["run"]
+    assert identity["precision"] == "fp32" and identity["config"] == "smoke" and identity["image_size"] == 64
+    assert isinstance(identity["weights"], str) and identity["weights"]
+
+
+def test_moved_tree_reruns_with_nothing_to_compute(smoke_run):
+    root, proc = smoke_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = root.parent / "moved"
+    shutil.move(str(root), str(moved))
+    before = tree(moved / "out")
+    rerun = launch(f"--manifest={moved / 'jobs.jsonl'}", f"--output_dir={moved / 'out'}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads((moved / "out" / "report.json").read_text())
+    assert report["items"] == {"total": 3, "skipped": 3, "computed": 0, "failed": 0, "summaries_written": 0}
+    after = tree(moved / "out")
+    assert [p for p in after if after[p] != before.get(p)] == ["report.json"]
