@@ -649,7 +649,8 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
                                 np.stack([inputs[keys[j]][0] for j, _ in chunk]),
                                 np.stack([inputs[keys[j]][1] for j, _ in chunk]),
                                 np.stack([embeds[jobs[j].prompt] for j, _ in chunk]),
-                                np.array([k for _, k in chunk]), np.array([jobs[j].seed for j, _ in chunk]))
+                                np.array([k for _, k in chunk]), np.array([jobs[j].seed for j, _ in chunk]),
+                                batch_rows=min(options.batch_size, len(group)))  # no batch larger than needed
             stats.sample_s += time.perf_counter() - began
             outcome, distances, errors = _write_rows(output_dir, jobs, chunk, out, label)
             outcome, distances, writers = _exchange(outcome, distances, f"bdjax.batch {count}")

@@ -191,8 +191,11 @@ class BlendedDiffusion:
         rows = lambda a: np.broadcast_to(a, (num_samples, *np.shape(a)[1:]))  # noqa: E731  views, not copies
 
         def batches():
+            # A batch never holds more rows than there are samples (the loss weights still use
+            # batch_size, as the reference's do, so a sample's pixels do not depend on this).
             for out in self.sample_batches(opts, prompt != "", rows(init), rows(m), rows(text_embed),
-                                           range(num_samples), rows(np.int32(seed)[None]), progress=progress):
+                                           range(num_samples), rows(np.int32(seed)[None]), progress=progress,
+                                           batch_rows=min(opts.batch_size, num_samples)):
                 yield EditBatch(sample_ids=out["rows"], images=to_uint8(out["images"], out["finite"]),
                                 distances=out["distances"], finite=out["finite"])
 
@@ -214,8 +217,9 @@ class BlendedDiffusion:
         return opts
 
     def sample(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
-               progress: bool = False) -> dict:
-        """Run N independent samples, each with its own inputs, `options.batch_size` at a time.
+               progress: bool = False, batch_rows: int | None = None) -> dict:
+        """Run N independent samples, each with its own inputs, `batch_rows` (default
+        `options.batch_size`) at a time.
 
         init [N, S, S, 3] in [-1, 1], mask [N, S, S, 1], text_embed [N, D], sample_ids [N] (an array
         or a range), seeds [N]. Returns {"rows", "images" [n, S, S, 3] in [0, 1], "distances" [n],
@@ -223,31 +227,34 @@ class BlendedDiffusion:
         their indices into the inputs, and "finite" is False where a row's image or distance is NaN
         or infinite.
         """
-        out = list(self.sample_batches(options, guided, init, mask, text_embed, sample_ids, seeds, progress))
+        out = list(self.sample_batches(options, guided, init, mask, text_embed, sample_ids, seeds, progress,
+                                       batch_rows))
         return {key: np.concatenate([o[key] for o in out]) for key in ("rows", "images", "distances", "finite")}
 
     def sample_batches(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
-                       progress: bool = False) -> Iterator[dict]:
+                       progress: bool = False, batch_rows: int | None = None) -> Iterator[dict]:
         """`sample`, one batch at a time: yields each batch's dict as soon as it is computed.
+        `batch_rows` samples run together (default `options.batch_size`), the last batch padded.
 
         Only one batch of inputs is gathered at a time: the inputs may be broadcast views (one
         image for N samples) and are indexed, never copied whole.
         """
         run = self.sampler(options, guided)
         n = len(sample_ids)
-        global_batch = parallel.padded_batch(options.batch_size, self.mesh.devices.size)
+        batch_rows = options.batch_size if batch_rows is None else batch_rows
+        global_batch = parallel.padded_batch(batch_rows, self.mesh.devices.size)
         mine = parallel.process_slice(global_batch, self.mesh)
         bar = None
         if progress and jax.process_index() == 0:  # one bar on multi-host runs
-            chunks = -(-n // options.batch_size)
+            chunks = -(-n // batch_rows)
             bar = tqdm(total=run.num_steps * chunks * (mine.stop - mine.start),
                        desc="blended diffusion", unit="sample-step")
         inputs = ((init, None), (mask, None), (text_embed, None), (sample_ids, np.int32), (seeds, np.int32))
         gather = lambda a, index, dtype: np.asarray(  # noqa: E731  a range stays lazy
             [a[i] for i in index] if isinstance(a, range) else np.asarray(a)[index], dtype)
         try:
-            for start in range(0, n, options.batch_size):
-                layout, valid = parallel.spread(np.arange(start, min(start + options.batch_size, n)), global_batch)
+            for start in range(0, n, batch_rows):
+                layout, valid = parallel.spread(np.arange(start, min(start + batch_rows, n)), global_batch)
                 local, keep = layout[mine], valid[mine]
                 on_steps = None if bar is None else (lambda steps: bar.update(steps * (mine.stop - mine.start)))
                 out = run(self.params, *(parallel.put_batch(gather(a, local, dtype), self.mesh,

@@ -126,6 +126,8 @@ def check_writable(output_dir: str, dirs=(), files=()) -> None:
 
     Leaves nothing behind: a directory created for the probe is removed again.
     """
+    if not output_dir:
+        raise ValueError(f"output directory {output_dir!r} is empty: name a directory")
     for name in dirs:
         path = os.path.join(output_dir, name)
         if os.path.exists(path) and not os.path.isdir(path):

@@ -166,7 +166,12 @@ def program(main):
         try:
             with user_errors():
                 return main(argv)
-        except jax.errors.JaxRuntimeError as e:
+        except (MemoryError, jax.errors.JaxRuntimeError) as e:
+            if _out_of_memory(e):
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                print(f"error: out of memory ({first}); lower --batch_size or --aug_num, or pass --remat=blocks",
+                      file=sys.stderr, flush=True)
+                sys.exit(USER_ERROR)
             if jax.process_count() == 1:
                 raise
             lost = _lost_processes()
@@ -177,6 +182,11 @@ def program(main):
             # Skip JAX's exit-time shutdown barrier: it cannot succeed without the lost peer.
             os._exit(LOST_PEER)
     return wrapped
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Host memory (numpy) or device memory (XLA's RESOURCE_EXHAUSTED) ran out."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e).split("\n", 1)[0]
 
 
 def _lost_processes() -> list[int]:

@@ -79,12 +79,14 @@ class FakeEditor:
     def __init__(self, poison=()):
         self.poison = set(poison)
         self.computed = []
+        self.batch_rows = []
 
     def encode_prompt(self, prompt):
         return np.zeros(4, np.float32)
 
-    def sample(self, options, guided, init, mask, text_embed, sample_ids, seeds, progress=False):
+    def sample(self, options, guided, init, mask, text_embed, sample_ids, seeds, progress=False, batch_rows=None):
         n = len(sample_ids)
+        self.batch_rows.append(batch_rows)
         self.computed += [(int(s), int(k)) for s, k in zip(seeds, sample_ids)]
         images = np.broadcast_to((np.asarray(sample_ids, np.float32) / 10)[:, None, None, None], (n, 8, 8, 3)).copy()
         distances = np.asarray(sample_ids, np.float32) + np.asarray(seeds, np.float32) / 10
@@ -464,3 +466,12 @@ def test_moved_tree_reruns_with_nothing_to_compute(smoke_run):
     assert report["items"] == {"total": 3, "skipped": 3, "computed": 0, "failed": 0, "summaries_written": 0}
     after = tree(moved / "out")
     assert [p for p in after if after[p] != before.get(p)] == ["report.json"]
+
+
+def test_a_batch_never_holds_more_rows_than_a_group_has_items(tmp_path):
+    """batch_size=10**8 for 3 samples: batches of 3 rows, not of 10**8 padding rows."""
+    images(tmp_path)
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [
+        {"name": "a", "image": "img.png", "prompt": "x", "num_samples": 3, "seed": 1, "batch_size": 10 ** 8}])
+    jobs, stats, _, editor = run_fake(tmp_path / "out", jobs_of(manifest))
+    assert editor.batch_rows == [3] and stats.computed == 3

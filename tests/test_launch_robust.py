@@ -93,6 +93,29 @@ def test_edit_batches_streams_one_batch_at_a_time_from_broadcast_inputs():
     assert rest[0].images.dtype == np.uint8 and rest[0].images[1].mean() == round(0.03 * 255)
 
 
+def test_a_batch_never_holds_more_rows_than_samples():
+    """batch_size=10**8 for 3 samples runs one batch of 3 rows (padded to the devices), not a
+    batch of 10**8 padding rows."""
+    run = FakeRun()
+    editor = fake_editor(run)
+    result = editor.edit(photo(), None, "a cat", num_samples=3, seed=2, batch_size=10 ** 8, progress=False)
+    assert sorted(result.sample_ids.tolist()) == [0, 1, 2]
+    assert [b["init"][0] for b in run.batches] == [parallel.padded_batch(3, editor.mesh.devices.size)]
+
+
+def test_out_of_memory_is_one_line_naming_the_fix(capsys):
+    from launch import runtime
+
+    def main(argv):
+        raise MemoryError("Unable to allocate 4.47 TiB for an array")
+
+    with pytest.raises(SystemExit) as stop:
+        runtime.program(main)(["prog"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: out of memory (Unable to allocate 4.47 TiB") and "--batch_size" in err[0]
+
+
 def test_edit_batches_inputs_are_views_whatever_num_samples():
     """A huge num_samples allocates nothing per sample before the first batch: the per-sample
     inputs are broadcast views of one image, mask and embedding, and the ids stay a range."""
@@ -101,9 +124,9 @@ def test_edit_batches_inputs_are_views_whatever_num_samples():
     seen = {}
     real = editor.sample_batches
 
-    def spy(options, guided, init, mask, text_embed, sample_ids, seeds, progress=False):
+    def spy(options, guided, init, mask, text_embed, sample_ids, seeds, progress=False, batch_rows=None):
         seen.update(init=init, mask=mask, text_embed=text_embed, sample_ids=sample_ids, seeds=seeds)
-        return real(options, guided, init, mask, text_embed, sample_ids, seeds, progress)
+        return real(options, guided, init, mask, text_embed, sample_ids, seeds, progress, batch_rows)
 
     editor.sample_batches = spy
     n = MAX_NUM_SAMPLES  # as one full copy each: 4.9 GB of images alone
@@ -339,6 +362,15 @@ def test_edit_bounds_num_samples_before_any_work(program_flags, monkeypatch, ima
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and "--num_samples=1000000000 is more than" in err, err
     assert run.batches == [] and not out.exists()
+
+
+def test_edit_refuses_an_empty_output_dir(program_flags, monkeypatch, image_file, capsys):
+    run = FakeRun()
+    status = run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                              "--output_dir="], run)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err == "error: output directory '' is empty: name a directory", err
+    assert run.batches == []
 
 
 def test_extrapolate_checks_everything_before_touching_the_output(program_flags, monkeypatch, image_file, tmp_path,
