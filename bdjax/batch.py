@@ -179,11 +179,27 @@ def parse_job(line: int, text: str, base_dir: str, image_size: int, base_options
         raise ManifestError(line, f"cannot read {e.filename} ({e.strerror})") from None
 
 
+class _DuplicateField(Exception):
+    pass
+
+
+def _unique_fields(pairs) -> dict:
+    """A JSON object whose keys are all different (json.loads would keep the last silently)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateField(repr(key))
+        seen.add(key)
+    return dict(pairs)
+
+
 def _parse_job(line, text, base_dir, image_size, base_options, context_length, cache) -> Job:
     try:
-        entry = json.loads(text)
+        entry = json.loads(text, object_pairs_hook=_unique_fields)
     except json.JSONDecodeError as e:
         raise ManifestError(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except _DuplicateField as e:
+        raise ManifestError(line, f"field {e} is given twice; keep one") from None
     if not isinstance(entry, dict):
         raise ManifestError(line, f"expected a JSON object, got {type(entry).__name__}")
     missing = [k for k in REQUIRED if k not in entry]

@@ -188,9 +188,11 @@ def fetch_command(cache_dir: str, models: Iterable[str]) -> str:
 
 def parse_models(names: Iterable[str]) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))  # ordered, no duplicates
+    if not names:
+        raise FetchError(f"no model named; choose from {', '.join(MODELS)}")
     unknown = [n for n in names if n not in MODELS]
-    if unknown or not names:
-        raise FetchError(f"unknown model(s) {unknown or names}; choose from {', '.join(MODELS)}")
+    if unknown:
+        raise FetchError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     return names
 
 

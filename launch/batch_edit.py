@@ -57,6 +57,8 @@ def main(argv):
         raise runtime.FlagError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.manifest or not FLAGS.output_dir:
         raise runtime.FlagError("--manifest and --output_dir are required")
+    if FLAGS.batch_size < 1:
+        raise runtime.FlagError(f"--batch_size={FLAGS.batch_size} must be at least 1")
     runtime.setup()
     import jax
 
@@ -72,6 +74,10 @@ def main(argv):
         jobs, errors = batch.read_manifest(FLAGS.manifest, image_size, base_options())
         if errors and FLAGS.strict:
             raise errors[0]
+        if not jobs:  # nothing to run: say why now, before any network is built
+            first = f": {errors[0]}" if errors else ""
+            raise ValueError(f"{FLAGS.manifest} has no valid job{first}"
+                             + (f" (and {len(errors) - 1} more bad line(s))" if len(errors) > 1 else ""))
         for e in errors:
             say(f"skipped: {e}", file=sys.stderr)
         # The lock is held until the run ends; only then is the directory free for another run.

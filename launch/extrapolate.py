@@ -39,7 +39,8 @@ def define_flags():
     flags.DEFINE_string("prompt_left", None, "Prompt for the strips grown on the left (default: --prompt).")
     flags.DEFINE_string("prompt_right", None, "Prompt for the strips grown on the right (default: --prompt).")
     flags.DEFINE_enum("side", "both", list(SIDES), "Where the canvas grows.")
-    flags.DEFINE_integer("strip", 64, "Pixels added per side and round (at model resolution).")
+    flags.DEFINE_integer("strip", None, "Pixels added per side and round (at model resolution); default: a "
+                         "quarter of the model size (64 at 256, 16 with --config=smoke).")
     flags.DEFINE_integer("repeats", 4, "Rounds; the canvas grows by strip x repeats on each chosen side.")
 
 
@@ -58,6 +59,11 @@ def prompts_from_flags(sides) -> dict:
 OUTPUTS = (r"canvas_\d+\.png", re.escape(FINAL), re.escape("report.json"))
 
 
+def strip_width() -> int:
+    """--strip, else a quarter of the model size."""
+    return edit.model_size() // 4 if FLAGS.strip is None else FLAGS.strip
+
+
 def check_flags() -> dict:
     """The checks on this program's own flags (before the shared preflight); returns the prompt
     of each side."""
@@ -69,12 +75,12 @@ def check_flags() -> dict:
     if FLAGS.repeats < 1:
         raise runtime.FlagError(f"--repeats={FLAGS.repeats} must be at least 1")
     size = edit.model_size()
-    if not 0 < FLAGS.strip < size:
-        raise runtime.FlagError(f"--strip={FLAGS.strip} must be in (0, {size}): each window keeps {size} - strip "
+    if not 0 < strip_width() < size:
+        raise runtime.FlagError(f"--strip={strip_width()} must be in (0, {size}): each window keeps {size} - strip "
                                 "columns of the canvas as context")
-    width = size + FLAGS.strip * FLAGS.repeats * len(prompts)
+    width = size + strip_width() * FLAGS.repeats * len(prompts)
     if width > MAX_WIDTH:
-        raise runtime.FlagError(f"--repeats={FLAGS.repeats} rounds of --strip={FLAGS.strip} would make the canvas "
+        raise runtime.FlagError(f"--repeats={FLAGS.repeats} rounds of --strip={strip_width()} would make the canvas "
                                 f"{width} pixels wide, more than {MAX_WIDTH}; use fewer rounds or a narrower strip")
     return prompts
 
@@ -115,7 +121,7 @@ def main(argv):
     for r in range(1, FLAGS.repeats + 1):
         for side in prompts:
             seed = round_seed(FLAGS.seed, r, side)
-            window, mask = edge_window(canvas, side, FLAGS.strip, size)
+            window, mask = edge_window(canvas, side, strip_width(), size)
             stream = editor.edit_batches(window, mask, prompts[side], num_samples=FLAGS.num_samples, seed=seed,
                                          progress=lead, **options)
             best, distance = best_result(stream)
@@ -123,7 +129,7 @@ def main(argv):
                 print(f"error: round {r} ({side}): all {FLAGS.num_samples} samples turned non-finite (NaN or "
                       f"infinite); the canvas so far is canvas_{r - 1}.png", file=sys.stderr)
                 sys.exit(1)
-            canvas = paste_strip(canvas, best, side, FLAGS.strip)
+            canvas = paste_strip(canvas, best, side, strip_width())
             rounds.append({"round": r, "side": side, "prompt": prompts[side], "seed": seed,
                            "distance": distance, "width": int(canvas.shape[1])})
         if lead:
@@ -135,7 +141,7 @@ def main(argv):
         report = edit.run_report(dataclasses.asdict(editor.options(**options)),
                                  {"load": loaded - start, "extrapolate": done - loaded})
         report["flags"].update(runtime.flag_values(sys.modules[__name__]))
-        report.update(label=label or None, rounds=rounds, size={"height": int(canvas.shape[0]),
+        report.update(label=label or None, strip=strip_width(), rounds=rounds, size={"height": int(canvas.shape[0]),
                                                                 "width": int(canvas.shape[1])})
         outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
         print(f"{os.path.join(FLAGS.output_dir, FINAL)}: {canvas.shape[1]}x{canvas.shape[0]} after "

@@ -9,6 +9,7 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 
 from absl import flags
 
@@ -120,6 +121,8 @@ def build_editor(need_lpips: bool):
 
     dtype = jnp.bfloat16 if FLAGS.precision == "bf16" else jnp.float32
     if FLAGS.config == "smoke":
+        if FLAGS.checkpoint_dir:
+            warnings.warn(f"--checkpoint_dir={FLAGS.checkpoint_dir} is not used: --config=smoke runs random networks")
         return smoke.editor(dtype=dtype, with_lpips=need_lpips)
     checkpoint_dir = unet_dir = FLAGS.checkpoint_dir
     if checkpoint_dir is None:

@@ -335,6 +335,31 @@ def test_binary_manifest_exits_2_with_one_line(tmp_path):
     assert tree(tmp_path) == before
 
 
+def test_a_manifest_without_a_valid_job_or_a_bad_batch_size_flag_stops_before_networks(tmp_path):
+    images(tmp_path)
+    out = tmp_path / "out"
+    good = {"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 1}
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [{**good, "aug_num": 0}, {**good, "clip_guidance_lambda": 1e999}])
+    cases = [([f"--manifest={manifest}"], f"error: {manifest} has no valid job: manifest line 1: aug_num=0 must be at "
+                                          "least 1 (and 1 more bad line(s))"),
+             ([f"--manifest={manifest}", "--batch_size=0"], "error: --batch_size=0 must be at least 1")]
+    before = tree(tmp_path)
+    for args, message in cases:
+        proc = launch(*args, f"--output_dir={out}")
+        assert proc.returncode == 2 and one_line(proc) == message, proc.stderr
+        assert tree(tmp_path) == before
+
+
+def test_a_field_given_twice_is_refused(tmp_path):
+    images(tmp_path)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text('{"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 1, "image": "other.png"}\n'
+                        '{"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 1}\n')
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions())
+    assert [j.line for j in jobs] == [2]
+    assert [(e.line, e.reason) for e in errors] == [(1, "field 'image' is given twice; keep one")]
+
+
 def test_job_names_say_what_is_wrong():
     for name in (".", "..", "..."):
         with pytest.raises(ValueError, match="made only of dots") as caught:

@@ -362,8 +362,10 @@ def test_cache_dir_flag_env_and_default(server, tmp_path, monkeypatch):
 
 
 def test_unknown_model_is_refused():
-    with pytest.raises(fetch.FetchError, match="unknown model"):
+    with pytest.raises(fetch.FetchError, match=r"unknown model\(s\) \['sd15'\]"):
         fetch.parse_models(["adm256", "sd15"])
+    with pytest.raises(fetch.FetchError, match="no model named; choose from adm256"):
+        fetch.parse_models(["", " "])  # --models= with nothing after it
 
 
 def run_cli(*args, env):

@@ -424,6 +424,16 @@ def test_extrapolate_best_never_picks_a_non_finite_sample(program_flags, monkeyp
     assert strict_json(out / "report.json")["rounds"][0]["distance"] == pytest.approx(1.0)
 
 
+def test_extrapolate_default_strip_is_a_quarter_of_the_model_size(program_flags, monkeypatch, image_file, tmp_path):
+    """Without --strip the smoke model (64 pixels) grows by 16 per round, not the 64 meant for 256."""
+    out = tmp_path / "out"
+    assert run_program(program_flags, monkeypatch, "extrapolate",
+                       ["--prompt=sky", "--side=right", "--repeats=1", "--num_samples=2", "--batch_size=2",
+                        f"--output_dir={out}", f"--init_image={image_file}"], FakeRun()) == 0
+    report = strict_json(out / "report.json")
+    assert report["strip"] == 16 and report["size"] == {"height": SIZE, "width": SIZE + 16}
+
+
 # ---------------------------------------------------------------------------------------------
 # Subprocesses: the exit status and stderr of bad flags and of checks made before any network.
 
