@@ -84,8 +84,11 @@ class BlendedDiffusion:
     """Holds the three networks and their params; compiles a sampler per configuration."""
 
     def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None,
-                 mesh=None, *, weights_digest: str | None = None):
+                 mesh=None, *, weights_digest: str | None = None, defaults: dict | None = None):
         """Each network as (module, params). Samples are split over `mesh` (default: every device).
+
+        `defaults` replace the reference's option values for this editor's edits (the smoke
+        preset's shorter schedule, say); options passed to `edit` override them.
 
         `weights_digest` identifies all the networks' weights (`from_pretrained` passes the one
         built from the checkpoints' recorded digests); by default it is computed from the params.
@@ -96,6 +99,10 @@ class BlendedDiffusion:
             weights_digest = checkpoint.weights_digest(
                 {name: checkpoint.digest(checkpoint.flatten(net[1])) for name, net in nets.items()})
         self.weights_digest: str = weights_digest
+        unknown = sorted(set(defaults or {}) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} in defaults; known: {', '.join(OPTION_NAMES)}")
+        self.defaults: dict = dict(defaults or {})
         self.mesh = parallel.make_mesh() if mesh is None else mesh
         params = {"unet": unet[1], "clip": clip[1]}
         if lpips is not None:
@@ -204,11 +211,12 @@ class BlendedDiffusion:
                           num_samples=num_samples, options=opts, batches=batches())
 
     def options(self, **options) -> EditOptions:
-        """EditOptions from the reference's flag names, checked against these networks."""
+        """EditOptions from the reference's flag names over this editor's `defaults`, checked
+        against these networks."""
         unknown = set(options) - set(OPTION_NAMES)
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {', '.join(OPTION_NAMES)}")
-        opts = EditOptions(**options)
+        opts = EditOptions(**{**self.defaults, **options})
         opts.validate()
         if opts.background_preservation_loss and opts.lpips_sim_lambda and self.models.lpips is None:
             raise ValueError("background_preservation_loss needs the LPIPS weights, which this editor was built "

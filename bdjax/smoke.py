@@ -68,8 +68,9 @@ def networks(seed: int = 0, image_size: int = IMAGE_SIZE, dtype=jnp.float32, wit
 
 
 def editor(seed: int = 0, image_size: int = IMAGE_SIZE, dtype=jnp.float32, with_lpips: bool = True):
-    """A BlendedDiffusion on the smoke networks."""
+    """A BlendedDiffusion on the smoke networks whose edits default to OPTIONS, the short schedule
+    `--config=smoke` runs (options passed to `edit` override them)."""
     from bdjax.editor import BlendedDiffusion
 
     nets = networks(seed, image_size, dtype, with_lpips)
-    return BlendedDiffusion(nets["unet"], nets["clip"], nets["lpips"])
+    return BlendedDiffusion(nets["unet"], nets["clip"], nets["lpips"], defaults=OPTIONS)

@@ -349,3 +349,18 @@ def test_background_loss_computes_the_init_images_lpips_features_once(scene):
     assert np.isfinite(given["terms"]["lpips_loss"]) and float(given["terms"]["lpips_loss"]) != 0
     np.testing.assert_allclose(given["grad"], itself["grad"], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(given["terms"]["lpips_loss"], itself["terms"]["lpips_loss"], rtol=1e-6)
+
+
+def test_smoke_editor_defaults_to_the_smoke_schedule_and_options_override_it():
+    """bdjax.smoke.editor() edits with --config=smoke's short schedule unless told otherwise; other
+    editors keep the reference's defaults."""
+    editor = smoke.editor(with_lpips=False)
+    assert editor.options() == EditOptions(**smoke.OPTIONS)
+    assert editor.options().timestep_respacing == "25" and editor.options().skip_timesteps == 15
+    assert editor.options(skip_timesteps=5).skip_timesteps == 5
+    assert editor.options(skip_timesteps=5).aug_num == smoke.OPTIONS["aug_num"]
+    nets = smoke.networks(with_lpips=False)
+    plain = BlendedDiffusion(nets["unet"], nets["clip"])
+    assert plain.options() == EditOptions()
+    with pytest.raises(TypeError, match="unknown option"):
+        BlendedDiffusion(nets["unet"], nets["clip"], defaults={"steps": 3})

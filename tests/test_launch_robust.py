@@ -54,6 +54,7 @@ def fake_editor(run: FakeRun) -> BlendedDiffusion:
     editor.params = {}
     editor.image_size = SIZE
     editor._samplers = {}
+    editor.defaults = {}
     editor.sampler = lambda options, guided: run
     editor.encode_prompt = lambda prompt: jnp.zeros(8)
     return editor
