@@ -78,6 +78,7 @@ class Source:
     sha256: str | None = None         # full hash, only where one is published
     sha256_prefix: str | None = None  # torchvision's file-name convention
     hash_from: str = ""               # where the expected hash is stated
+    size: int | None = None           # bytes, where recorded alongside the hash
 
     @property
     def filename(self) -> str:
@@ -92,7 +93,7 @@ SOURCES: dict[str, Source] = {
     # the hash of secondary_model_imagenet_2.pth, to which later versions moved it.)
     "adm256": Source("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
                      sha256="a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1",
-                     hash_from="Disco Diffusion v5.6+ diff_model_map (not published by OpenAI)"),
+                     hash_from="Disco Diffusion v5.6+ diff_model_map (not published by OpenAI)", size=2_211_383_297),
     # No published hash found: the computed sha256 is only recorded in manifest.json.
     "adm512": Source("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/512x512_diffusion.pt"),
     # OpenAI names each CLIP file by its full sha256 (clip/clip.py `_MODELS`, which also checks it).
@@ -528,18 +529,37 @@ def _obtain(key: str, cache_dir: str, wanted: Sequence[str], manifest: dict, pro
                              f"{'...' if not source.sha256 else ''}: delete it and run again")
     else:
         log(f"downloading {url}")
-        try:
-            actual = download(url, dest, source, progress=progress, **limits)
-        except _Unreachable as e:
-            raise FetchError(
-                f"cannot download {url} ({e.reason}); offline? fetch that file elsewhere, place it at "
-                f"{dest}, then run `{fetch_command(cache_dir, wanted)}`, which converts it without "
-                "downloading") from None
+        actual = download(url, dest, source, progress=progress, **limits)  # _Unreachable: see fetch
         origin = url
     manifest.setdefault("files", {})[source.filename] = dict(
         url=source.url, origin=origin, size=os.path.getsize(dest), sha256=actual,
         verification=verification(source))
     return dest
+
+
+def _missing_downloads(cache_dir: str, names: Sequence[str]) -> list[str]:
+    """Keys of SOURCES that `names` need and DIR/downloads/ does not hold."""
+    keys = dict.fromkeys(k for name in names for k in MODELS[name].files)
+    return [k for k in keys if not os.path.isfile(os.path.join(cache_dir, DOWNLOADS, SOURCES[k].filename))]
+
+
+def _placement(cache_dir: str, names: Sequence[str], wanted: Sequence[str]) -> str:
+    """How to place every missing raw file of `names` by hand, in one sentence: where each goes,
+    where it comes from, its size and hash where known, then the command that converts them."""
+    described = []
+    for key in _missing_downloads(cache_dir, names):
+        source = SOURCES[key]
+        facts = [f"{source.size:,} bytes"] if source.size else []
+        if source.sha256:
+            facts.append(f"sha256 {source.sha256}")
+        elif source.sha256_prefix:
+            facts.append(f"sha256 starting {source.sha256_prefix}")
+        else:
+            facts.append("no published sha256")
+        described.append(f"{os.path.join(cache_dir, DOWNLOADS, source.filename)} from {source_url(source)} "
+                         f"({', '.join(facts)})")
+    return (f"place these {len(described)} file(s): {'; '.join(described)}; then run "
+            f"`{fetch_command(cache_dir, wanted)}`, which converts them without downloading")
 
 
 def _convert(name: str, paths: Sequence[str], out_dir: str, overwrite: bool, manifest: dict) -> None:
@@ -607,19 +627,18 @@ def fetch(cache_dir: str | None = None, models: Sequence[str] = DEFAULT_MODELS, 
                 raise FetchError(f"{present[0]} exists without its pair; pass --force to reconvert {name}")
             else:
                 todo.append(name)
-        if not download:
-            missing = [os.path.join(cache_dir, DOWNLOADS, SOURCES[k].filename)
-                       for name in todo for k in MODELS[name].files
-                       if not os.path.isfile(os.path.join(cache_dir, DOWNLOADS, SOURCES[k].filename))]
-            if missing:
-                absent = [p for name in todo for p in converted_paths(cache_dir, name)]
-                raise FetchError(f"weights missing: {', '.join(absent)}; run `{fetch_command(cache_dir, models)}` "
-                                 f"(downloads {', '.join(source_url(SOURCES[k]) for n in todo for k in MODELS[n].files)}; "
-                                 f"offline: place the files at {', '.join(missing)} and run it)")
+        if not download and _missing_downloads(cache_dir, todo):
+            absent = [p for name in todo for p in converted_paths(cache_dir, name)]
+            raise FetchError(f"weights missing: {', '.join(absent)}; run `{fetch_command(cache_dir, models)}`, or "
+                             f"offline {_placement(cache_dir, todo, models)}")
         manifest = _read_manifest(cache_dir)
-        for name in todo:
-            paths = [_obtain(k, cache_dir, models, manifest, progress, log, stall_timeout=stall_timeout,
-                             deadline=deadline) for k in MODELS[name].files]
+        for position, name in enumerate(todo):
+            try:
+                paths = [_obtain(k, cache_dir, models, manifest, progress, log, stall_timeout=stall_timeout,
+                                 deadline=deadline) for k in MODELS[name].files]
+            except _Unreachable as e:  # name every file still missing at once, not one per rerun
+                raise FetchError(f"cannot download {e.url} ({e.reason}); offline? "
+                                 f"{_placement(cache_dir, todo[position:], models)}") from None
             _write_manifest(cache_dir, manifest)
             log(f"{name}: converting {', '.join(os.path.basename(p) for p in paths)}")
             try:

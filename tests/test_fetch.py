@@ -309,6 +309,21 @@ def test_offline_names_url_and_manual_placement(server, tmp_path, monkeypatch):
     assert f"http://127.0.0.1:{port}/256x256_diffusion_uncond.pt" in message
     assert os.path.join(str(tmp_path), "downloads", "256x256_diffusion_uncond.pt") in message
     assert f"python -m checkpoints_convert.fetch --cache_dir={tmp_path} --models=adm256,clip" in message
+    # Every missing file at once (not one per rerun), each with its source, size and hash where known.
+    assert "place these 2 file(s)" in message
+    assert (f"{os.path.join(str(tmp_path), 'downloads', 'ViT-B-16.pt')} from http://127.0.0.1:{port}/ViT-B-16.pt "
+            f"(sha256 {fetch.SOURCES['clip'].sha256})") in message
+    assert f"(2,211,383,297 bytes, sha256 {fetch.SOURCES['adm256'].sha256})" in message
+
+
+def test_missing_weights_without_download_names_every_file(tmp_path):
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.ensure_weights(str(tmp_path), ["adm256", "clip", "lpips"], download=False, progress=False)
+    message = str(error.value)
+    assert "place these 3 file(s)" in message and "\n" not in message
+    for key in ("adm256", "clip", "vgg16"):
+        assert os.path.join(str(tmp_path), "downloads", fetch.SOURCES[key].filename) in message
+    assert "sha256 starting 397923af" in message
 
 
 def test_manual_placement_converts_without_network(server, files, tmp_path, monkeypatch):
