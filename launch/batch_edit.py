@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     runtime.define_flags()
+    flags.adopt_module_key_flags(runtime)  # --help lists them too
     flags.DEFINE_string("manifest", None, "JSON-lines file, one job per line.")
     flags.DEFINE_string("output_dir", None, "Where each job's directory is written.")
     flags.DEFINE_bool("strict", False, "Stop at the first bad manifest line instead of skipping it.")

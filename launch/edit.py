@@ -28,6 +28,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     runtime.define_flags()
+    flags.adopt_module_key_flags(runtime)  # --help lists them too
     flags.DEFINE_string("prompt", None, "Text describing the edit; an empty string runs unguided.")
     flags.DEFINE_string("init_image", None, "The image to edit.")
     flags.DEFINE_string("mask", None, "Mask image: non-zero pixels are edited. Default: the whole image.")

@@ -36,6 +36,7 @@ MAX_WIDTH = 65535  # pixels: the canvas is held in memory, and wider images few 
 
 def define_flags():
     edit.define_flags()
+    flags.adopt_module_key_flags(edit)  # --help lists them too
     flags.DEFINE_string("prompt_left", None, "Prompt for the strips grown on the left (default: --prompt).")
     flags.DEFINE_string("prompt_right", None, "Prompt for the strips grown on the right (default: --prompt).")
     flags.DEFINE_enum("side", "both", list(SIDES), "Where the canvas grows.")

@@ -8,6 +8,7 @@ runs are kept to failures that happen before any network is built.
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -524,3 +525,14 @@ def test_user_errors_are_one_line_and_crashes_keep_their_traceback(capsys):
     with pytest.raises(RuntimeError):
         with runtime.user_errors():
             raise crashes[2]
+
+
+@pytest.mark.parametrize("module", ["launch.edit", "launch.batch_edit", "launch.extrapolate"])
+def test_help_lists_the_model_and_runtime_flags(module):
+    """--help shows what a user needs to choose networks and how they run, not only the edit flags."""
+    proc = run_module(module, "--help")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # absl's --help exits 1
+    listed = set(re.findall(r"^\s+--(?:\[no\])?(\w+)", proc.stdout, flags=re.M))
+    needed = {"config", "precision", "model_output_size", "checkpoint_dir", "download", "remat", "compilation_cache"}
+    assert needed <= listed, needed - listed
+    assert {"output_dir", "batch_size"} <= listed
