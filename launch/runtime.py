@@ -28,6 +28,8 @@ def define_flags():
                       "Recompute the UNet's and CLIP's blocks in the guidance gradient instead of keeping "
                       "their activations: less memory (larger batches), more compute.")
     flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
+    flags.DEFINE_bool("allow_cpu", False, "Run the real networks even when JAX sees only a CPU (hours per sample); "
+                      "without it such a run stops before loading weights and names the alternatives.")
     flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
     flags.DEFINE_bool("verify_weights", True, "Check the weights against the digests recorded at conversion.")
     flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs on disk, so later runs skip compiling.")
@@ -111,6 +113,17 @@ def enable_compilation_cache(flag: str | None) -> str:
     return directory
 
 
+def check_device() -> None:
+    """Stop before weights load when the real networks would run on a CPU, unless --allow_cpu:
+    a guided edit takes hours per sample there, which is rarely what a user meant."""
+    import jax
+
+    if FLAGS.config == "real" and jax.default_backend() == "cpu" and not FLAGS.allow_cpu:
+        raise FlagError("JAX sees only a CPU, where the real networks take hours per sample: try --config=smoke "
+                        "(seconds, random networks), install JAX for your accelerator (pip install -e '.[cuda]' "
+                        "or '.[tpu]'), or pass --allow_cpu to run anyway")
+
+
 def build_editor(need_lpips: bool):
     """The editor the flags ask for: smoke networks, or converted weights (fetched if allowed)."""
     import jax
@@ -120,6 +133,7 @@ def build_editor(need_lpips: bool):
     from bdjax.editor import BlendedDiffusion
 
     dtype = jnp.bfloat16 if FLAGS.precision == "bf16" else jnp.float32
+    check_device()
     if FLAGS.config == "smoke":
         if FLAGS.checkpoint_dir:
             warnings.warn(f"--checkpoint_dir={FLAGS.checkpoint_dir} is not used: --config=smoke runs random networks")

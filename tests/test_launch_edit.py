@@ -107,7 +107,7 @@ def test_compilation_cache_is_on_by_default_under_the_weights_cache(inputs, tmp_
 
 def test_missing_weights_offline_names_the_command(inputs, tmp_path):
     proc = run("--prompt=a cat", f"--init_image={inputs / 'img.png'}", f"--output_dir={tmp_path / 'out'}",
-               "--download=false", env={"BDJAX_CACHE": str(tmp_path / "cache")})
+               "--download=false", "--allow_cpu", env={"BDJAX_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1, err
@@ -147,8 +147,23 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing(inputs, tmp_path):
         assert len(err.splitlines()) == 1 and message in err, (args, err)
         assert not out.exists()
     # A checkpoint of the wrong model: the mismatch names keys, on one line.
-    proc = run("--prompt=a cat", image, f"--checkpoint_dir={wrong}", f"--output_dir={tmp_path / 'out'}")
+    proc = run("--prompt=a cat", image, f"--checkpoint_dir={wrong}", f"--output_dir={tmp_path / 'out'}", "--allow_cpu")
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "does not match the module" in err and "missing" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_real_networks_on_a_cpu_stop_before_loading_weights(inputs, tmp_path):
+    """Without --allow_cpu the real configuration on a CPU stops at once, naming the smoke preset,
+    the accelerator installs and --allow_cpu; the inputs are still checked first."""
+    out = tmp_path / "out"
+    proc = run("--prompt=a cat", f"--init_image={inputs / 'img.png'}", f"--output_dir={out}",
+               env={"BDJAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: JAX sees only a CPU"), proc.stderr
+    assert "--config=smoke" in lines[0] and ".[cuda]" in lines[0] and "--allow_cpu" in lines[0]
+    assert not out.exists() and not (tmp_path / "cache").exists()  # nothing fetched, nothing written
+    proc = run("--prompt=a cat", f"--init_image={inputs / 'missing.png'}", f"--output_dir={out}")
+    assert proc.returncode == 2 and "no such file" in proc.stderr  # a bad input is still named first

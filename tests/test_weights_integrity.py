@@ -116,7 +116,7 @@ def launch_flags():
     parsed = flags.FLAGS.is_parsed()
     if not parsed:
         flags.FLAGS(["test"])
-    with flagsaver.flagsaver():
+    with flagsaver.flagsaver(allow_cpu=True):  # the real-config loaders run on this CPU
         yield flags.FLAGS
     if not parsed:
         flags.FLAGS.unparse_flags()
@@ -294,7 +294,7 @@ def test_launch_program_exits_2_with_one_line_and_leaves_the_output_dir(base, tm
         damage(os.path.join(directory, name))
         before = listing(out)
         proc = run("launch.edit", f"--checkpoint_dir={directory}", "--prompt=x", f"--init_image={tmp_path / 'img.png'}",
-                   f"--output_dir={out}", "--nocompilation_cache")
+                   f"--output_dir={out}", "--nocompilation_cache", "--allow_cpu")
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {os.path.join(directory, name)}: "), proc.stderr
