@@ -1,6 +1,6 @@
 """The guidance loss of Blended Diffusion and its gradient through the UNet.
 
-Step 2 of the reference (SPEC "One step of Blended Diffusion"): the loss is evaluated on
+Step 2 of the reference's guided step: the loss is evaluated on
 x_in = pred_xstart * fac + x * (1 - fac), fac = sqrt(1 - alpha_bar_i), where pred_xstart comes
 from the UNet at (x, i), and the gradient is taken with respect to x THROUGH the UNet. The
 reference runs the UNet twice per step (a no-grad pass for the step, a second pass inside the
@@ -52,7 +52,7 @@ def clip_loss(image_embeds, text_embed, batch: int):
 
 def guidance_loss(pred_xstart, x, fac, *, mask, init, text_embed, augment: Callable,
                   encode_image: Callable, lpips: Callable | None, config: GuidanceConfig):
-    """The scalar loss of SPEC step 2 for a batch, and its terms for reporting.
+    """The scalar guidance loss (step 2 of a guided step) for a batch, and its terms for reporting.
 
     augment: [B,H,W,C] in [-1,1] -> [aug_num*B, 224, 224, C] in [-1,1] (copies of each sample).
     encode_image: [N,224,224,C] in [0,1] -> CLIP embeddings (CLIP normalisation inside).

@@ -17,7 +17,7 @@ Weights are random (speed does not depend on their values); nothing is downloade
 
 FLOPs: `flops_per_step` is XLA's count for the compiled step, where the vjp is taken with respect
 to x only (no weight gradients), so a backward costs about one forward; `analytic_flops_*` follow
-SPEC "Cost" (a backward counted as two forwards: 7.5 TFLOP per sample-step at adm256_uncond with 8
+the analytic count (a backward counted as two forwards: 7.5 TFLOP per sample-step at adm256_uncond with 8
 augmentations) and `mfu_analytic` uses them. The --max_batch_search runs last, after the reference,
 so that PyTorch finds the GPU memory free.
 """
@@ -69,8 +69,8 @@ def define_flags() -> None:
 
 
 CLIP_SIZE = 224
-# SPEC "Cost": ADM 256 forward 2.24 TFLOP per sample; CLIP ViT-B/16 image forward 33.7 GFLOP per crop.
-# A forward plus its backward counts as 3 forwards (the convention behind SPEC's 7.5 TFLOP).
+# Analytic cost: ADM 256 forward 2.24 TFLOP per sample; CLIP ViT-B/16 image forward 33.7 GFLOP per crop.
+# A forward plus its backward counts as 3 forwards (so 7.5 TFLOP per sample-step with 8 crops).
 ADM256_FORWARD_FLOPS = 2.24e12
 VIT_B16_FORWARD_FLOPS = 33.7e9
 
@@ -103,7 +103,7 @@ def model_configs(name: str) -> dict:
 
 
 def analytic_flops_per_sample_step(config: str, aug_num: int) -> float | None:
-    """SPEC "Cost" for the real models: 3 x (UNet forward + aug_num CLIP forwards); None otherwise."""
+    """The analytic FLOP count for the real models: 3 x (UNet forward + aug_num CLIP forwards); None otherwise."""
     if config != "adm256_uncond":
         return None
     return 3 * (ADM256_FORWARD_FLOPS + aug_num * VIT_B16_FORWARD_FLOPS)

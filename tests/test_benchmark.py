@@ -11,7 +11,7 @@ import jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, AUG_NUM = 2, 2
-# Fields that stay null at the tiny config: the SPEC "Cost" FLOP count is for the real models only,
+# Fields that stay null at the tiny config: the analytic FLOP count is for the real models only,
 # and the batch search is not requested.
 NULL_AT_TINY = {"analytic_flops_per_sample_step", "analytic_flops_per_step", "mfu_analytic", "max_batch"}
 REFERENCE_FIELDS = {"reference_device", "reference_precision", "reference_step_s", "reference_step_s_min",
@@ -83,7 +83,7 @@ def test_benchmark_without_reference_or_peak(tmp_path):
 
 
 def test_analytic_flops_follow_spec():
-    """SPEC "Cost": about 7.5 TFLOP per sample-step at the real sizes with 8 augmentations."""
+    """The analytic count: about 7.5 TFLOP per sample-step at the real sizes with 8 augmentations."""
     code = ("from launch.benchmark import analytic_flops_per_sample_step as f; "
             "print(f('adm256_uncond', 8), f('reduced', 8))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
