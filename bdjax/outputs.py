@@ -199,11 +199,6 @@ def own_outputs(output_dir: str, patterns=EDIT_OUTPUTS) -> list[str]:
     return sorted(found)
 
 
-def existing_outputs(output_dir: str) -> list[str]:
-    """A previous edit's results in `output_dir` (only the files bdjax writes)."""
-    return own_outputs(output_dir, EDIT_OUTPUTS)
-
-
 def remove_outputs(output_dir: str, paths: list[str]) -> None:
     """Remove `paths` (found by `own_outputs`), then the subdirectories they leave empty."""
     for path in paths:

@@ -1014,15 +1014,6 @@ def main(argv) -> int:
     return 0
 
 
-def parse_flags(argv):
-    """absl's parsing with bad flags reported as one line and exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run(argv) -> int:
     try:
         return main(argv)
@@ -1032,5 +1023,7 @@ def run(argv) -> int:
 
 
 if __name__ == "__main__":
+    from checkpoints_convert.common import parse_flags  # bad flags: one line, exit status 2
+
     define_flags()
     app.run(run, flags_parser=parse_flags)

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,17 +106,32 @@ def test_a_batch_never_holds_more_rows_than_samples():
     assert [b["init"][0] for b in run.batches] == [parallel.padded_batch(3, editor.mesh.devices.size)]
 
 
-def test_out_of_memory_is_one_line_naming_the_fix(capsys):
+@pytest.mark.parametrize("error, shown", [
+    (MemoryError("Unable to allocate 4.47 TiB for an array"), "Unable to allocate 4.47 TiB"),  # numpy, host
+    (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2458624055416648 bytes.\nmore"),
+     "RESOURCE_EXHAUSTED: Out of memory allocating"),  # XLA, device
+])
+def test_out_of_memory_is_one_line_naming_the_fix(capsys, error, shown):
     from launch import runtime
 
     def main(argv):
-        raise MemoryError("Unable to allocate 4.47 TiB for an array")
+        raise error
 
     with pytest.raises(SystemExit) as stop:
         runtime.program(main)(["prog"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1
-    assert err[0].startswith("error: out of memory (Unable to allocate 4.47 TiB") and "--batch_size" in err[0]
+    assert err[0].startswith(f"error: out of memory ({shown}") and "--batch_size" in err[0]
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    from launch import runtime
+
+    def main(argv):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        runtime.program(main)(["prog"])
 
 
 def test_edit_batches_inputs_are_views_whatever_num_samples():
