@@ -18,7 +18,8 @@ setup(
         "pillow",
         "absl-py",
         "safetensors",
-        "transformers",
+        "transformers",  # CLIP's tokenizer
+        "ftfy",  # the text clean-up of CLIP's tokenizer, as the reference's
         "tqdm",
     ],
     extras_require={

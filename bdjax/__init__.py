@@ -14,6 +14,6 @@ def __getattr__(name):
         from bdjax import editor
         return getattr(editor, name)
     if name == "EditOptions":
-        from bdjax.blended import EditOptions
+        from bdjax.options import EditOptions
         return EditOptions
     raise AttributeError(f"module 'bdjax' has no attribute {name!r}")

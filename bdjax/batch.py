@@ -15,6 +15,10 @@ its prompt, seed and options, and the run's precision, config, model size and we
 directory holding samples of another identity is refused, never mixed. A job's summary
 (ranked.json, best first, and grid.png) is written when its last sample is.
 
+Reading the manifest prepares each job as an edit is prepared (bdjax/request.py): its prompt
+tokenized, its options and counts checked, and each distinct image and mask decoded once and
+kept for the run and the summaries (`InputCache`, bounded in bytes).
+
 A run holds a lock on the output directory (`claim_output_dir`), so a second run refuses instead
 of computing everything twice; under it, temporaries left by killed runs are removed and every
 job's directory is probed before any compute. A sample whose image or distance is not finite is
@@ -43,14 +47,16 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import OrderedDict
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 from PIL import Image
 
-from bdjax import image_io, outputs, tokenizer
-from bdjax.blended import EditOptions, check_request
+from bdjax import files, outputs, parallel
+from bdjax import request as request_lib
+from bdjax.options import EditOptions, check_type
 
 OPTION_NAMES = EditOptions.names()
 JOB_FIELDS = ("image", "mask", "prompt", "num_samples", "seed", "name", "invert_mask")
@@ -89,6 +95,15 @@ class Job:
     image_sha256: str = ""
     mask_sha256: str | None = None
     run: tuple = ()          # the run's identity as sorted (key, value) pairs: see `with_run`
+    # The prompt's CLIP tokens [1, context_length], and where the prepared image and mask are kept.
+    tokens: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    cache: "InputCache | None" = dataclasses.field(default=None, compare=False, repr=False)
+
+    def inputs(self, image_size: int) -> request_lib.Inputs:
+        """The job's image and mask prepared at `image_size` (bdjax/request.py), from the
+        manifest's cache: decoded once while the cache holds them."""
+        cache = InputCache() if self.cache is None else self.cache
+        return cache.get(self.image, self.mask, self.invert_mask, image_size)
 
     def spec(self) -> dict:
         """Everything a sample's pixels depend on, stored with each item so a rerun with a changed
@@ -111,13 +126,43 @@ def with_run(jobs: list[Job], identity: dict) -> list[Job]:
     return [dataclasses.replace(job, run=run) for job in jobs]
 
 
-def check_name(name) -> str:
+# Prepared inputs kept per manifest: 1 GiB holds 4096 distinct images and masks at 256 pixels,
+# 1024 at 512.
+INPUT_CACHE_BYTES = 1 << 30
+
+
+class InputCache:
+    """Each distinct (image, mask, invert_mask, size) of a manifest, prepared once for the model
+    and kept as uint8 (S x S x 4 bytes) up to `max_bytes` in all. Beyond that the least recently
+    used are dropped and prepared again when next needed, so a manifest of many thousands of
+    images holds at most `max_bytes` of them (and the batch being computed)."""
+
+    def __init__(self, max_bytes: int = INPUT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[tuple, request_lib.Inputs] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, image: str, mask: str | None, invert_mask: bool, image_size: int) -> request_lib.Inputs:
+        key = (image, mask, invert_mask, image_size)
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return self._kept[key]
+        inputs = request_lib.prepare_inputs(image, mask, invert_mask=invert_mask, image_size=image_size)
+        self._kept[key] = inputs
+        self._bytes += inputs.source.nbytes + inputs.mask.nbytes
+        while self._bytes > self.max_bytes and len(self._kept) > 1:
+            _, dropped = self._kept.popitem(last=False)
+            self._bytes -= dropped.source.nbytes + dropped.mask.nbytes
+        return inputs
+
+
+def check_name(name, output_dir_label: str = "the output directory") -> str:
     """A job name is one directory inside the output directory, never a path out of it."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name {name!r} must be a non-empty string")
     if os.path.isabs(name) or "/" in name or "\\" in name or os.sep in name:
         raise ValueError(f"name {name!r} is a path; it must be a single directory name (no separators), "
-                         "since outputs must stay inside --output_dir")
+                         f"since outputs must stay inside {output_dir_label}")
     if set(name) == {"."}:
         raise ValueError(f"name {name!r} is made only of dots: '.' and '..' are the output directory itself and "
                          "its parent, not a directory of the job's own; choose a name with other characters")
@@ -131,22 +176,6 @@ def check_name(name) -> str:
     if name in RESERVED_NAMES:
         raise ValueError(f"name {name!r} is reserved for the run's report; choose another name")
     return name
-
-
-def _typed(key: str, value, default):
-    """JSON value for `key`, of the type of its default (bools are not ints here)."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ValueError(f"{key}={value!r} should be of type {type(default).__name__}")
-    return value
 
 
 def file_sha256(path: str, cache: dict | None = None) -> str:
@@ -163,14 +192,17 @@ def file_sha256(path: str, cache: dict | None = None) -> str:
 
 
 def parse_job(line: int, text: str, base_dir: str, image_size: int, base_options: EditOptions,
-              context_length: int = 77, cache: dict | None = None) -> Job:
-    """One manifest line as a Job, checked as far as possible without running anything:
-    fields and types, options, prompt length, readable image, non-empty mask. `cache` (one dict
-    per manifest) keeps what was learnt of each input file, so a file shared by many jobs is
-    read, decoded and hashed once."""
+              context_length: int = 77, cache: dict | None = None,
+              output_dir_label: str = "the output directory") -> Job:
+    """One manifest line as a Job, checked and prepared as far as possible without running
+    anything (bdjax/request.py): fields and types, options, prompt length (tokenized here),
+    readable image, non-empty mask. `cache` (one dict per manifest) keeps what was learnt of each
+    input file, so a file shared by many jobs is read, decoded and hashed once; the prepared image
+    and mask stay there (see InputCache) for the run. `output_dir_label` names the output
+    directory in messages."""
     try:
         return _parse_job(line, text, base_dir, image_size, base_options, context_length,
-                          {} if cache is None else cache)
+                          {} if cache is None else cache, output_dir_label)
     except ManifestError:
         raise
     except ValueError as e:  # includes image_io.InputError and json.JSONDecodeError
@@ -193,7 +225,7 @@ def _unique_fields(pairs) -> dict:
     return dict(pairs)
 
 
-def _parse_job(line, text, base_dir, image_size, base_options, context_length, cache) -> Job:
+def _parse_job(line, text, base_dir, image_size, base_options, context_length, cache, output_dir_label) -> Job:
     try:
         entry = json.loads(text, object_pairs_hook=_unique_fields)
     except json.JSONDecodeError as e:
@@ -209,86 +241,75 @@ def _parse_job(line, text, base_dir, image_size, base_options, context_length, c
     if unknown:
         raise ManifestError(line, f"unknown field(s) {', '.join(unknown)}; known: "
                             f"{', '.join(JOB_FIELDS + OPTION_NAMES)}")
-    name = check_name(entry.get("name", f"line_{line:04d}"))
-    prompt = _typed("prompt", entry["prompt"], "")
-    num_samples = _typed("num_samples", entry["num_samples"], 0)
-    seed = _typed("seed", entry["seed"], 0)
-    invert_mask = _typed("invert_mask", entry.get("invert_mask", False), False)
-    check_request(num_samples, seed)
-    defaults = dataclasses.asdict(base_options)
-    options = dataclasses.replace(base_options, **{k: _typed(k, v, defaults[k]) for k, v in entry.items()
-                                                   if k in OPTION_NAMES})
-    options.validate()
-    tokenizer.tokenize(prompt, context_length=context_length)  # a prompt over 77 tokens fails here
+    name = check_name(entry.get("name", f"line_{line:04d}"), output_dir_label)
+    prompt = check_type("prompt", entry["prompt"], "str")
+    num_samples = check_type("num_samples", entry["num_samples"], "int")
+    seed = check_type("seed", entry["seed"], "int")
+    invert_mask = check_type("invert_mask", entry.get("invert_mask", False), "bool")
+    options = EditOptions.from_fields({k: v for k, v in entry.items() if k in OPTION_NAMES}, base_options)
+    tokens = request_lib.check(prompt, num_samples=num_samples, seed=seed, options=options,
+                               context_length=context_length)
     resolve = lambda p: os.path.abspath(os.path.join(base_dir, os.path.expanduser(p)))  # noqa: E731
-    image = resolve(_typed("image", entry["image"], ""))
+    image = resolve(check_type("image", entry["image"], "str"))
     mask = entry.get("mask")
-    mask = None if mask is None else resolve(_typed("mask", mask, ""))
+    mask = None if mask is None else resolve(check_type("mask", mask, "str"))
+    inputs = cache.setdefault("inputs", InputCache())
     checked = cache.setdefault("checked", {})
     key = (image, mask, invert_mask, image_size)
-    if key not in checked:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            load_inputs(image, mask, invert_mask, image_size)
-        checked[key] = [str(w.message) for w in caught]
+    if key not in checked:  # decoded here once; kept in `inputs` for the run
+        checked[key] = [str(w.message) for w in inputs.get(image, mask, invert_mask, image_size).warnings]
     for message in checked[key]:  # said for every line that uses the file, with its line number
         warnings.warn(f"manifest line {line}: {message}", stacklevel=3)
     digests = cache.setdefault("sha256", {})
     return Job(line=line, name=name, image=image, mask=mask, prompt=prompt, num_samples=num_samples, seed=seed,
                invert_mask=invert_mask, options=options, image_sha256=file_sha256(image, digests),
-               mask_sha256=None if mask is None else file_sha256(mask, digests))
+               mask_sha256=None if mask is None else file_sha256(mask, digests), tokens=tokens, cache=inputs)
 
 
-def load_inputs(image: str, mask: str | None, invert_mask: bool, image_size: int, quiet: bool = False):
-    """(init [S,S,3] in [-1,1], mask [S,S,1]) through the single image loader; `quiet` drops the
-    loader's warnings (already reported when the manifest was read)."""
-    with warnings.catch_warnings():
-        if quiet:
-            warnings.simplefilter("ignore")
-        pil = image_io.to_pil(image, "image")
-        init = image_io.load_image(pil, image_size)
-        return init, image_io.load_mask(mask, image_size, image_size=pil.size, invert_mask=invert_mask)
-
-
-def manifest_lines(path: str) -> list[str]:
-    """The manifest's lines (a UTF-8 byte-order mark is dropped); ValueError naming the file when
-    it is missing, unreadable, a directory, not UTF-8 text, or holds no job."""
+def manifest_lines(path: str, label: str | None = None) -> list[str]:
+    """The manifest's lines (a UTF-8 byte-order mark is dropped); ValueError naming the file (as
+    `label`, by default "manifest PATH") when it is missing, unreadable, a directory, not UTF-8
+    text, or holds no job."""
+    label = f"manifest {path}" if label is None else label
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"--manifest={path}: no such file") from None
+        raise FileNotFoundError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise ValueError(f"--manifest={path} is a directory; pass a JSON-lines file, one job per line") from None
+        raise ValueError(f"{label} is a directory; pass a JSON-lines file, one job per line") from None
     except OSError as e:
-        raise ValueError(f"--manifest={path} cannot be read ({e.strerror or e}); check its permissions") from None
+        raise ValueError(f"{label} cannot be read ({e.strerror or e}); check its permissions") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--manifest={path} is not UTF-8 text (undecodable byte at offset {e.start}): a manifest "
-                         "is a JSON-lines text file, one job per line") from None
+        raise ValueError(f"{label} is not UTF-8 text (undecodable byte at offset {e.start}): a manifest is a "
+                         "JSON-lines text file, one job per line") from None
     if "\x00" in text:
-        raise ValueError(f"--manifest={path} is a binary file (it holds NUL bytes): a manifest is a JSON-lines text "
-                         "file, one job per line")
+        raise ValueError(f"{label} is a binary file (it holds NUL bytes): a manifest is a JSON-lines text file, one "
+                         "job per line")
     lines = _LINE_BREAK.split(text)
     if not any(t.strip() and not t.lstrip().startswith("#") for t in lines):
-        raise ValueError(f"--manifest={path} holds no job (it is empty or only blank and '#' lines); "
+        raise ValueError(f"{label} holds no job (it is empty or only blank and '#' lines); "
                          "write one JSON object per line")
     return lines
 
 
-def read_manifest(path: str, image_size: int, base_options: EditOptions,
-                  context_length: int = 77) -> tuple[list[Job], list[ManifestError]]:
+def read_manifest(path: str, image_size: int, base_options: EditOptions, context_length: int = 77, *,
+                  label: str | None = None,
+                  output_dir_label: str = "the output directory") -> tuple[list[Job], list[ManifestError]]:
     """The manifest's valid jobs and its bad lines. Blank lines and lines starting with '#' are
     skipped. Two jobs with the same name are an error for the whole manifest: their outputs would
-    collide. The jobs' identity lacks the run's part until `with_run`."""
+    collide. The jobs' identity lacks the run's part until `with_run`. `label` names the manifest
+    in messages (see manifest_lines), `output_dir_label` the output directory."""
     base_dir = os.path.dirname(os.path.abspath(path))
     jobs, errors, cache = [], [], {}
-    for number, text in enumerate(manifest_lines(path), start=1):
+    for number, text in enumerate(manifest_lines(path, label), start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
         try:
-            jobs.append(parse_job(number, text, base_dir, image_size, base_options, context_length, cache))
+            jobs.append(parse_job(number, text, base_dir, image_size, base_options, context_length, cache,
+                                  output_dir_label))
         except ManifestError as e:
             errors.append(e)
     seen = {}
@@ -313,12 +334,13 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def _lock(output_dir: str) -> Iterator[None]:
+def _lock(output_dir: str, label: str | None = None) -> Iterator[None]:
     """Hold an exclusive flock on OUTPUT_DIR/.bdjax-run.lock; OutputInUse at once if another
-    process holds it. The OS drops the lock when its holder dies, so a crashed run never leaves
-    the directory locked; the file records pid, host and start time for the message, and is
-    removed (while still locked) when the run ends."""
+    process holds it (its message names the directory as `label`). The OS drops the lock when its
+    holder dies, so a crashed run never leaves the directory locked; the file records pid, host
+    and start time for the message, and is removed (while still locked) when the run ends."""
     output_dir = os.path.abspath(output_dir)
+    label = f"output directory {output_dir}" if label is None else label
     path = os.path.join(output_dir, LOCK)
     created, parent = [], output_dir
     while not os.path.lexists(parent):
@@ -336,7 +358,7 @@ def _lock(output_dir: str) -> Iterator[None]:
                     holder = _holder(fd)
                     os.close(fd)
                     fd = None  # not ours: the file stays
-                    raise OutputInUse(f"--output_dir={output_dir} is in use by another run ({holder}): wait for "
+                    raise OutputInUse(f"{label} is in use by another run ({holder}): wait for "
                                       "it to finish or choose another output directory") from None
                 try:  # the previous holder may have removed the file between our open and flock
                     if os.path.samestat(os.fstat(fd), os.stat(path)):
@@ -346,7 +368,7 @@ def _lock(output_dir: str) -> Iterator[None]:
                 os.close(fd)
                 fd = None
         except OSError as e:
-            outputs.check_writable(output_dir)  # its message says what is wrong, if it finds it
+            files.check_writable(output_dir)  # its message says what is wrong, if it finds it
             raise PermissionError(f"cannot lock {path} ({e.strerror or e}); choose another output directory") from None
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -372,7 +394,7 @@ def probe_job_dir(output_dir: str, job: Job) -> str | None:
     created = not os.path.lexists(directory)
     try:
         os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=f"{outputs.TMP_PREFIX}probe-"):
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f"{files.TMP_PREFIX}probe-"):
             pass
     except OSError as e:
         return f"cannot write in {directory} ({e.strerror or e}); fix its permissions or rename the job"
@@ -385,15 +407,12 @@ def probe_job_dir(output_dir: str, job: Job) -> str | None:
 
 def _union(flags: np.ndarray) -> np.ndarray:
     """The element-wise OR of `flags` over all processes (also a barrier)."""
-    if jax.process_count() == 1:
-        return flags
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(flags)).any(axis=0)
+    return parallel.allgather(flags).any(axis=0)
 
 
 @contextlib.contextmanager
-def claim_output_dir(output_dir: str, jobs: list[Job]) -> Iterator[tuple[list[Job], list[ManifestError], list[str]]]:
+def claim_output_dir(output_dir: str, jobs: list[Job], label: str | None = None
+                     ) -> Iterator[tuple[list[Job], list[ManifestError], list[str]]]:
     """Lock `output_dir` for this run, then, before any compute: remove the `.tmp-*` files killed
     runs left in it and in the jobs' directories, and leave out the jobs whose directory cannot be
     written. Yields (the jobs to run, the jobs left out as ManifestErrors, the removed paths).
@@ -401,17 +420,19 @@ def claim_output_dir(output_dir: str, jobs: list[Job]) -> Iterator[tuple[list[Jo
     An output directory that cannot be written raises (PermissionError, NotADirectoryError), one
     locked by another run raises OutputInUse. Only process 0 of a multi-process run locks and
     probes (the directory is shared); the others learn the outcome from it, so the processes of
-    one run never refuse each other."""
+    one run never refuse each other. `label` names the directory in messages (by default
+    "output directory PATH")."""
+    label = f"output directory {os.path.abspath(output_dir)}" if label is None else label
     lead = jax.process_index() == 0
     lock = contextlib.ExitStack()
     error, removed, unwritable = None, [], {}
     with lock:
         if lead:
             try:
-                lock.enter_context(_lock(output_dir))
-                outputs.check_writable(output_dir)
+                lock.enter_context(_lock(output_dir, label))
+                files.check_writable(output_dir)
                 for directory in [output_dir] + [os.path.join(output_dir, job.name) for job in jobs]:
-                    removed += outputs.remove_stale_temporaries(directory)
+                    removed += files.remove_stale_temporaries(directory)
                 for j, job in enumerate(jobs):
                     reason = probe_job_dir(output_dir, job)
                     if reason is not None:
@@ -425,7 +446,7 @@ def claim_output_dir(output_dir: str, jobs: list[Job]) -> Iterator[tuple[list[Jo
         if error is not None:
             raise error
         if flags[0]:
-            raise OutputInUse(f"process 0 of this run could not claim --output_dir={output_dir}; see its message")
+            raise OutputInUse(f"process 0 of this run could not claim {label}; see its message")
         skipped = [ManifestError(job.line, unwritable.get(j, f"process 0 cannot write {job.name}/"))
                    for j, job in enumerate(jobs) if flags[j + 1]]
         yield [job for j, job in enumerate(jobs) if not flags[j + 1]], skipped, removed
@@ -524,12 +545,11 @@ def write_summary(output_dir: str, job: Job, samples: Samples, image_size: int, 
     grid_path = os.path.join(output_dir, job.name, outputs.GRID)
     if _read_json(path) == summary and os.path.exists(grid_path):
         return False
-    init, mask = load_inputs(job.image, job.mask, job.invert_mask, image_size, quiet=True)
+    inputs = job.inputs(image_size)
     images = [_read_png(os.path.join(output_dir, job.name, e["file"])) for e in best[:grid_size]]
     caption = f"{job.prompt!r}: source, mask, best {len(images)} of {len(best)}"
     caption = f"{label}\n{caption}" if label else caption
-    outputs.save_png(grid_path, outputs.grid(np.round((init + 1) * 127.5).astype(np.uint8),
-                                             (mask[..., 0] * 255).astype(np.uint8), images, caption))
+    outputs.save_png(grid_path, outputs.grid(inputs.source, inputs.mask, images, caption))
     outputs.save_json(path, summary)  # last: its presence means the grid is current
     return True
 
@@ -589,27 +609,18 @@ def pending_items(output_dir: str, jobs: list[Job]
 
 def _agree_on_disk(jobs, found, clash):
     """The union over processes of the samples each found (and of the clashes)."""
-    from jax.experimental import multihost_utils
-
     offsets = np.cumsum([0] + [job.num_samples for job in jobs])
     distance = np.full(offsets[-1], np.nan, np.float32)
     writer = np.full(offsets[-1], -1, np.int32)
     for j, samples in enumerate(found):
         for k, (d, w) in samples.items():
             distance[offsets[j] + k], writer[offsets[j] + k] = d, w
-    distance, writer, clash = (np.asarray(multihost_utils.process_allgather(a)) for a in (distance, writer, clash))
+    distance, writer, clash = (parallel.allgather(a) for a in (distance, writer, clash))
     first = np.argmax(writer >= 0, axis=0)  # a process that found the item, if any did
     distance, writer = np.take_along_axis(distance, first[None], 0)[0], np.take_along_axis(writer, first[None], 0)[0]
     union = [{k: (float(distance[offsets[j] + k]), int(writer[offsets[j] + k]))
               for k in np.flatnonzero(writer[offsets[j]:offsets[j + 1]] >= 0).tolist()} for j in range(len(jobs))]
     return union, clash.any(axis=0)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 # What became of a row of a batch, exchanged between processes after every batch.
@@ -639,7 +650,6 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
     groups: dict[tuple, list] = {}
     for j, k in items:  # manifest order within a group, so a job's samples stay together
         groups.setdefault((jobs[j].options, jobs[j].prompt != ""), []).append((j, k))
-    inputs: dict[tuple, tuple] = {}
     embeds: dict[str, np.ndarray] = {}
     count = 0
     for (options, guided), group in groups.items():
@@ -652,18 +662,16 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
                 position += 1
             if not chunk:
                 break
-            needed = {j for j, _ in chunk}
-            keys = {j: (jobs[j].image, jobs[j].mask, jobs[j].invert_mask) for j in needed}
-            # Only the inputs of this batch stay loaded: a manifest may hold many thousands of images.
-            inputs = {key: inputs[key] if key in inputs else load_inputs(*key, editor.image_size, quiet=True)
-                      for key in set(keys.values())}
-            for j in needed:
+            # The jobs' prepared inputs, as the sampler takes them (InputCache bounds the memory).
+            inputs = {j: jobs[j].inputs(editor.image_size) for j, _ in chunk}
+            inputs = {j: (prepared.init, prepared.region) for j, prepared in inputs.items()}
+            for j in inputs:
                 if jobs[j].prompt not in embeds:
-                    embeds[jobs[j].prompt] = np.asarray(editor.encode_prompt(jobs[j].prompt))
+                    embeds[jobs[j].prompt] = np.asarray(editor.encode_tokens(jobs[j].tokens))
             began = time.perf_counter()
             out = editor.sample(options, guided,
-                                np.stack([inputs[keys[j]][0] for j, _ in chunk]),
-                                np.stack([inputs[keys[j]][1] for j, _ in chunk]),
+                                np.stack([inputs[j][0] for j, _ in chunk]),
+                                np.stack([inputs[j][1] for j, _ in chunk]),
                                 np.stack([embeds[jobs[j].prompt] for j, _ in chunk]),
                                 np.array([k for _, k in chunk]), np.array([jobs[j].seed for j, _ in chunk]),
                                 batch_rows=min(options.batch_size, len(group)))  # no batch larger than needed
@@ -691,7 +699,7 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
                                                   stats.job_errors)
             if on_batch is not None:
                 on_batch(len(chunk))
-    _barrier("run finished")
+    parallel.barrier("run finished")
     return stats
 
 
@@ -727,11 +735,11 @@ def _write_rows(output_dir, jobs, chunk, out, label) -> tuple[np.ndarray, np.nda
 def _exchange(outcome: np.ndarray, distances: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every process's view of a batch's rows: (outcome, distance, writing process) per row, from
     the process that computed it (an all-gather, also a barrier: the batch is on disk after it)."""
+    from bdjax import parallel
+
     if jax.process_count() == 1:
         return outcome, distances, np.zeros(len(outcome), np.int32)
-    from jax.experimental import multihost_utils
-
-    outcome, distances = (np.asarray(multihost_utils.process_allgather(a)) for a in (outcome, distances))
+    outcome, distances = parallel.allgather(outcome), parallel.allgather(distances)
     writer = np.argmax(outcome != _NOT_MINE, axis=0)
     columns = np.arange(outcome.shape[1])
     return outcome[writer, columns], distances[writer, columns], writer

@@ -20,74 +20,11 @@ import numpy as np
 
 from bdjax import augment as augment_lib
 from bdjax import diffusion
-from bdjax.guidance import GuidanceConfig, guidance_loss, value_and_guidance
+from bdjax.guidance import guidance_loss, needs_lpips, value_and_guidance
 from bdjax.models.clip import spherical_distance
+from bdjax.options import EditOptions
 
 CLIP_SIZE = 224
-
-
-# The values each EditOptions annotation accepts (ints are floats too; bools are nothing else).
-_OPTION_TYPES = {"bool": (bool, np.bool_), "int": (int, np.integer), "float": (int, float, np.integer, np.floating),
-                 "str": (str,)}
-
-
-def _finite(value) -> bool:
-    try:
-        return bool(np.isfinite(float(value)))
-    except OverflowError:  # an int too large for a float
-        return False
-
-
-@dataclasses.dataclass(frozen=True)
-class EditOptions:
-    """Sampling options, named and defaulted as the reference's flags."""
-    skip_timesteps: int = 25
-    timestep_respacing: str = "100"
-    ddim: bool = False
-    clip_guidance_lambda: float = 1000.0
-    range_lambda: float = 50.0
-    aug_num: int = 8
-    local_clip_guided_diffusion: bool = False
-    background_preservation_loss: bool = False
-    lpips_sim_lambda: float = 1000.0
-    l2_sim_lambda: float = 10000.0
-    enforce_background: bool = True
-    batch_size: int = 4
-    randomize_class: bool = True
-    symmetric_translation: bool = False  # off: the reference's vertical-only translation
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    def guidance(self) -> GuidanceConfig:
-        return GuidanceConfig(
-            clip_guidance_lambda=self.clip_guidance_lambda, range_lambda=self.range_lambda,
-            background_preservation_loss=self.background_preservation_loss,
-            lpips_sim_lambda=self.lpips_sim_lambda, l2_sim_lambda=self.l2_sim_lambda,
-            batch_size=self.batch_size)
-
-    def validate(self, num_timesteps: int | None = None) -> None:
-        """Raise ValueError for settings the sampler cannot run: a value of the wrong type, a
-        non-finite number, a bad respacing, skip_timesteps outside the schedule; `num_timesteps`
-        defaults to the respaced schedule's length."""
-        for field in dataclasses.fields(self):
-            value, kinds = getattr(self, field.name), _OPTION_TYPES.get(field.type)
-            if kinds is None:
-                continue
-            if not isinstance(value, kinds) or (field.type != "bool" and isinstance(value, (bool, np.bool_))):
-                raise ValueError(f"{field.name}={value!r} should be of type {field.type}")
-            if field.type == "float" and not _finite(value):
-                raise ValueError(f"{field.name}={value} must be a finite number")
-        if num_timesteps is None:
-            num_timesteps = len(diffusion.space_timesteps(1000, self.timestep_respacing))
-        if not 0 <= self.skip_timesteps < num_timesteps:
-            raise ValueError(f"skip_timesteps={self.skip_timesteps} must be in [0, {num_timesteps}) "
-                             f"for timestep_respacing={self.timestep_respacing!r}")
-        if self.aug_num < 1:
-            raise ValueError(f"aug_num={self.aug_num} must be at least 1")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,26 +34,6 @@ class Models:
     unet: Any
     clip: Any
     lpips: Any = None
-
-
-# The most samples one edit (one run, one manifest job) may ask for.
-MAX_NUM_SAMPLES = 100_000
-
-
-def check_request(num_samples: int, seed: int, flag_prefix: str = "") -> None:
-    """The checks on one edit's sample count and seed, shared by the API, the launch programs and
-    manifests; flag_prefix "--" names them as command-line flags."""
-    for name, value in (("num_samples", num_samples), ("seed", seed)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{flag_prefix}{name}={value!r} should be an integer")
-    if num_samples < 1:
-        raise ValueError(f"{flag_prefix}num_samples={num_samples} must be at least 1")
-    if num_samples > MAX_NUM_SAMPLES:
-        raise ValueError(f"{flag_prefix}num_samples={num_samples} is more than {MAX_NUM_SAMPLES:,}, the most one "
-                         "edit may ask for: split the work into several runs (or batch manifest jobs) with "
-                         "different seeds")
-    if not 0 <= seed < 2 ** 31:
-        raise ValueError(f"{flag_prefix}seed={seed} must be in [0, 2**31)")
 
 
 def sample_keys(seeds, sample_ids):
@@ -140,7 +57,7 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
     `augment(images, aug_keys)` may be injected (tests inject fixed transforms); by default it
     is the reference's extending augmentations.
     """
-    config = options.guidance()
+    update = diffusion.sampler(options.sampler)
     if augment is None:
         def augment(images, keys):
             return augment_lib.extending_augmentations(
@@ -158,30 +75,26 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
             def encode_image(images):
                 return models.clip.apply({"params": params["clip"]}, images, method="encode_image")
 
-            lpips = None
+            networks = {"clip": encode_image}
             if uses_lpips(models, options):
                 target = lpips_init_features(models, params, init) if init_features is None else init_features
 
                 def lpips_to_init(background):
                     features = models.lpips.apply({"params": params["lpips"]}, background, method="features")
                     return models.lpips.apply({"params": params["lpips"]}, features, target, method="distance")
-                lpips = lpips_to_init
+                networks["lpips"] = lpips_to_init
 
             def loss_fn(pred_xstart, x):
                 fac = jnp.asarray(d.sqrt_one_minus_alphas_cumprod)[i]
                 return guidance_loss(pred_xstart, x, fac, mask=mask, init=init, text_embed=text_embed,
                                      augment=lambda images: augment(images, draws["aug_keys"]),
-                                     encode_image=encode_image, lpips=lpips, config=config)
+                                     networks=networks, options=options)
 
             out, grad, terms = value_and_guidance(denoise, loss_fn, x)
         else:  # an empty prompt: the reference's cond_fn returns zeros
             out, grad, terms = denoise(x), jnp.zeros_like(x), {}
 
-        if options.ddim:
-            out = diffusion.condition_score(d, out, x, i, grad)
-            sample = diffusion.ddim_sample(d, out, x, i, draws["noise"], eta=0.0)
-        else:
-            sample = diffusion.p_sample(diffusion.condition_mean(out, grad), i, draws["noise"])
+        sample, out = update(d, out, x, i, grad, draws["noise"])
         if not options.local_clip_guided_diffusion:
             # The background is noised to level i while the sample is now at level i-1: the
             # reference's off-by-one, reproduced. One noise draw is shared by the whole batch.
@@ -193,8 +106,9 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
 
 
 def uses_lpips(models: Models, options: EditOptions) -> bool:
-    """Whether the guidance includes the LPIPS background term (Algorithm 1 baseline)."""
-    return bool(models.lpips is not None and options.background_preservation_loss and options.lpips_sim_lambda)
+    """Whether the guidance runs the LPIPS network: the options need it and the models have it
+    (without it, a term needing it fails with a clear error when the step is traced)."""
+    return models.lpips is not None and needs_lpips(options)
 
 
 def lpips_init_features(models: Models, params, init):
@@ -263,9 +177,13 @@ def make_sampler(models: Models, options: EditOptions, *, guided: bool,
     reference's ranking distances (lower is better).
     """
     d = diffusion.make_diffusion(timestep_respacing=options.timestep_respacing)
-    options.validate(d.num_timesteps)
-    step = make_step(models, options, d, guided=guided, augment=augment)
     first = d.num_timesteps - options.skip_timesteps - 1
+    # The options are validated with the request (bdjax/request.py); this guards only the schedule
+    # index, which an out-of-range skip_timesteps would otherwise wrap silently into garbage.
+    if not 0 <= first < d.num_timesteps:
+        raise ValueError(f"skip_timesteps={options.skip_timesteps} must be in [0, {d.num_timesteps}) "
+                         f"for timestep_respacing={options.timestep_respacing!r}")
+    step = make_step(models, options, d, guided=guided, augment=augment)
 
     def begin(params, init, mask, text_embed, sample_ids, seeds):
         keys, background_keys = sample_keys(seeds, sample_ids)

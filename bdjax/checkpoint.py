@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from bdjax.outputs import atomic_write, check_writable
+from bdjax.files import atomic_write, check_writable
 
 FORMAT = "bdjax-converted-weights"
 SEP = "/"
@@ -63,7 +63,8 @@ class CheckpointError(ValueError):
 
 
 class UnverifiedCheckpointWarning(UserWarning):
-    """A checkpoint converted before digests were recorded: its tensors cannot be verified."""
+    """A checkpoint whose NAME.json records no digest (an older conversion): its tensors cannot be
+    verified."""
 
 
 def reconvert_hint(name: str) -> str:
@@ -212,7 +213,7 @@ def _require_file(path: str, name: str) -> None:
 
 def read_meta(directory: str, name: str, *, model: str) -> dict:
     """NAME.json, checked: a JSON object of the right format and model, with a `config` object
-    and (from converters since digests were added) a sha256 hex digest."""
+    and, where one is recorded, a well-formed sha256 hex digest."""
     _, config_path = paths(directory, name)
     _require_file(config_path, name)
     hint = reconvert_hint(name)
@@ -239,7 +240,7 @@ def read_meta(directory: str, name: str, *, model: str) -> dict:
 
 
 def recorded_digest(directory: str, name: str, *, model: str) -> str | None:
-    """The tensors' digest recorded at conversion; None for checkpoints converted before digests."""
+    """The tensors' digest recorded at conversion; None where NAME.json records none."""
     return read_meta(directory, name, model=model).get(DIGEST_KEY)
 
 

@@ -20,6 +20,9 @@ import numpy as np
 
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
 
+# The length of the trained (unrespaced) process; respacings select steps from it.
+NUM_TRAIN_STEPS = 1000
+
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
     """Ho et al.'s linear schedule, rescaled so that it stays comparable for any step count."""
@@ -86,6 +89,11 @@ def space_timesteps(num_timesteps: int, section_counts: str) -> list[int]:
     return sorted(set(kept))
 
 
+def respaced_length(respacing: str) -> int:
+    """The number of steps a respacing string keeps of the trained process (ValueError for a bad one)."""
+    return len(space_timesteps(NUM_TRAIN_STEPS, respacing))
+
+
 def _step_count(text: str) -> int | None:
     """A non-negative count written as ASCII digits only (no sign, space, underscore), else None."""
     return int(text) if text.isascii() and text.isdigit() else None
@@ -121,7 +129,7 @@ class Diffusion:
         return int(self.betas.shape[0])
 
 
-def make_diffusion(steps: int = 1000, noise_schedule: str = "linear", timestep_respacing: str = "",
+def make_diffusion(steps: int = NUM_TRAIN_STEPS, noise_schedule: str = "linear", timestep_respacing: str = "",
                    model_var_type: str = "learned_range") -> Diffusion:
     """The schedule of guided-diffusion's SpacedDiffusion (epsilon prediction)."""
     if model_var_type not in VAR_TYPES:
@@ -255,3 +263,30 @@ def ddim_sample(d: Diffusion, out: dict, x, t, noise, eta: float = 0.0):
     sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar)) * jnp.sqrt(1 - abar / abar_prev)
     mean_pred = out["pred_xstart"] * jnp.sqrt(abar_prev) + jnp.sqrt(1 - abar_prev - sigma ** 2) * eps
     return mean_pred + _nonzero(t, x.ndim) * sigma * noise
+
+
+# Samplers by name: one step x_t -> x_{t-1}, each conditioning `out` (p_mean_variance at (x, t))
+# on the guidance gradient `grad` its own way. A step returns x_{t-1} and the conditioned output
+# (DDIM's conditioning changes pred_xstart, which the caller reports).
+
+def ddpm_step(d: Diffusion, out: dict, x, t, grad, noise):
+    """An ancestral step with the guidance added to the mean (`condition_mean`)."""
+    out = condition_mean(out, grad)
+    return p_sample(out, t, noise), out
+
+
+def ddim_step(d: Diffusion, out: dict, x, t, grad, noise):
+    """A deterministic DDIM step (eta = 0) with the guidance applied to the score (`condition_score`)."""
+    out = condition_score(d, out, x, t, grad)
+    return ddim_sample(d, out, x, t, noise, eta=0.0), out
+
+
+SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
+
+
+def sampler(name: str):
+    """The step function of the sampler called `name` (a key of SAMPLERS):
+    (d, out, x, t, grad, noise) -> (x_{t-1}, conditioned out)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

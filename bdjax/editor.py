@@ -19,13 +19,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bdjax import checkpoint, image_io, parallel, tokenizer
-from bdjax.blended import EditOptions, Models, Sampler, check_request, make_sampler, steps_per_call
+from bdjax import checkpoint, guidance, parallel, tokenizer
+from bdjax import request as request_lib
+from bdjax.blended import Models, Sampler, make_sampler, steps_per_call
+from bdjax.options import EditOptions
 from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib
 from bdjax.models import unet as unet_lib
-
-OPTION_NAMES = EditOptions.names()
+from bdjax.request import Request
 
 
 @dataclasses.dataclass
@@ -59,19 +60,21 @@ class EditBatch:
 class EditStream:
     """An edit that runs as it is iterated, yielding each `EditBatch` as soon as it is computed.
 
-    Inputs and options are checked and prepared when the stream is made (`edit_batches`), so a
-    bad request fails before any sampling; iterating computes the batches in order, once.
+    The request is checked and prepared before the stream is made (`edit_batches`), so a bad
+    request fails before any sampling; iterating computes the batches in order, once. The
+    request's fields (`source`, `mask`, `prompt`, `seed`, `num_samples`, `options`) read through.
     """
-    source: np.ndarray        # [H, W, 3] uint8, the resized input
-    mask: np.ndarray          # [H, W] uint8 {0, 255}, after invert_mask
-    prompt: str
-    seed: int
-    num_samples: int
-    options: EditOptions
+    request: Request
     batches: Iterator[EditBatch]
 
     def __iter__(self) -> Iterator[EditBatch]:
         return self.batches
+
+    def __getattr__(self, name: str):
+        """The request's fields read through: source, mask, prompt, seed, num_samples, options."""
+        if name in ("request", "batches"):  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.request, name)
 
 
 def to_uint8(images: np.ndarray, finite: np.ndarray) -> np.ndarray:
@@ -99,9 +102,7 @@ class BlendedDiffusion:
             weights_digest = checkpoint.weights_digest(
                 {name: checkpoint.digest(checkpoint.flatten(net[1])) for name, net in nets.items()})
         self.weights_digest: str = weights_digest
-        unknown = sorted(set(defaults or {}) - set(OPTION_NAMES))
-        if unknown:
-            raise TypeError(f"unknown option(s) {unknown} in defaults; known: {', '.join(OPTION_NAMES)}")
+        EditOptions.from_fields(defaults or {})  # unknown names and wrong types fail here
         self.defaults: dict = dict(defaults or {})
         self.mesh = parallel.make_mesh() if mesh is None else mesh
         params = {"unet": unet[1], "clip": clip[1]}
@@ -145,7 +146,11 @@ class BlendedDiffusion:
                    weights_digest=checkpoint.weights_digest(digests))
 
     def encode_prompt(self, prompt: str) -> jax.Array:
-        tokens = tokenizer.tokenize(prompt, context_length=self.models.clip.context_length)
+        """The CLIP text embedding [D] of `prompt`."""
+        return self.encode_tokens(tokenizer.tokenize(prompt, context_length=self.models.clip.context_length))
+
+    def encode_tokens(self, tokens: np.ndarray) -> jax.Array:
+        """The CLIP text embedding [D] of one prompt's tokens [1, context_length] (`Request.tokens`)."""
         return self._encode_text(self.params["clip"], tokens)[0].astype(jnp.float32)
 
     def sampler(self, options: EditOptions, guided: bool) -> "CompiledSampler":
@@ -155,26 +160,27 @@ class BlendedDiffusion:
             self._samplers[key] = CompiledSampler(make_sampler(self.models, options, guided=guided), self.mesh)
         return self._samplers[key]
 
-    def prepare(self, image, mask=None, invert_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(init [1,S,S,3] in [-1,1], mask [1,S,S,1] in {0,1}) as the reference prepares them."""
-        pil = image_io.to_pil(image, "image")
-        init = image_io.load_image(pil, self.image_size)
-        m = image_io.load_mask(mask, self.image_size, image_size=pil.size, invert_mask=invert_mask)
-        return init[None], m[None]
+    def prepare(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
+                invert_mask: bool = False, **options) -> Request:
+        """The edit `edit` runs, checked and prepared once (bdjax/request.py): the image and mask
+        decoded at this UNet's size, the prompt tokenized for this CLIP, `options` over this
+        editor's defaults. Pass it to `edit` or `edit_batches` to run it (as often as wanted)."""
+        return request_lib.prepare(image, mask, prompt, num_samples=num_samples, seed=seed, invert_mask=invert_mask,
+                                   options=self.options(**options), image_size=self.image_size,
+                                   context_length=self.models.clip.context_length)
 
     def edit(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
              invert_mask: bool = False, progress: bool = True, **options) -> EditResult:
         """Edit the masked region of `image` to match `prompt`; returns results ranked best first.
 
+        `image` is a path, a PIL image or an array, or a `Request` from `prepare` (which carries
+        the mask, prompt, counts and options: pass nothing else then). `options` are EditOptions'
+        fields by name (bdjax/options.py), over this editor's defaults.
+
         Samples are spread over every device; on several hosts each process gets back the
         samples its devices produced. A sample that turns NaN or infinite is left out of the
         ranking and listed in `failed`. To handle results batch by batch as they finish (without
         holding them all in memory), iterate `edit_batches` instead.
-
-        options: the reference's flags (see EditOptions): skip_timesteps, timestep_respacing, ddim,
-        clip_guidance_lambda, range_lambda, aug_num, local_clip_guided_diffusion,
-        background_preservation_loss, lpips_sim_lambda, l2_sim_lambda, enforce_background,
-        batch_size, randomize_class, symmetric_translation.
         """
         stream = self.edit_batches(image, mask, prompt, num_samples=num_samples, seed=seed,
                                    invert_mask=invert_mask, progress=progress, **options)
@@ -183,42 +189,56 @@ class BlendedDiffusion:
                                           for key in ("sample_ids", "images", "distances", "finite"))
         order = np.argsort(distances[finite], kind="stable")
         return EditResult(images=images[finite][order], distances=distances[finite][order],
-                          sample_ids=ids[finite][order], seed=seed, source=stream.source, mask=stream.mask,
-                          prompt=prompt, options=stream.options, failed=np.sort(ids[~finite]))
+                          sample_ids=ids[finite][order], seed=stream.seed, source=stream.source, mask=stream.mask,
+                          prompt=stream.prompt, options=stream.options, failed=np.sort(ids[~finite]))
 
     def edit_batches(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
                      invert_mask: bool = False, progress: bool = True, **options) -> EditStream:
-        """`edit` as a stream: checks and prepares the request now, then computes one batch per
-        step of the iteration (see EditStream). Memory stays that of one batch whatever
-        `num_samples` is: every sample shares one copy of the inputs."""
-        opts = self.options(**options)
-        check_request(num_samples, seed)
-        init, m = self.prepare(image, mask, invert_mask)
-        text_embed = np.asarray(self.encode_prompt(prompt))[None]
-        rows = lambda a: np.broadcast_to(a, (num_samples, *np.shape(a)[1:]))  # noqa: E731  views, not copies
+        """`edit` as a stream: checks and prepares the request now (unless `image` is a prepared
+        `Request`), then computes one batch per step of the iteration (see EditStream). Memory
+        stays that of one batch whatever `num_samples` is: every sample shares one copy of the
+        inputs."""
+        if isinstance(image, Request):
+            request = image
+            if mask is not None or prompt != "" or options or (num_samples, seed, invert_mask) != (32, 404, False):
+                raise TypeError("a prepared Request carries its own mask, prompt, counts and options; pass only "
+                                "progress with it")
+            self._check_prepared(request)
+        else:
+            request = self.prepare(image, mask, prompt, num_samples=num_samples, seed=seed, invert_mask=invert_mask,
+                                   **options)
+        opts, n = request.options, request.num_samples
+        text_embed = np.asarray(self.encode_tokens(request.tokens))[None]
+        rows = lambda a: np.broadcast_to(a, (n, *np.shape(a)[1:]))  # noqa: E731  views, not copies
 
         def batches():
             # A batch never holds more rows than there are samples (the loss weights still use
             # batch_size, as the reference's do, so a sample's pixels do not depend on this).
-            for out in self.sample_batches(opts, prompt != "", rows(init), rows(m), rows(text_embed),
-                                           range(num_samples), rows(np.int32(seed)[None]), progress=progress,
-                                           batch_rows=min(opts.batch_size, num_samples)):
+            for out in self.sample_batches(opts, request.prompt != "", rows(request.init), rows(request.region),
+                                           rows(text_embed), range(n), rows(np.int32(request.seed)[None]),
+                                           progress=progress, batch_rows=min(opts.batch_size, n)):
                 yield EditBatch(sample_ids=out["rows"], images=to_uint8(out["images"], out["finite"]),
                                 distances=out["distances"], finite=out["finite"])
 
-        return EditStream(source=np.round((init[0] + 1) * 127.5).astype(np.uint8),
-                          mask=(m[0, ..., 0] * 255).astype(np.uint8), prompt=prompt, seed=seed,
-                          num_samples=num_samples, options=opts, batches=batches())
+        return EditStream(request=request, batches=batches())
+
+    def _check_prepared(self, request: Request) -> None:
+        """Refuse a request prepared for other networks (another image size or text length) or
+        whose options need a network this editor lacks."""
+        if request.size != self.image_size:
+            raise ValueError(f"the request was prepared at {request.size}x{request.size} pixels; this editor's UNet "
+                             f"works at {self.image_size}x{self.image_size}")
+        if request.tokens.shape[-1] != self.models.clip.context_length:
+            raise ValueError(f"the request's prompt was tokenized to {request.tokens.shape[-1]} tokens; this "
+                             f"editor's CLIP reads {self.models.clip.context_length}")
+        self.options(**dataclasses.asdict(request.options))
 
     def options(self, **options) -> EditOptions:
-        """EditOptions from the reference's flag names over this editor's `defaults`, checked
-        against these networks."""
-        unknown = set(options) - set(OPTION_NAMES)
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {', '.join(OPTION_NAMES)}")
-        opts = EditOptions(**{**self.defaults, **options})
-        opts.validate()
-        if opts.background_preservation_loss and opts.lpips_sim_lambda and self.models.lpips is None:
+        """EditOptions from `options` (keyword arguments named as EditOptions' fields) over this
+        editor's `defaults`, type-checked, and refused when they need a network this editor lacks.
+        Their ranges are checked with the rest of the request (bdjax/request.py)."""
+        opts = EditOptions.from_fields({**self.defaults, **options})
+        if guidance.needs_lpips(opts) and self.models.lpips is None:
             raise ValueError("background_preservation_loss needs the LPIPS weights, which this editor was built "
                              "without: convert them (python -m checkpoints_convert.lpips) and load them with "
                              "from_pretrained(..., with_lpips=True), or set lpips_sim_lambda=0")

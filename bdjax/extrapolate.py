@@ -2,18 +2,59 @@
 
 Each round grows the canvas by a strip on one side: the model-size window at that edge (the new
 strip plus the canvas next to it) is edited with the strip as the mask, and the best result's
-strip is pasted on. launch/extrapolate.py drives the rounds.
+strip is pasted on. `grow` runs the rounds; launch/extrapolate.py adds flags and files.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+
 import numpy as np
+
+from bdjax.request import Request, prepare_inputs
 
 SIDES = ("left", "right")
 
 
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """One side of one round, done."""
+    round: int                # 1, 2, ...
+    side: str                 # "left" or "right"
+    prompt: str
+    seed: int                 # the round's seed (`round_seed`)
+    distance: float           # the pasted sample's; inf when every sample turned non-finite
+    canvas: np.ndarray        # [S, W, 3] uint8 after this round (unchanged when distance is inf)
+
+
+def grow(editor, requests: dict[str, Request], strip: int, repeats: int, progress: bool = True) -> Iterator[Round]:
+    """Extrapolate the requests' image: `repeats` rounds, each growing the canvas by `strip`
+    columns on every side of `requests` ({side: prepared request}, in order), yielding each side's
+    `Round` as it finishes and stopping after one whose samples all turned non-finite.
+
+    The canvas starts as the prepared image (at the model size). Each window is prepared as an
+    edit's image and mask are (bdjax/request.py) and edited with its side's prompt, options and
+    num_samples, at a seed derived from the side's seed (`round_seed`)."""
+    canvas = next(iter(requests.values())).source
+    size = canvas.shape[0]
+    for r in range(1, repeats + 1):
+        for side, request in requests.items():
+            seed = round_seed(request.seed, r, side)
+            window, mask = edge_window(canvas, side, strip, size)
+            inputs = prepare_inputs(window, mask, image_size=size)
+            inputs.show_warnings()
+            best, distance = best_result(editor.edit_batches(dataclasses.replace(request, inputs=inputs, seed=seed),
+                                                             progress=progress))
+            if np.isfinite(distance):
+                canvas = paste_strip(canvas, best, side, strip)
+            yield Round(round=r, side=side, prompt=request.prompt, seed=seed, distance=distance, canvas=canvas)
+            if not np.isfinite(distance):
+                return
+
+
 def round_seed(seed: int, round_index: int, side: str) -> int:
-    """A seed per (round, side), derived from --seed alone, so any round can be rerun by itself."""
+    """A seed per (round, side), derived from the edit's seed alone, so any round can be rerun by itself."""
     return int(np.random.SeedSequence([seed, round_index, SIDES.index(side)]).generate_state(1)[0]
                % 2 ** 31)
 
@@ -49,6 +90,8 @@ def best_result(stream) -> tuple[np.ndarray, float]:
     when no sample anywhere came out finite."""
     import jax
 
+    from bdjax import parallel
+
     image, distance = np.zeros_like(stream.source), np.inf
     for batch in stream:
         distances = np.where(batch.finite, batch.distances, np.inf)
@@ -57,9 +100,7 @@ def best_result(stream) -> tuple[np.ndarray, float]:
             image, distance = batch.images[best], float(distances[best])
     if jax.process_count() == 1:
         return image, distance
-    from jax.experimental import multihost_utils
-
-    distances = np.asarray(multihost_utils.process_allgather(np.float32(distance)))
-    images = np.asarray(multihost_utils.process_allgather(image))
+    distances = parallel.allgather(np.float32(distance))
+    images = parallel.allgather(image)
     best = int(np.argmin(distances))  # ties: the lowest process, the same choice everywhere
     return images[best], float(distances[best])

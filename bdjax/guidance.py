@@ -5,32 +5,22 @@ x_in = pred_xstart * fac + x * (1 - fac), fac = sqrt(1 - alpha_bar_i), where pre
 from the UNet at (x, i), and the gradient is taken with respect to x THROUGH the UNet. The
 reference runs the UNet twice per step (a no-grad pass for the step, a second pass inside the
 gradient); here one `jax.vjp` gives the step's mean, variance and pred_xstart together with the
-gradient.
+gradient. The loss is a weighted sum of the terms in `TERMS`, each weighted and switched on by
+options named there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from bdjax.models.clip import spherical_distance
-
-
-@dataclasses.dataclass(frozen=True)
-class GuidanceConfig:
-    """The loss weights, named and defaulted as the reference's flags."""
-    clip_guidance_lambda: float = 1000.0
-    range_lambda: float = 50.0
-    background_preservation_loss: bool = False  # Algorithm 1 baseline only
-    lpips_sim_lambda: float = 1000.0
-    l2_sim_lambda: float = 10000.0
-    # The reference's mse_loss averages over its whole batch of `batch_size` samples, so its
-    # per-sample L2 weight is l2_sim_lambda / batch_size. Keeping that divisor a fixed number
-    # (not the device batch) reproduces it while a sample's result stays batch-independent.
-    batch_size: int = 4
+from bdjax.options import EditOptions
 
 
 def range_loss(x):
@@ -50,33 +40,99 @@ def clip_loss(image_embeds, text_embed, batch: int):
     return jnp.sum(jnp.mean(dists.reshape(copies, batch), axis=0))
 
 
+@dataclasses.dataclass
+class LossInputs:
+    """What a guidance term may look at. x_in = pred_xstart * fac + x * (1 - fac) is the image
+    the reference's losses see; `networks` maps a network's name to its callable (see `TERMS`)."""
+    pred_xstart: Any
+    x_in: Any
+    mask: Any
+    init: Any
+    text_embed: Any
+    augment: Callable
+    networks: dict[str, Callable]
+
+    @functools.cached_property
+    def background(self):
+        """x_in outside the mask (both background terms use it)."""
+        return self.x_in * (1 - self.mask)
+
+
+def _clip_term(inputs: LossInputs, options: EditOptions) -> jax.Array:
+    copies = inputs.augment(inputs.x_in * inputs.mask)
+    embeds = inputs.networks["clip"]((copies + 1) / 2)
+    return clip_loss(embeds, inputs.text_embed, inputs.x_in.shape[0])
+
+
+def _range_term(inputs: LossInputs, options: EditOptions) -> jax.Array:
+    return jnp.sum(range_loss(inputs.pred_xstart))
+
+
+def _lpips_term(inputs: LossInputs, options: EditOptions) -> jax.Array:
+    return jnp.sum(inputs.networks["lpips"](inputs.background))
+
+
+def _l2_term(inputs: LossInputs, options: EditOptions) -> jax.Array:
+    # The reference's mse_loss averages over its whole batch of `batch_size` samples, so its
+    # per-sample L2 weight is l2_sim_lambda / batch_size. Keeping that divisor the option (not the
+    # device batch) reproduces it while a sample's result stays batch-independent.
+    per_sample = jnp.mean(jnp.square(inputs.background - inputs.init), axis=(1, 2, 3))
+    return jnp.sum(per_sample) / options.batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One guidance loss term: `loss(inputs, options)` (unweighted, summed over the batch) times
+    the option named `weight`, reported as `name`. It is on when that weight is non-zero and the
+    bool option named `switch` (if any) is set; `networks` names the networks it calls."""
+    name: str
+    weight: str
+    loss: Callable[[LossInputs, EditOptions], jax.Array]
+    networks: tuple[str, ...] = ()
+    switch: str | None = None
+
+    def is_on(self, options: EditOptions) -> bool:
+        return bool(getattr(options, self.weight)) and (self.switch is None or bool(getattr(options, self.switch)))
+
+
+# The terms in the order they are summed (the reference's order).
+TERMS = (
+    Term("clip_loss", "clip_guidance_lambda", _clip_term, networks=("clip",)),
+    Term("range_loss", "range_lambda", _range_term),
+    Term("lpips_loss", "lpips_sim_lambda", _lpips_term, networks=("lpips",), switch="background_preservation_loss"),
+    Term("l2_loss", "l2_sim_lambda", _l2_term, switch="background_preservation_loss"),
+)
+
+
+def active_terms(options: EditOptions) -> tuple[Term, ...]:
+    """The terms `options` switches on, in summation order."""
+    return tuple(term for term in TERMS if term.is_on(options))
+
+
+def needs_lpips(options: EditOptions) -> bool:
+    """Whether a run with these options needs the LPIPS network."""
+    return any("lpips" in term.networks for term in active_terms(options))
+
+
 def guidance_loss(pred_xstart, x, fac, *, mask, init, text_embed, augment: Callable,
-                  encode_image: Callable, lpips: Callable | None, config: GuidanceConfig):
-    """The scalar guidance loss (step 2 of a guided step) for a batch, and its terms for reporting.
+                  networks: dict[str, Callable], options: EditOptions):
+    """The scalar guidance loss (step 2 of a guided step) for a batch, and its weighted terms for
+    reporting; weights and switches are read from `options` (an EditOptions).
 
     augment: [B,H,W,C] in [-1,1] -> [aug_num*B, 224, 224, C] in [-1,1] (copies of each sample).
-    encode_image: [N,224,224,C] in [0,1] -> CLIP embeddings (CLIP normalisation inside).
-    lpips: background [B,H,W,C] in [-1,1] -> per-sample LPIPS distance to the init image (whose
-    features the caller computes once); needed only for the background loss.
+    networks["clip"]: [N,224,224,C] in [0,1] -> CLIP embeddings (CLIP normalisation inside).
+    networks["lpips"]: background [B,H,W,C] in [-1,1] -> per-sample LPIPS distance to the init
+    image (whose features the caller computes once); needed only when a term using it is on.
     """
-    batch = x.shape[0]
-    x_in = pred_xstart * fac + x * (1 - fac)
+    inputs = LossInputs(pred_xstart=pred_xstart, x_in=pred_xstart * fac + x * (1 - fac), mask=mask, init=init,
+                        text_embed=text_embed, augment=augment, networks=networks)
     terms = {}
-    if config.clip_guidance_lambda:
-        copies = augment(x_in * mask)
-        embeds = encode_image((copies + 1) / 2)
-        terms["clip_loss"] = clip_loss(embeds, text_embed, batch) * config.clip_guidance_lambda
-    if config.range_lambda:
-        terms["range_loss"] = jnp.sum(range_loss(pred_xstart)) * config.range_lambda
-    if config.background_preservation_loss:
-        background = x_in * (1 - mask)
-        if config.lpips_sim_lambda:
-            if lpips is None:
-                raise ValueError("background_preservation_loss with lpips_sim_lambda needs the LPIPS model")
-            terms["lpips_loss"] = jnp.sum(lpips(background)) * config.lpips_sim_lambda
-        if config.l2_sim_lambda:
-            per_sample = jnp.mean(jnp.square(background - init), axis=(1, 2, 3))
-            terms["l2_loss"] = jnp.sum(per_sample) / config.batch_size * config.l2_sim_lambda
+    for term in active_terms(options):
+        missing = [name for name in term.networks if networks.get(name) is None]
+        if missing:
+            raise ValueError(f"{term.name} ({term.weight}={getattr(options, term.weight)}) needs the "
+                             f"{', '.join(missing)} network, which was not given")
+        terms[term.name] = term.loss(inputs, options) * getattr(options, term.weight)
     loss = sum(terms.values()) if terms else jnp.zeros((), jnp.float32)
     return loss, terms
 

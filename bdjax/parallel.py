@@ -1,10 +1,12 @@
-"""The one place where shardings are decided: data parallel over every device.
+"""The one place where shardings are decided and processes meet: data parallel over every device.
 
 A 1-D Mesh with axis "data" spans all devices of all processes. Network parameters are
-replicated; every per-sample input (image, mask, text embedding, sample id, seed) and everything
-the sampler derives from them is split along "data". On several hosts each process
-supplies its own slice of the batch (`jax.make_array_from_process_local_data`) and reads back
-only the results its devices hold.
+replicated on every device; every per-sample input (image, mask, text embedding, sample id,
+seed) and everything the sampler derives from them is split along "data" (`over_samples`), so
+each device computes only its share of the samples. On several hosts each process supplies its
+own slice of the batch (`jax.make_array_from_process_local_data`) and reads back only the
+results its devices hold; `barrier` and `allgather` are the host-side meeting points, no-ops
+(or trivial) on one process.
 """
 
 from __future__ import annotations
@@ -97,3 +99,21 @@ def local_rows(array) -> np.ndarray:
         return np.asarray(array)
     shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier called `name`; nothing on one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def allgather(x) -> np.ndarray:
+    """`x` (an array or scalar of the same shape on every process) stacked over processes, in
+    process order: shape (process_count, *x.shape). Also a barrier."""
+    if jax.process_count() == 1:
+        return np.asarray(x)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))

@@ -1,9 +1,9 @@
 """The smoke preset: the complete pipeline on tiny RANDOM networks, no weights, no downloads.
 
 Every stage runs exactly as with the real models (the ADM topology at a small width, a small
-CLIP ViT at the real 224 input, the real LPIPS VGG16 trunk), so a newcomer can see the whole
-pipeline work on a laptop CPU in under a minute (about 40 s on our 2-core machine). Its outputs
-are noise-like images and are labelled as random-model outputs wherever they are written.
+CLIP ViT at the real 224 input, the real LPIPS VGG16 trunk), so the whole pipeline can be run
+and checked on a laptop CPU. Its outputs are noise-like images and are labelled as random-model
+outputs wherever they are written.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bdjax.models import unet as unet_lib
 LABEL = "SMOKE TEST: random untrained networks, the images are not meaningful"
 IMAGE_SIZE = 64
 
-# Fewer steps than the reference's 75, so the whole run takes seconds.
+# Fewer steps than the reference's 75, so that a run on a CPU stays short.
 OPTIONS = dict(timestep_respacing="25", skip_timesteps=15, aug_num=4, batch_size=2)
 
 

@@ -3,12 +3,10 @@
     python -m checkpoints_convert.fetch [--cache_dir=DIR] [--models=adm256,clip,lpips] [--with_512]
         [--force] [--keep_downloads=false]
 
-The cache directory is `--cache_dir`, else $BDJAX_CACHE, else ~/.cache/bdjax. It ends up holding
+The cache directory is `--cache_dir`, else $BDJAX_CACHE, else ~/.cache/bdjax; where each
+converted model lives in it is bdjax.weights' registry (the 512 model only with --with_512).
+Fetching adds
 
-    DIR/unet.{safetensors,json}          ADM 256x256 unconditional   (model "adm256")
-    DIR/clip.{safetensors,json}          CLIP ViT-B/16               (model "clip")
-    DIR/lpips.{safetensors,json}         LPIPS VGG16 v0.1            (model "lpips")
-    DIR/adm512/unet.{safetensors,json}   ADM 512x512 class-cond.     (model "adm512", --with_512)
     DIR/downloads/                       the raw PyTorch files, kept unless --keep_downloads=false
     DIR/manifest.json                    URL, size, sha256 and verification status of every file
 
@@ -40,7 +38,6 @@ import re
 import shlex
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -50,11 +47,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from absl import app, flags
 
+from bdjax.files import atomic_write
+from bdjax.weights import (CACHE_ENV, DEFAULT_CACHE_DIR, DEFAULT_MODELS, MODELS, cache_dir_from, converted_paths,
+                           is_converted, model_dir)
 from checkpoints_convert.common import ConversionError, cli
 
-CACHE_ENV = "BDJAX_CACHE"
 BASE_URL_ENV = "BDJAX_WEIGHTS_URL"
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "bdjax")
 DOWNLOADS = "downloads"
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -108,12 +106,11 @@ SOURCES: dict[str, Source] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Model:
-    """A converted network: which downloads it is made of and where it is written."""
+class Recipe:
+    """How a model of the registry (bdjax.weights.MODELS) is made: the downloads it is converted
+    from, and for a UNet the configuration to convert it with."""
 
     files: tuple[str, ...]           # keys of SOURCES
-    checkpoint: str                  # NAME of NAME.safetensors + NAME.json
-    subdir: str = ""                 # relative to the cache directory
     unet_config: Mapping | None = None
 
 
@@ -123,14 +120,12 @@ def _unet_preset(name: str) -> dict:
     return unet.preset(name)
 
 
-MODELS: dict[str, Model] = {
-    "adm256": Model(("adm256",), "unet", unet_config=_unet_preset("adm256_uncond")),
-    # A directory holds one unet, so the optional 512 model gets its own.
-    "adm512": Model(("adm512",), "unet", subdir="adm512", unet_config=_unet_preset("adm512_cond")),
-    "clip": Model(("clip",), "clip"),
-    "lpips": Model(("vgg16",), "lpips"),  # the v0.1 linear heads ship inside the lpips package
+RECIPES: dict[str, Recipe] = {
+    "adm256": Recipe(("adm256",), unet_config=_unet_preset("adm256_uncond")),
+    "adm512": Recipe(("adm512",), unet_config=_unet_preset("adm512_cond")),
+    "clip": Recipe(("clip",)),
+    "lpips": Recipe(("vgg16",)),  # the v0.1 linear heads ship inside the lpips package
 }
-DEFAULT_MODELS = ("adm256", "clip", "lpips")
 
 
 class FetchError(ConversionError):
@@ -157,29 +152,9 @@ class _BadRange(Exception):
 
 # ---- locations ------------------------------------------------------------------------------
 
-def cache_dir_from(flag: str | None = None) -> str:
-    """--cache_dir wins over $BDJAX_CACHE, which wins over ~/.cache/bdjax."""
-    chosen = flag or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
-    return os.path.abspath(os.path.expanduser(chosen))
-
-
 def source_url(source: Source) -> str:
     base = os.environ.get(BASE_URL_ENV)
     return f"{base.rstrip('/')}/{source.filename}" if base else source.url
-
-
-def model_dir(cache_dir: str, name: str) -> str:
-    return os.path.join(cache_dir, MODELS[name].subdir)
-
-
-def converted_paths(cache_dir: str, name: str) -> tuple[str, str]:
-    checkpoint = MODELS[name].checkpoint
-    directory = model_dir(cache_dir, name)
-    return os.path.join(directory, f"{checkpoint}.safetensors"), os.path.join(directory, f"{checkpoint}.json")
-
-
-def is_converted(cache_dir: str, name: str) -> bool:
-    return all(os.path.isfile(p) for p in converted_paths(cache_dir, name))
 
 
 def fetch_command(cache_dir: str, models: Iterable[str]) -> str:
@@ -487,16 +462,11 @@ def _read_manifest(cache_dir: str) -> dict:
 
 
 def _write_manifest(cache_dir: str, manifest: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=MANIFEST)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, os.path.join(cache_dir, MANIFEST))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(os.path.join(cache_dir, MANIFEST), write)
 
 
 @contextlib.contextmanager
@@ -539,7 +509,7 @@ def _obtain(key: str, cache_dir: str, wanted: Sequence[str], manifest: dict, pro
 
 def _missing_downloads(cache_dir: str, names: Sequence[str]) -> list[str]:
     """Keys of SOURCES that `names` need and DIR/downloads/ does not hold."""
-    keys = dict.fromkeys(k for name in names for k in MODELS[name].files)
+    keys = dict.fromkeys(k for name in names for k in RECIPES[name].files)
     return [k for k in keys if not os.path.isfile(os.path.join(cache_dir, DOWNLOADS, SOURCES[k].filename))]
 
 
@@ -563,14 +533,14 @@ def _placement(cache_dir: str, names: Sequence[str], wanted: Sequence[str]) -> s
 
 
 def _convert(name: str, paths: Sequence[str], out_dir: str, overwrite: bool, manifest: dict) -> None:
-    model = MODELS[name]
+    checkpoint = MODELS[name].checkpoint
     try:
         # Imported here: a cache that is already converted needs neither torch nor the converters.
-        if model.checkpoint == "unet":
+        if checkpoint == "unet":
             from checkpoints_convert import unet
 
-            unet.convert(paths[0], out_dir, dict(model.unet_config), overwrite=overwrite)
-        elif model.checkpoint == "clip":
+            unet.convert(paths[0], out_dir, dict(RECIPES[name].unet_config), overwrite=overwrite)
+        elif checkpoint == "clip":
             from checkpoints_convert import clip
 
             clip.convert(paths[0], out_dir, overwrite=overwrite)
@@ -582,15 +552,15 @@ def _convert(name: str, paths: Sequence[str], out_dir: str, overwrite: bool, man
         raise FetchError(f"converting {name} needs {e.name or 'torch'}: pip install -e '.[convert]' "
                          "(torch; lpips for the LPIPS heads)") from None
     except (ConversionError, ValueError) as e:
-        rejected = _reject(model, paths, manifest)
+        rejected = _reject(RECIPES[name], paths, manifest)
         raise FetchError(f"converting {', '.join(paths)} for {name} failed: {e}{rejected}") from None
 
 
-def _reject(model: Model, paths: Sequence[str], manifest: dict) -> str:
+def _reject(recipe: Recipe, paths: Sequence[str], manifest: dict) -> str:
     """Move the raw files that no published hash vouches for out of the way (NAME.rejected), so
     the next run downloads them afresh instead of failing on them again; returns what to tell."""
     moved = []
-    for key, path in zip(model.files, paths):
+    for key, path in zip(recipe.files, paths):
         if expected_hash(SOURCES[key]) is None and os.path.isfile(path):
             os.replace(path, path + REJECTED_SUFFIX)
             manifest.get("files", {}).pop(os.path.basename(path), None)
@@ -635,7 +605,7 @@ def fetch(cache_dir: str | None = None, models: Sequence[str] = DEFAULT_MODELS, 
         for position, name in enumerate(todo):
             try:
                 paths = [_obtain(k, cache_dir, models, manifest, progress, log, stall_timeout=stall_timeout,
-                                 deadline=deadline) for k in MODELS[name].files]
+                                 deadline=deadline) for k in RECIPES[name].files]
             except _Unreachable as e:  # name every file still missing at once, not one per rerun
                 raise FetchError(f"cannot download {e.url} ({e.reason}); offline? "
                                  f"{_placement(cache_dir, todo[position:], models)}") from None

@@ -1,7 +1,7 @@
 """Convert an OpenAI guided-diffusion UNet checkpoint (.pt) to bdjax's safetensors format.
 
     python -m checkpoints_convert.unet --input=256x256_diffusion_uncond.pt --output=DIR \
-        [--config=adm256_uncond | --config_json=FILE] [--overwrite]
+        [--preset=adm256_uncond | --config_json=FILE] [--overwrite]
 
 Writes DIR/unet.safetensors and DIR/unet.json. The checkpoint is read with
 `torch.load(weights_only=True)` and checked key by key and shape by shape
@@ -68,8 +68,8 @@ def define_flags():
     # Only when run as a program: the converters share flag names and may be imported together.
     flags.DEFINE_string("input", None, "guided-diffusion checkpoint (.pt state dict).")
     flags.DEFINE_string("output", None, "Directory for unet.safetensors and unet.json.")
-    flags.DEFINE_string("config", "adm256_uncond", f"Named configuration: {', '.join(unet.PRESETS)}.")
-    flags.DEFINE_string("config_json", None, "JSON file of UNetModel fields; replaces --config.")
+    flags.DEFINE_enum("preset", "adm256_uncond", list(unet.PRESETS), "The UNet's named configuration.")
+    flags.DEFINE_string("config_json", None, "JSON file of UNetModel fields; replaces --preset.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing converted checkpoint.")
 
 
@@ -83,7 +83,7 @@ def main(argv):
         with open(FLAGS.config_json, encoding="utf-8") as f:
             config = unet.config_from_json(json.load(f))
     else:
-        config = unet.preset(FLAGS.config)
+        config = unet.preset(FLAGS.preset)
     weights, meta = convert(FLAGS.input, FLAGS.output, config, FLAGS.overwrite)
     print(f"wrote {weights} and {meta}")
 

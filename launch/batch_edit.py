@@ -32,25 +32,20 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     runtime.define_flags()
+    # Every edit option is a flag too: the run's value for every job, which a job's field overrides.
+    runtime.define_option_flags()
     flags.adopt_module_key_flags(runtime)  # --help lists them too
     flags.DEFINE_string("manifest", None, "JSON-lines file, one job per line.")
     flags.DEFINE_string("output_dir", None, "Where each job's directory is written.")
     flags.DEFINE_bool("strict", False, "Stop at the first bad manifest line instead of skipping it.")
-    flags.DEFINE_integer("batch_size", 4, "Samples per diffusion run (spread over all devices); a job's "
-                         "batch_size field overrides it.")
 
 
 def base_options():
-    """The run's defaults for every job: the reference's, the smoke preset's, then --batch_size."""
-    from bdjax import smoke
-    from bdjax.blended import EditOptions
+    """The run's options for every job: the flags' (the smoke preset's where unset with
+    --config=smoke); a job's own fields override them."""
+    from bdjax.options import EditOptions
 
-    options = EditOptions()
-    if FLAGS.config == "smoke":
-        options = dataclasses.replace(options, **smoke.OPTIONS)
-    if FLAGS["batch_size"].present or FLAGS.config != "smoke":
-        options = dataclasses.replace(options, batch_size=FLAGS.batch_size)
-    return options
+    return EditOptions.from_fields(runtime.options_from_flags())
 
 
 def main(argv):
@@ -72,7 +67,8 @@ def main(argv):
     image_size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else int(FLAGS.model_output_size)
     start = time.perf_counter()
     with runtime.user_errors():
-        jobs, errors = batch.read_manifest(FLAGS.manifest, image_size, base_options())
+        jobs, errors = batch.read_manifest(FLAGS.manifest, image_size, base_options(),
+                                           label=f"--manifest={FLAGS.manifest}", output_dir_label="--output_dir")
         if errors and FLAGS.strict:
             raise errors[0]
         if not jobs:  # nothing to run: say why now, before any network is built
@@ -82,7 +78,8 @@ def main(argv):
         for e in errors:
             say(f"skipped: {e}", file=sys.stderr)
         # The lock is held until the run ends; only then is the directory free for another run.
-        with batch.claim_output_dir(FLAGS.output_dir, jobs) as (jobs, unwritable, removed):
+        with batch.claim_output_dir(FLAGS.output_dir, jobs, label=f"--output_dir={os.path.abspath(FLAGS.output_dir)}"
+                                    ) as (jobs, unwritable, removed):
             if unwritable and FLAGS.strict:
                 raise unwritable[0]
             for e in unwritable:
@@ -100,12 +97,12 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     import jax
     from tqdm.auto import tqdm
 
-    from bdjax import batch, outputs, smoke
+    from bdjax import batch, guidance, outputs, smoke
 
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
-    need_lpips = any(j.options.background_preservation_loss and j.options.lpips_sim_lambda for j in jobs)
+    need_lpips = any(guidance.needs_lpips(job.options) for job in jobs)
     editor = runtime.build_editor(need_lpips)
     for job in jobs:  # what the manifest cannot know: e.g. LPIPS weights present
         editor.options(**dataclasses.asdict(job.options))

@@ -1,25 +1,30 @@
 """Speed of one guided Blended Diffusion step: bdjax against the authors' PyTorch step.
 
-In one process and one run, on random networks of the chosen configuration:
+In one process and one run, on random networks of the chosen size:
   (a) bdjax's step (`blended.step_draws` + `blended.make_step`, one UNet forward and one vjp),
       jit-compiled once: compile time, median time per step, samples/s, XLA's FLOP count of the
       compiled step, MFU against --peak_tflops, peak memory;
-  (b) the reference step as the authors' code runs it: guided_diffusion's `p_sample` with a
-      `cond_fn` (a no-grad `p_mean_variance`, then a second UNet forward with grad for the CLIP
-      loss through kornia's augmentations, `autograd.grad`), then the background blend; fp32 on
-      CPU, the reference's fp16 (`convert_to_fp16`, CLIP's `convert_weights`) on CUDA;
+  (b) the authors' step as checkpoints_convert.reference rebuilds it: guided_diffusion's `p_sample`
+      with their `cond_fn` (a no-grad `p_mean_variance`, then a second UNet forward with grad for
+      the CLIP loss through kornia's augmentations, `autograd.grad`), then the background blend;
+      fp32 on CPU, the authors' fp16 (`convert_to_fp16`, CLIP's `convert_weights`) on CUDA;
   (c) the ratio of the two, written to --output as JSON with the machine and the command.
 
-    python -m launch.benchmark --config=reduced --batch_size=2 --output=bench.json
-    python -m launch.benchmark --config=adm256_uncond --precision=bf16 --peak_tflops=989 --output=h100.json
+    python -m launch.benchmark --reduced --batch_size=2 --output=bench.json
+    python -m launch.benchmark --precision=bf16 --peak_tflops=989 --output=h100.json
+    python -m launch.benchmark --config=smoke --batch_size=2 --output=smoke.json
 
-Weights are random (speed does not depend on their values); nothing is downloaded.
+The networks follow the shared flags: --config=real is ADM 256 unconditional + CLIP ViT-B/16 at
+their real sizes (--reduced: the same UNet topology at a smaller width and image size, for CPUs),
+--config=smoke the smoke networks (bdjax/smoke.py). Weights are random (speed does not depend on
+their values); nothing is downloaded. The compilation cache is off unless asked for
+(--compilation_cache or --compilation_cache_dir), so that compile_s times a compile.
 
 FLOPs: `flops_per_step` is XLA's count for the compiled step, where the vjp is taken with respect
 to x only (no weight gradients), so a backward costs about one forward; `analytic_flops_*` follow
-the analytic count (a backward counted as two forwards: 7.5 TFLOP per sample-step at adm256_uncond with 8
-augmentations) and `mfu_analytic` uses them. The --max_batch_search runs last, after the reference,
-so that PyTorch finds the GPU memory free.
+the analytic count (a backward counted as two forwards: 7.5 TFLOP per sample-step for the real
+networks with 8 augmentations) and `mfu_analytic` uses them. The --max_batch_search runs last, after
+the reference, so that PyTorch finds the GPU memory free.
 """
 
 from __future__ import annotations
@@ -32,23 +37,27 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 
 from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags
 
+from launch import runtime
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The command line's flags, defined only when this module runs as the program, so that other
-    programs (launch/gpu_proof.py) can import its pieces without clashing flag names."""
-    flags.DEFINE_enum("config", "reduced", ["adm256_uncond", "reduced", "tiny"],
-                      "adm256_uncond: ADM 256 + CLIP ViT-B/16 at their real sizes; reduced: the full ADM topology at "
-                      "width 64 and 64x64 images with a small CLIP ViT (for CPUs); tiny: seconds-long smoke run.")
-    flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"],
-                      "bdjax activations (and stored params) in float32 or bfloat16; norms and softmax stay float32.")
+    """The command line: the shared runtime flags and the benchmark's own, defined only when this
+    module runs as the program, so that other programs (launch/gpu_proof.py) can import its pieces
+    without clashing flag names."""
+    runtime.define_flags()
+    FLAGS.set_default("compilation_cache", False)  # compile_s should time a compile, not a cache read
+    flags.DEFINE_bool("reduced", False,
+                      "With --config=real: the full ADM 256 topology at width 64 and 64x64 images with a small "
+                      "CLIP ViT, for CPUs.")
     flags.DEFINE_integer("batch_size", 4, "Samples per step.")
     flags.DEFINE_integer("aug_num", 8, "CLIP augmentations per sample (the reference's default is 8).")
     flags.DEFINE_integer("iters", 5, "Timed steps per side; the median is reported.")
@@ -57,7 +66,6 @@ def define_flags() -> None:
                       "Alternate bdjax and reference steps while timing, so both see the same load on a shared "
                       "machine (--nointerleave: all bdjax steps, then all reference steps).")
     flags.DEFINE_string("output", None, "Write the results to this JSON file.")
-    flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (jax_compilation_cache_dir).")
     flags.DEFINE_bool("reference", True, "Also time the authors' PyTorch step (--noreference skips it).")
     flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of the device at this precision, for MFU.")
     flags.DEFINE_bool("max_batch_search", False,
@@ -75,36 +83,46 @@ ADM256_FORWARD_FLOPS = 2.24e12
 VIT_B16_FORWARD_FLOPS = 33.7e9
 
 
-def model_configs(name: str) -> dict:
-    """UNetModel and CLIP fields of a benchmark configuration, shared by bdjax and the reference.
+NETWORKS = ("real", "reduced", "smoke")
 
-    CLIP's vision_heads is vision_width // 64 because clip.model.CLIP derives it that way.
-    """
+
+def networks_from_flags() -> str:
+    """Which of NETWORKS the flags ask for."""
+    if FLAGS.model_output_size != "256":
+        raise runtime.FlagError(f"--model_output_size={FLAGS.model_output_size}: the benchmark times the 256x256 "
+                                "unconditional model only")
+    if FLAGS.config == "smoke":
+        if FLAGS.reduced:
+            raise runtime.FlagError("--reduced applies to --config=real, not to --config=smoke")
+        return "smoke"
+    return "reduced" if FLAGS.reduced else "real"
+
+
+def model_configs(networks: str) -> dict:
+    """UNetModel and CLIP fields of one of NETWORKS, shared by bdjax and the reference."""
     from bdjax import smoke
     from bdjax.models import clip as clip_lib
     from bdjax.models import unet as unet_lib
 
-    if name == "adm256_uncond":
+    if networks == "real":
         return {"unet": unet_lib.preset("adm256_uncond"), "clip": clip_lib.preset("vit_b16")}
-    if name == "reduced":
+    if networks == "reduced":
         # ADM 256's topology unchanged (6 levels, 2 res blocks, attention at ds 8/16/32, 64-channel
         # heads, up/down ResBlocks, scale-shift norm) at a quarter of its width and image size.
+        # CLIP's vision_heads is vision_width // 64, as clip.model.CLIP derives it.
         unet = dict(unet_lib.preset("adm256_uncond"), image_size=64, model_channels=64)
         clip = dict(embed_dim=256, image_resolution=CLIP_SIZE, vision_layers=4, vision_width=256,
                     vision_patch_size=32, vision_heads=4, context_length=77, vocab_size=49408,
                     transformer_width=256, transformer_heads=4, transformer_layers=1)
         return {"unet": unet, "clip": clip}
-    if name == "tiny":
-        clip = dict(embed_dim=64, image_resolution=CLIP_SIZE, vision_layers=1, vision_width=64,
-                    vision_patch_size=32, vision_heads=1, context_length=77, vocab_size=49408,
-                    transformer_width=64, transformer_heads=1, transformer_layers=1)
-        return {"unet": smoke.unet_config(32), "clip": clip}
-    raise ValueError(f"unknown config {name!r}")
+    if networks == "smoke":
+        return {"unet": smoke.unet_config(), "clip": dict(smoke.CLIP_CONFIG)}
+    raise ValueError(f"unknown networks {networks!r}; choose one of {NETWORKS}")
 
 
-def analytic_flops_per_sample_step(config: str, aug_num: int) -> float | None:
-    """The analytic FLOP count for the real models: 3 x (UNet forward + aug_num CLIP forwards); None otherwise."""
-    if config != "adm256_uncond":
+def analytic_flops_per_sample_step(networks: str, aug_num: int) -> float | None:
+    """The analytic FLOP count for the real networks: 3 x (UNet forward + aug_num CLIP forwards); None otherwise."""
+    if networks != "real":
         return None
     return 3 * (ADM256_FORWARD_FLOPS + aug_num * VIT_B16_FORWARD_FLOPS)
 
@@ -212,8 +230,9 @@ class BdjaxStep:
     """bdjax's guided step at one configuration: random params, inputs, and the jitted step."""
 
     def __init__(self, configs: dict, precision: str, aug_num: int, step_index: int, seed: int,
-                 host_params: dict | None = None):
-        """`host_params`: float32 params from random_host_params(configs, seed) to reuse; drawn here if None."""
+                 host_params: dict | None = None, remat: str = "none"):
+        """`host_params`: float32 params from random_host_params(configs, seed) to reuse; drawn here if None.
+        `remat`: the networks' rematerialisation policy in the guidance gradient (bdjax/models/remat.py)."""
         import jax
         import jax.numpy as jnp
 
@@ -223,8 +242,8 @@ class BdjaxStep:
 
         dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
         self.size = configs["unet"]["image_size"]
-        self.models = blended.Models(unet=unet_lib.UNetModel(**configs["unet"], dtype=dtype),
-                                     clip=clip_lib.CLIP(**configs["clip"], dtype=dtype))
+        self.models = blended.Models(unet=unet_lib.UNetModel(**configs["unet"], dtype=dtype, remat=remat),
+                                     clip=clip_lib.CLIP(**configs["clip"], dtype=dtype, remat=remat))
         params = random_host_params(configs, seed) if host_params is None else host_params
         self.params = jax.device_put(jax.tree.map(lambda p: p.astype(dtype), params))
         self.param_counts = {k: sum(p.size for p in jax.tree.leaves(v)) for k, v in params.items()}
@@ -288,11 +307,12 @@ def peak_memory() -> tuple[int, str]:
 
 
 def prepare_bdjax(configs: dict, *, precision: str, batch_size: int, aug_num: int, step_index: int, seed: int,
-                  warmup: int, host_params: dict | None = None) -> tuple[BdjaxStep, Callable[[], Any], dict]:
+                  warmup: int, host_params: dict | None = None,
+                  remat: str = "none") -> tuple[BdjaxStep, Callable[[], Any], dict]:
     """Compile and warm up bdjax's step: (bench, a synchronised step, compile/FLOP/memory figures)."""
     import jax
 
-    bench = BdjaxStep(configs, precision, aug_num, step_index, seed, host_params=host_params)
+    bench = BdjaxStep(configs, precision, aug_num, step_index, seed, host_params=host_params, remat=remat)
     compiled, lower_s, xla_compile_s = bench.compile(batch_size)
     args = bench.inputs(batch_size)
 
@@ -351,91 +371,35 @@ def max_batch_search(bench: BdjaxStep, start: int, limit: int, *, allow_cpu: boo
 
 def prepare_reference(configs: dict, *, batch_size: int, aug_num: int, step_index: int, seed: int,
                       warmup: int) -> dict:
-    """The authors' step in PyTorch at the same configuration, batch and step index, warmed up:
-    {"run": synchronised step, "reference_*": description}, or only a "reference_note" when it does
-    not fit on the GPU. Its memory is freed once `run` is dropped (see release_torch_memory)."""
+    """The authors' step (checkpoints_convert.reference) at the same configuration, batch and step
+    index, warmed up: {"run": synchronised step, "reference_*": description}, or only a
+    "reference_note" when it does not fit on the GPU. Its memory is freed once `run` is dropped
+    (see release_torch_memory)."""
     import torch
-    import torchvision
-    from clip.model import CLIP as TorchCLIP
-    from clip.model import convert_weights
-    from guided_diffusion import gaussian_diffusion as gd
-    from guided_diffusion.respace import SpacedDiffusion, space_timesteps
-    from guided_diffusion.unet import UNetModel as TorchUNet
-    import kornia.augmentation as K
 
-    from bdjax.models import clip as clip_lib
+    from bdjax.blended import EditOptions
+    from checkpoints_convert import reference
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    fp16 = cuda  # the reference's use_fp16 UNet and fp16 CLIP on GPU; float32 on CPU
+    fp16 = cuda  # the authors' use_fp16 UNet and fp16 CLIP on GPU; float32 on CPU
     torch.manual_seed(seed)
     batch, size = batch_size, configs["unet"]["image_size"]
-
-    unet = TorchUNet(**configs["unet"], use_fp16=fp16)
-    with torch.no_grad():  # guided_diffusion zero-initialises output convs: draw every weight instead
-        for name, p in unet.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0, p[0].numel() ** -0.5)
-            elif name.endswith("bias"):
-                p.zero_()
-    if fp16:
-        unet.convert_to_fp16()
-    clip_fields = {k: v for k, v in configs["clip"].items() if k != "vision_heads"}
-    clip_model = TorchCLIP(**clip_fields)
-    if fp16:
-        convert_weights(clip_model)  # what clip.load does on CUDA: fp16 matmuls, fp32 layer norms
-    unet, clip_model = unet.to(device).eval(), clip_model.to(device).eval()
-    for p in [*unet.parameters(), *clip_model.parameters()]:
-        p.requires_grad_(False)
-
-    diffusion = SpacedDiffusion(use_timesteps=space_timesteps(1000, "100"),
-                                betas=gd.get_named_beta_schedule("linear", 1000),
-                                model_mean_type=gd.ModelMeanType.EPSILON,
-                                model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.MSE,
-                                rescale_timesteps=True)
-    pool = torch.nn.AdaptiveAvgPool2d((CLIP_SIZE, CLIP_SIZE))
-    augmentations = torch.nn.Sequential(K.RandomAffine(degrees=15, translate=0.1, p=0.7, padding_mode="border"),
-                                        K.RandomPerspective(0.7, p=0.7))
-    clip_normalize = torchvision.transforms.Normalize(mean=clip_lib.MEAN, std=clip_lib.STD)
-
-    def extending_augmentations(images):
-        copies = torch.tile(pool(images), (aug_num, 1, 1, 1))
-        return torch.cat([copies[:batch], augmentations(copies[batch:])])
-
-    def d_clip(a, b):
-        a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
-        return (a - b).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
+    unet, clip_model = reference.random_networks(configs["unet"], configs["clip"], fp16=fp16, device=device)
+    options = EditOptions(aug_num=aug_num, batch_size=batch)
+    diffusion = reference.spaced_diffusion(options.timestep_respacing)
+    augment = reference.image_augmentations(aug_num, reference.random_augmentations())
 
     init = torch.rand(1, 3, size, size, device=device) * 2 - 1
     mask = torch.zeros(1, 1, size, size, device=device)
     mask[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
     x = 0.6 * init + 0.8 * torch.randn(batch, 3, size, size, device=device)
     text_embed = torch.randn(1, configs["clip"]["embed_dim"], device=device)
-
-    def cond_fn(x, t, y=None):
-        # p_sample has already run the UNet without grad; the guidance runs it again with grad.
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            t = (t * (diffusion.num_timesteps / 1000)).long()  # undo rescale_timesteps
-            out = diffusion.p_mean_variance(unet, x, t, clip_denoised=False, model_kwargs={})
-            fac = diffusion.sqrt_one_minus_alphas_cumprod[t[0].item()]
-            x_in = out["pred_xstart"] * fac + x * (1 - fac)
-            augmented = extending_augmentations(x_in * mask).add(1).div(2)
-            dists = d_clip(clip_model.encode_image(clip_normalize(augmented)).float(), text_embed)
-            loss = dists.view(aug_num, batch).mean(0).sum() * 1000.0  # clip_guidance_lambda
-            pred = out["pred_xstart"]
-            loss = loss + (pred - pred.clamp(-1, 1)).pow(2).mean([1, 2, 3]).sum() * 50.0  # range_lambda
-            return -torch.autograd.grad(loss, x)[0]
-
     t = torch.full((batch,), step_index, device=device, dtype=torch.long)
 
-    def step():
-        out = diffusion.p_sample(unet, x, t, clip_denoised=False, cond_fn=cond_fn, model_kwargs={})
-        background = diffusion.q_sample(init, t[:1], torch.randn_like(init))
-        return out["sample"] * mask + background.repeat(batch, 1, 1, 1) * (1 - mask)
-
     def run():
-        out = step()
+        out = reference.guided_step(diffusion, (unet, clip_model, None), options, x, t, init, mask, text_embed,
+                                    augment)
         if cuda:
             torch.cuda.synchronize()
         return out
@@ -468,8 +432,9 @@ def release_torch_memory() -> None:
 
 def summary(r: dict) -> str:
     lines = [
-        f"bdjax Blended Diffusion step: config={r['config']} precision={r['precision']} batch={r['batch_size']} "
-        f"aug_num={r['aug_num']} on {r['machine']['device_kind']} ({r['machine']['platform']})",
+        f"bdjax Blended Diffusion step: networks={r['networks']} precision={r['precision']} remat={r['remat']} "
+        f"batch={r['batch_size']} aug_num={r['aug_num']} on {r['machine']['device_kind']} "
+        f"({r['machine']['platform']})",
         f"  compile {r['compile_s']:.1f} s; step {r['step_s'] * 1e3:.1f} ms (median of {r['iters']}, "
         f"fastest {r['step_s_min'] * 1e3:.1f} ms); "
         f"{r['samples_per_s']:.3f} samples/s",
@@ -491,42 +456,50 @@ def summary(r: dict) -> str:
     return "\n".join(lines)
 
 
+@runtime.program
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise runtime.FlagError(f"unexpected arguments: {argv[1:]}")
+    networks = networks_from_flags()
     for name in ("batch_size", "aug_num", "iters"):
         if getattr(FLAGS, name) < 1:
-            raise app.UsageError(f"--{name} must be at least 1")
+            raise runtime.FlagError(f"--{name} must be at least 1")
     if FLAGS.peak_tflops is not None and FLAGS.peak_tflops <= 0:
-        raise app.UsageError("--peak_tflops must be positive")
+        raise runtime.FlagError("--peak_tflops must be positive")
+    if FLAGS.checkpoint_dir:
+        warnings.warn(f"--checkpoint_dir={FLAGS.checkpoint_dir} is not used: the benchmark runs random networks")
     if FLAGS.reference:
         # On a GPU, PyTorch shares the device: JAX grows its pool as needed instead of taking 75 %
         # up front (its peak, which is what is reported, is unchanged).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    import jax
+    if FLAGS.compilation_cache_dir and not FLAGS["compilation_cache"].present:
+        FLAGS.compilation_cache = True  # naming the cache's directory asks for the cache
+    runtime.setup()
+    if networks == "real":
+        runtime.check_device()
 
-    if FLAGS.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
-
-    configs = model_configs(FLAGS.config)
+    configs = model_configs(networks)
     result = {
         "command": " ".join(["python -m launch.benchmark", *sys.argv[1:]]),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_description(),
         "config": FLAGS.config,
+        "networks": networks,
         "model_configs": configs,
         "precision": FLAGS.precision,
+        "remat": FLAGS.remat,
         "batch_size": FLAGS.batch_size,
         "aug_num": FLAGS.aug_num,
         "step_index": FLAGS.step_index,
         "warmup": FLAGS.warmup,
         "iters": FLAGS.iters,
-        "compilation_cache_dir": FLAGS.compilation_cache_dir,
+        "compilation_cache_dir": (runtime.compilation_cache_dir(FLAGS.compilation_cache_dir)
+                                  if FLAGS.compilation_cache else None),
     }
     # bdjax first, before torch is imported, so that a host RSS peak is bdjax's own.
     bench, bdjax_run, bdjax_figures = prepare_bdjax(
         configs, precision=FLAGS.precision, batch_size=FLAGS.batch_size, aug_num=FLAGS.aug_num,
-        step_index=FLAGS.step_index, seed=FLAGS.seed, warmup=FLAGS.warmup)
+        step_index=FLAGS.step_index, seed=FLAGS.seed, warmup=FLAGS.warmup, remat=FLAGS.remat)
     result.update(bdjax_figures)
     sides = {"bdjax": bdjax_run}
     reference = {"reference_note": "not run (--noreference)", "reference_device": None,
@@ -543,7 +516,7 @@ def main(argv):
     result["timing"] = "interleaved" if FLAGS.interleave and len(times) > 1 else "sequential"
 
     step_s = statistics.median(times["bdjax"])
-    analytic = analytic_flops_per_sample_step(FLAGS.config, FLAGS.aug_num)
+    analytic = analytic_flops_per_sample_step(networks, FLAGS.aug_num)
     peak = None if FLAGS.peak_tflops is None else FLAGS.peak_tflops * 1e12
     result.update({
         "step_s": step_s,
@@ -585,7 +558,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from checkpoints_convert.common import parse_flags
-
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=runtime.parse_flags)

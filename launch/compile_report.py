@@ -1,9 +1,9 @@
 """Compile bdjax's sampler for a TPU topology on a machine without TPUs, and report what XLA says.
 
     python -m launch.compile_report --topology=v5e:2x2 --config=smoke --output=report.json
-    python -m launch.compile_report --topology=v5e:16x16 --config=adm256_uncond --precision=bf16 \\
+    python -m launch.compile_report --topology=v5e:16x16 --config=real --precision=bf16 \\
         --per_device_batch=16 --remat=blocks --output=v5e_256.json
-    python -m launch.compile_report --topology=v6e:2x2 --config=adm256_uncond --max_batch --output=v6e.json
+    python -m launch.compile_report --topology=v6e:2x2 --config=real --max_batch --output=v6e.json
 
 TPU topologies need libtpu (`pip install -e ".[tpu]"`), not a TPU; NVIDIA GPU targets (h100,
 h200, optionally with a GPU count: h200:8) need JAX's CUDA plugin (`pip install -e ".[cuda]"`), not
@@ -26,6 +26,8 @@ import time
 
 from absl import app, flags
 
+from launch import runtime
+
 FLAGS = flags.FLAGS
 
 
@@ -33,8 +35,9 @@ def define_flags() -> None:
     """Only when run as a program, like the other launch programs: importing this module defines no flags."""
     flags.DEFINE_string("topology", "v5e:2x2", "TPU topology GEN:SHAPE with GEN one of v4, v5e, v5p, v6e, e.g. "
                         "v5e:1x1 (one chip), v5e:2x2, v5e:16x16, v5p:2x2x1; or h100 / h200 GPUs, e.g. h200:8.")
-    flags.DEFINE_enum("config", "adm256_uncond", ["adm256_uncond", "smoke"],
-                      "adm256_uncond: ADM 256 + CLIP ViT-B/16 at their real sizes; smoke: the smoke preset's networks.")
+    # launch/runtime.py's --config (the real networks or the smoke ones), without runtime's other
+    # flags (weights, multi-process start), which mean nothing for a compile from shapes.
+    runtime.define_config_flag()
     flags.DEFINE_enum("precision", "bf16", ["fp32", "bf16"], "Activations and parameters in float32 or bfloat16.")
     flags.DEFINE_integer("per_device_batch", 8, "Samples per device.")
     flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"], "UNet and CLIP rematerialisation in the guidance gradient.")
@@ -130,7 +133,7 @@ def gpu_devices(generation: str, count: int) -> list:
     if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
         raise ValueError('GPU topologies need JAX\'s CUDA plugin: pip install -e ".[cuda]"')
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    # Without a GPU nothing is autotuned, and XLA:GPU's Triton GEMM emitter then failed to tile a
+    # Without a GPU nothing is autotuned, and XLA:GPU's Triton GEMM emitter then fails to tile a
     # small float32 dot (the augmentations' pooling): use its library GEMMs instead.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
     from jax.experimental import topologies
@@ -229,7 +232,8 @@ def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, 
     import jax.numpy as jnp
 
     from bdjax import smoke
-    from bdjax.blended import EditOptions, Models, make_sampler
+    from bdjax.blended import Models, make_sampler
+    from bdjax.options import EditOptions
     from bdjax.editor import CompiledSampler
     from bdjax.models import clip as clip_lib
     from bdjax.models import unet as unet_lib
@@ -375,9 +379,9 @@ def main(argv):
     if unknown:
         raise ValueError(f"--max_batch_remat: unknown policies {unknown}; choose from none, dots, blocks")
     if FLAGS.output:
-        from bdjax import outputs
+        from bdjax import files
 
-        outputs.check_writable(os.path.dirname(os.path.abspath(FLAGS.output)))
+        files.check_writable(os.path.dirname(os.path.abspath(FLAGS.output)))
 
     import jax
 
@@ -495,7 +499,5 @@ def summary(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    from launch import runtime
-
     define_flags()
     app.run(runtime.program(main), flags_parser=runtime.parse_flags)

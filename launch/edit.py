@@ -14,68 +14,39 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 
 from launch import runtime
+
+if TYPE_CHECKING:
+    from bdjax.request import Request
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
     runtime.define_flags()
+    runtime.define_option_flags()  # skip_timesteps, timestep_respacing, ... (bdjax/options.py)
     flags.adopt_module_key_flags(runtime)  # --help lists them too
     flags.DEFINE_string("prompt", None, "Text describing the edit; an empty string runs unguided.")
     flags.DEFINE_string("init_image", None, "The image to edit.")
     flags.DEFINE_string("mask", None, "Mask image: non-zero pixels are edited. Default: the whole image.")
     flags.DEFINE_bool("invert_mask", False, "Edit the zero pixels of the mask instead.")
-    flags.DEFINE_integer("skip_timesteps", 25, "Diffusion steps skipped at the start.")
-    flags.DEFINE_string("timestep_respacing", "100", "Respacing of the 1000 steps: '100', '10,20,30', 'ddim50'.")
-    flags.DEFINE_bool("ddim", False, "DDIM sampling with score conditioning instead of ancestral steps.")
-    flags.DEFINE_float("clip_guidance_lambda", 1000.0, "Weight of the CLIP loss.")
-    flags.DEFINE_float("range_lambda", 50.0, "Weight of the loss keeping predictions in [-1, 1].")
-    flags.DEFINE_integer("aug_num", 8, "Augmented copies per sample for the CLIP loss.")
-    flags.DEFINE_bool("local_clip_guided_diffusion", False, "The Algorithm 1 baseline: no blending.")
-    flags.DEFINE_bool("background_preservation_loss", False, "Algorithm 1: add LPIPS + L2 background losses.")
-    flags.DEFINE_float("lpips_sim_lambda", 1000.0, "Weight of the LPIPS background loss.")
-    flags.DEFINE_float("l2_sim_lambda", 10000.0, "Weight of the L2 background loss.")
-    flags.DEFINE_bool("enforce_background", True, "Paste the original background into the final result.")
     flags.DEFINE_integer("seed", 404, "Random seed; sample k of a seed is reproducible on its own.")
-    flags.DEFINE_integer("batch_size", 4, "Samples per diffusion run (spread over all devices).")
     flags.DEFINE_integer("num_samples", 32, "Samples in total (the reference: batch_size x iterations_num).")
     flags.DEFINE_string("output_dir", "output", "Where results are written.")
     flags.DEFINE_bool("overwrite", False, "Replace results already in --output_dir.")
 
 
-EDIT_OPTION_FLAGS = ("skip_timesteps", "timestep_respacing", "ddim", "clip_guidance_lambda", "range_lambda",
-                     "aug_num", "local_clip_guided_diffusion", "background_preservation_loss", "lpips_sim_lambda",
-                     "l2_sim_lambda", "enforce_background", "batch_size")
-
-
-def options_from_flags() -> dict:
-    from bdjax import smoke
-
-    options = {name: FLAGS[name].value for name in EDIT_OPTION_FLAGS}
-    if FLAGS.config == "smoke":  # fewer steps and copies unless the user set them
-        options.update({k: v for k, v in smoke.OPTIONS.items() if not FLAGS[k].present})
-    return options
-
-
 def run_report(options: dict, timings: dict) -> dict:
     return {"flags": runtime.flag_values(sys.modules[__name__]), "options": options, "timings_s": timings,
             **runtime.environment()}
-
-
-@dataclasses.dataclass
-class Inputs:
-    """The inputs as the preflight decoded them: the run uses these, not the files again."""
-    image: Any                # PIL image
-    mask: Any                 # PIL image or None
-    size: int                 # the model's image size
 
 
 def model_size() -> int:
@@ -94,46 +65,52 @@ def output_dir() -> str:
 
 
 def preflight(options: dict, prompts: list[str], directory: str, patterns, writes=((), ()),
-              mask: bool = True) -> Inputs:
+              mask: bool = True) -> list[Request]:
     """Every check that needs no network, shared by the launch programs: bad inputs fail in a
     second, before weights load, and leave the output directory as it was. `directory` is where
     this process will write and `patterns` the program's own output files there (see
     outputs.own_outputs): a previous run's refuse the run unless --overwrite. `writes` are the
-    (subdirectories, files) the run will write there (see outputs.check_writable). The image and
-    (if `mask`) --mask are decoded once, here."""
+    (subdirectories, files) the run will write there (see files.check_writable).
+
+    Returns the prepared request (bdjax/request.py) of each of `prompts`, which the run edits
+    as they are: --init_image and (if `mask`) --mask are decoded once, here."""
     # Warnings (an animated image, say) are held back until every check has passed, so that a
     # refused run prints its one error line and nothing else.
     with warnings.catch_warnings(record=True) as held:
         warnings.simplefilter("always")
-        inputs = _checked_inputs(options, prompts, directory, patterns, writes, mask)
+        requests = _checked_requests(options, prompts, directory, patterns, writes, mask)
     for w in held:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return inputs
+    return requests
 
 
-def _checked_inputs(options, prompts, directory, patterns, writes, mask) -> Inputs:
-    from bdjax import image_io, outputs, tokenizer
-    from bdjax.blended import EditOptions, check_request
+# A library message that opens with an option's name ("seed=-1 must be ...").
+_NAMED_VALUE = re.compile(r"(\w+)=")
 
-    check_request(FLAGS.num_samples, FLAGS.seed, flag_prefix="--")  # also bounds num_samples
-    EditOptions(**options).validate()
-    for prompt in prompts:
-        tokenizer.tokenize(prompt)
-    size = model_size()
-    image = image_io.to_pil(FLAGS.init_image, "image")
-    image_io.load_image(image, size)
-    mask_image = None
-    if mask and FLAGS.mask is not None:
-        mask_image = image_io.to_pil(FLAGS.mask, "mask")
-    with warnings.catch_warnings():  # the edit itself warns about the mask, once
-        warnings.simplefilter("ignore")
-        image_io.load_mask(mask_image, size, image_size=image.size, invert_mask=FLAGS.invert_mask)
+
+def _checked_requests(options, prompts, directory, patterns, writes, mask) -> list[Request]:
+    from bdjax import files, outputs, request
+    from bdjax.options import EditOptions
+
+    try:
+        first = request.prepare(FLAGS.init_image, FLAGS.mask if mask else None, prompts[0],
+                                num_samples=FLAGS.num_samples, seed=FLAGS.seed, invert_mask=FLAGS.invert_mask,
+                                options=EditOptions(**options), image_size=model_size())
+        prepared = {prompts[0]: first}
+        for prompt in prompts[1:]:
+            if prompt not in prepared:
+                prepared[prompt] = first.with_prompt(prompt)
+    except ValueError as e:  # name the flag where the message names the option
+        named = _NAMED_VALUE.match(str(e))
+        if named and named.group(1) in FLAGS:
+            raise ValueError(f"--{e}") from None
+        raise
     old = outputs.own_outputs(directory, patterns)
     if old and not FLAGS.overwrite:
         raise FileExistsError(f"{directory} already holds results ({len(old)} files, e.g. {old[0]}); choose "
                               "another --output_dir or pass --overwrite")
-    outputs.check_writable(directory, *writes)
-    return Inputs(image=image, mask=mask_image, size=size)
+    files.check_writable(directory, *writes)
+    return [prepared[prompt] for prompt in prompts]
 
 
 def main(argv):
@@ -144,19 +121,17 @@ def main(argv):
     runtime.setup()
     import jax
 
-    from bdjax import outputs, smoke
+    from bdjax import guidance, outputs, smoke
 
-    options = options_from_flags()
-    need_lpips = FLAGS.background_preservation_loss and FLAGS.lpips_sim_lambda != 0
+    options = runtime.options_from_flags()
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
     directory = output_dir()
-    inputs = preflight(options, [FLAGS.prompt], directory, outputs.EDIT_OUTPUTS,
-                       writes=((outputs.RANKED_DIR, outputs.SAMPLES_DIR), (outputs.GRID, outputs.REPORT)))
+    [request] = preflight(options, [FLAGS.prompt], directory, outputs.EDIT_OUTPUTS,
+                          writes=((outputs.RANKED_DIR, outputs.SAMPLES_DIR), (outputs.GRID, outputs.REPORT)))
     start = time.perf_counter()
-    editor = runtime.build_editor(need_lpips)
+    editor = runtime.build_editor(guidance.needs_lpips(request.options))
     loaded = time.perf_counter()
-    stream = editor.edit_batches(inputs.image, inputs.mask, FLAGS.prompt, num_samples=FLAGS.num_samples,
-                                 seed=FLAGS.seed, invert_mask=FLAGS.invert_mask, **options)
+    stream = editor.edit_batches(request)
     # Everything is checked and the networks are ready: only now is the previous run removed.
     outputs.clear_for_run(directory, outputs.EDIT_OUTPUTS, overwrite=FLAGS.overwrite)
     writer = outputs.EditWriter(directory, FLAGS.seed)

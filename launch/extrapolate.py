@@ -11,7 +11,8 @@ best-ranked result's strip is pasted onto the canvas. Writes OUTPUT_DIR/canvas_<
 flags (--num_samples per round, --seed, --skip_timesteps, ...) apply to every round, and the
 inputs get launch/edit.py's checks before anything is built, removed or written; --overwrite
 removes only the files named above. Non-finite samples never win a round; a round whose samples
-all turn non-finite stops the run (exit status 1).
+all turn non-finite stops the run (exit status 1). The rounds are bdjax/extrapolate.py's `grow`;
+this program adds the flags, the checks and the files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from bdjax.extrapolate import best_result, edge_window, paste_strip, round_seed
+from bdjax.extrapolate import grow
 from launch import edit, runtime
 
 FLAGS = flags.FLAGS
@@ -93,53 +94,45 @@ def main(argv):
     runtime.setup()
     import jax
 
-    from bdjax import image_io, outputs, smoke
+    from bdjax import guidance, outputs, parallel, smoke
 
     lead = jax.process_index() == 0
-    options = edit.options_from_flags()
-    need_lpips = FLAGS.background_preservation_loss and FLAGS.lpips_sim_lambda != 0
+    options = runtime.options_from_flags()
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
     files = ("canvas_0.png", "canvas_1.png", FINAL, outputs.REPORT)
-    inputs = edit.preflight(options, list(prompts.values()), FLAGS.output_dir, OUTPUTS, writes=((), files),
-                            mask=False)
+    requests = dict(zip(prompts, edit.preflight(options, list(prompts.values()), FLAGS.output_dir, OUTPUTS,
+                                                writes=((), files), mask=False)))
+    prepared = requests[next(iter(prompts))]
     start = time.perf_counter()
-    editor = runtime.build_editor(need_lpips)
+    editor = runtime.build_editor(guidance.needs_lpips(prepared.options))
     size = editor.image_size
-    if size != inputs.size:
-        raise ValueError(f"the UNet works at {size}x{size}, not the {inputs.size} of --model_output_size")
-    if jax.process_count() > 1:  # every process has checked (and probed) the output directory
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("extrapolate preflight")
+    if size != prepared.size:
+        raise ValueError(f"the UNet works at {size}x{size}, not the {prepared.size} of --model_output_size")
+    parallel.barrier("extrapolate preflight")  # every process has checked (and probed) the output directory
     if lead:  # everything is checked: only now is the previous run removed
         outputs.clear_for_run(FLAGS.output_dir, OUTPUTS, overwrite=FLAGS.overwrite)
     # The canvas starts as the image prepared exactly as for an edit (model size, Lanczos).
-    canvas = np.round((image_io.load_image(inputs.image, size) + 1) * 127.5).astype(np.uint8)
+    canvas = prepared.source
     if lead:
         outputs.save_png(os.path.join(FLAGS.output_dir, "canvas_0.png"), canvas)
     loaded = time.perf_counter()
     rounds = []
-    for r in range(1, FLAGS.repeats + 1):
-        for side in prompts:
-            seed = round_seed(FLAGS.seed, r, side)
-            window, mask = edge_window(canvas, side, strip_width(), size)
-            stream = editor.edit_batches(window, mask, prompts[side], num_samples=FLAGS.num_samples, seed=seed,
-                                         progress=lead, **options)
-            best, distance = best_result(stream)
-            if not np.isfinite(distance):
-                print(f"error: round {r} ({side}): all {FLAGS.num_samples} samples turned non-finite (NaN or "
-                      f"infinite); the canvas so far is canvas_{r - 1}.png", file=sys.stderr)
-                sys.exit(1)
-            canvas = paste_strip(canvas, best, side, strip_width())
-            rounds.append({"round": r, "side": side, "prompt": prompts[side], "seed": seed,
-                           "distance": distance, "width": int(canvas.shape[1])})
-        if lead:
+    last_side = list(prompts)[-1]
+    for done_round in grow(editor, requests, strip_width(), FLAGS.repeats, progress=lead):
+        r, side, canvas = done_round.round, done_round.side, done_round.canvas
+        if not np.isfinite(done_round.distance):
+            print(f"error: round {r} ({side}): all {FLAGS.num_samples} samples turned non-finite (NaN or "
+                  f"infinite); the canvas so far is canvas_{r - 1}.png", file=sys.stderr)
+            sys.exit(1)
+        rounds.append({"round": r, "side": side, "prompt": done_round.prompt, "seed": done_round.seed,
+                       "distance": done_round.distance, "width": int(canvas.shape[1])})
+        if lead and side == last_side:
             outputs.save_png(os.path.join(FLAGS.output_dir, f"canvas_{r}.png"), canvas)
             print(f"round {r}/{FLAGS.repeats}: canvas {canvas.shape[1]}x{canvas.shape[0]}", flush=True)
     done = time.perf_counter()
     if lead:
         outputs.save_png(os.path.join(FLAGS.output_dir, FINAL), canvas)
-        report = edit.run_report(dataclasses.asdict(editor.options(**options)),
+        report = edit.run_report(dataclasses.asdict(prepared.options),
                                  {"load": loaded - start, "extrapolate": done - loaded})
         report["flags"].update(runtime.flag_values(sys.modules[__name__]))
         report.update(label=label or None, strip=strip_width(), rounds=rounds, size={"height": int(canvas.shape[0]),

@@ -25,7 +25,7 @@ unconditional + CLIP ViT-B/16), it measures and writes to --output as JSON, most
 
     bash launch/gpu_proof.sh OUT_DIR                             # on the GPU machine, with .whl/ carried
     python -m launch.gpu_proof --output=proof.json               # where the references are installed
-    python -m launch.gpu_proof --config=tiny --output=dry.json   # the CPU dry run: every phase, tiny
+    python -m launch.gpu_proof --config=smoke --output=dry.json  # the CPU dry run: every phase, tiny
 
 The phases run in four processes, one after the other, so that no process holds GPU memory while
 another runs (JAX keeps what it has grown into) and a crash in one loses only its own phases: "main"
@@ -77,31 +77,32 @@ EDIT_SEED = 404  # the reference's default seed
 
 # The project's targets on one H200 in bf16: printed next to the measured values, never asserted.
 TARGETS = {
-    "mfu_bf16_min": 0.55,              # guided step, XLA FLOPs against the measured bf16 peak (~790 TFLOP/s)
+    "mfu_bf16_min": 0.55,              # guided step, XLA FLOPs against the measured bf16 peak
     "edits_64_warm_s_max": 75.0,       # 64 ranked 256x256 edits, compiled sampler
     "speedup_vs_reference_min": 20.0,  # samples/s against the authors' step on the same GPU
 }
 
 CONFIGS = {
     # The real shapes on one GPU.
-    "full": dict(model="adm256_uncond", bf16_batch=16, fp32_batch=4, aug_num=8, timestep_respacing="100",
+    "real": dict(bf16_batch=16, fp32_batch=4, aug_num=8, timestep_respacing="100",
                  skip_timesteps=25, num_samples=64, sampler_batch=None, sampler_batch_cap=64, iters=5, warmup=1,
                  step_index=50, matmul_n=8192, matmul_iters=10, max_batch_limit=256, det_samples=16,
                  # Used before anything is measured: a full-size compile, a batch-16 step, a process's setup;
                  # the first phase starts when at least first_phase_min_s are left.
                  guess_compile_s=120.0, guess_step_s=0.5, guess_setup_s=30.0, first_phase_min_s=20.0),
-    # The CPU dry run: every phase on tiny networks with few steps and small batches.
-    "tiny": dict(model="tiny", bf16_batch=2, fp32_batch=2, aug_num=2, timestep_respacing="10", skip_timesteps=5,
-                 num_samples=4, sampler_batch=2, sampler_batch_cap=4, iters=2, warmup=1, step_index=50,
-                 matmul_n=256, matmul_iters=3, max_batch_limit=4, det_samples=2,
-                 guess_compile_s=20.0, guess_step_s=0.5, guess_setup_s=5.0, first_phase_min_s=1.0),
+    # The CPU dry run: every phase on the smoke networks with few steps and small batches.
+    "smoke": dict(bf16_batch=2, fp32_batch=2, aug_num=2, timestep_respacing="10", skip_timesteps=5,
+                  num_samples=4, sampler_batch=2, sampler_batch_cap=4, iters=2, warmup=1, step_index=50,
+                  matmul_n=256, matmul_iters=3, max_batch_limit=4, det_samples=2,
+                  guess_compile_s=20.0, guess_step_s=0.5, guess_setup_s=5.0, first_phase_min_s=1.0),
 }
 
 
 def define_flags() -> None:
     """The command line (defined when this module runs as the program, as launch/benchmark.py does)."""
-    flags.DEFINE_enum("config", "full", sorted(CONFIGS),
-                      "full: ADM 256 uncond + CLIP ViT-B/16 at their real sizes (a GPU); tiny: the CPU dry run.")
+    flags.DEFINE_enum("config", "real", sorted(CONFIGS),
+                      "real: ADM 256 uncond + CLIP ViT-B/16 at their real sizes (a GPU); smoke: the CPU dry run "
+                      "on the smoke networks.")
     flags.DEFINE_string("output", "gpu_proof.json", "The JSON written after every phase.")
     flags.DEFINE_float("budget_s", 450.0, "Wall-clock seconds for the whole proof; later phases are skipped when "
                        "they would not fit.")
@@ -109,10 +110,10 @@ def define_flags() -> None:
     flags.DEFINE_enum("deterministic", "auto", ["auto", "always", "never"],
                       "The deterministic-ops subprocess: auto runs it when a step or sampler rerun was not "
                       "byte-identical.")
-    flags.DEFINE_integer("num_samples", None, "Samples of the sampler phase (default: 64, tiny: 4).")
+    flags.DEFINE_integer("num_samples", None, "Samples of the sampler phase (default: 64, smoke: 4).")
     flags.DEFINE_integer("sampler_batch", None, "Batch of the sampler phase (default: the largest power of two up to "
-                         "64 that XLA's memory analysis of the step predicts to fit; tiny: 2).")
-    flags.DEFINE_integer("iters", None, "Timed steps per measurement; the median is reported (default 5, tiny 2).")
+                         "64 that XLA's memory analysis of the step predicts to fit; smoke: 2).")
+    flags.DEFINE_integer("iters", None, "Timed steps per measurement; the median is reported (default 5, smoke 2).")
     flags.DEFINE_integer("seed", 0, "Seed of the random networks and inputs.")
     flags.DEFINE_string("compilation_cache_dir", "",
                         "Persistent XLA compilation cache shared by the processes (default: none; see above).")
@@ -152,14 +153,11 @@ def settings_from_flags() -> dict:
         raise UsageError("--phases: sampler and reference need step_bf16 (its networks and timings)")
     if not FLAGS.output:
         raise UsageError("--output is empty")
+    from bdjax.diffusion import respaced_length
+
     s["phases"] = [p for p in PHASES if p in FLAGS.phases]
-    s["steps"] = _respaced_steps(s["timestep_respacing"]) - s["skip_timesteps"]
+    s["steps"] = respaced_length(s["timestep_respacing"]) - s["skip_timesteps"]
     return s
-
-
-def _respaced_steps(respacing: str) -> int:
-    """len(space_timesteps(1000, respacing)) for the plain "N" and "a,b,c" forms used here."""
-    return sum(int(part) for part in respacing.split(","))
 
 
 # --------------------------------------------------------------------------------------- record
@@ -216,6 +214,11 @@ def _ratio(a, b):
     return a / b if _finite(a) and _finite(b) and b > 0 else None
 
 
+def is_real(data: dict) -> bool:
+    """Whether a proof's JSON is of the real config (older JSON names it "full")."""
+    return data.get("config") in ("real", "full")
+
+
 def derive(data: dict) -> None:
     """Figures computed from the measured ones (MFUs against the measured peaks, ratios, the targets);
     recomputed at every save, so a partial JSON holds all that its measurements allow."""
@@ -251,8 +254,8 @@ def derive(data: dict) -> None:
         name: {"target": f"{op} {target:g}", "measured": value,
                "met": None if not _finite(value) else (value >= target if op == ">=" else value <= target)}
         for name, (value, target, op) in checks.items()}
-    if data.get("config") != "full":
-        data["targets_note"] = "the targets are for the full config on one H200; this run is not that"
+    if not is_real(data):
+        data["targets_note"] = "the targets are for the real config on one H200; this run is not that"
 
 
 # --------------------------------------------------------------------------------------- budget
@@ -407,7 +410,7 @@ def timed_step_figures(run, batch: int, iters: int) -> dict:
 def step_section(s: dict, precision: str, batch: int, bench_figures: dict, timing: dict, prepare_s: float) -> dict:
     from launch import benchmark
 
-    analytic = benchmark.analytic_flops_per_sample_step(s["model"], s["aug_num"])
+    analytic = benchmark.analytic_flops_per_sample_step(s["config"], s["aug_num"])
     out = {"precision": precision, "batch_size": batch, "aug_num": s["aug_num"], "step_index": s["step_index"],
            "iters": s["iters"], "warmup": s["warmup"], **bench_figures, **timing,
            "achieved_tflops": bench_figures["flops_per_step"] / timing["step_s"] / 1e12,
@@ -489,7 +492,7 @@ def child_main(rec: Record, budget: Budget, s: dict) -> None:
     from launch import benchmark
 
     setup_jax(rec)
-    configs = benchmark.model_configs(s["model"])
+    configs = benchmark.model_configs(s["config"])
     rec.data["model_configs"] = configs
     rec.data["machine"] = {**benchmark.machine_description(), **extra_machine_facts()}
     rec.save()
@@ -564,7 +567,7 @@ def child_main(rec: Record, budget: Budget, s: dict) -> None:
                     raise RuntimeError(f"out of memory at batch {batch * 2}; {why}") from error
 
     run_phase(rec, budget, s, "step_bf16", s["first_phase_min_s"], step_bf16)
-    run_phase(rec, budget, s, "peak", 15.0 if s["config"] == "full" else 2.0, peak)
+    run_phase(rec, budget, s, "peak", 15.0 if s["config"] == "real" else 2.0, peak)
     if "bench" not in state:
         if "sampler" in s["phases"]:
             rec.phase("sampler", "skipped", note="step_bf16 did not run")
@@ -588,7 +591,7 @@ def child_reference(rec: Record, budget: Budget, s: dict) -> None:
     of the ratio is step_bf16's figures, taken in the main process on the same GPU."""
     from launch import benchmark
 
-    configs = benchmark.model_configs(s["model"])
+    configs = benchmark.model_configs(s["config"])
 
     def reference():
         ref = benchmark.prepare_reference(configs, batch_size=s["bf16_batch"], aug_num=s["aug_num"],
@@ -618,7 +621,7 @@ def child_deterministic(rec: Record, budget: Budget, s: dict) -> None:
     from launch import benchmark
 
     setup_jax(rec)
-    configs = benchmark.model_configs(s["model"])
+    configs = benchmark.model_configs(s["config"])
     section = rec.section("determinism")
     section["xla_flags"] = os.environ.get("XLA_FLAGS", "")
 
@@ -656,7 +659,7 @@ def child_extras(rec: Record, budget: Budget, s: dict) -> None:
     from launch import benchmark
 
     setup_jax(rec)
-    configs = benchmark.model_configs(s["model"])
+    configs = benchmark.model_configs(s["config"])
     est = estimates(rec.data, s)
     host = {"params": None}
 
@@ -690,7 +693,7 @@ def child_extras(rec: Record, budget: Budget, s: dict) -> None:
             return budget.why_not(est_now["compile_s"] + 3 * step_time_at(est_now, s, batch) + 5.0, f"batch {batch}")
 
         cpu = _platform() == "cpu"
-        found = benchmark.max_batch_search(bench, start, s["max_batch_limit"], allow_cpu=s["config"] == "tiny",
+        found = benchmark.max_batch_search(bench, start, s["max_batch_limit"], allow_cpu=s["config"] == "smoke",
                                            may_try=may_try)
         rec.data["max_batch"] = {
             **found, "start": start, "limit": s["max_batch_limit"], "precision": "bf16",
@@ -989,7 +992,7 @@ def summary_lines(d: dict) -> list[str]:
         lines.append(line)
     met = [f"{name} {'met' if c['met'] else 'NOT met'}" for name, c in targets.items() if c["met"] is not None]
     if met:
-        lines.append("targets: " + ", ".join(met) + ("" if d["config"] == "full" else " (tiny config: meaningless)"))
+        lines.append("targets: " + ", ".join(met) + ("" if is_real(d) else " (smoke config: meaningless)"))
     for name, phase in d.get("phases", {}).items():
         if phase.get("status") not in ("done",) and phase.get("note") != "not in --phases":
             lines.append(f"phase {name}: {phase.get('status')}: {phase.get('note') or phase.get('error', '')}")

@@ -13,21 +13,28 @@ import warnings
 
 from absl import flags
 
+from bdjax import weights
 from checkpoints_convert import common
 
 FLAGS = flags.FLAGS
 parse_flags = common.parse_flags  # app.run(..., flags_parser=runtime.parse_flags): one line, status 2
 
 
+def define_config_flag(flag_values: flags.FlagValues = FLAGS) -> None:
+    """--config: the real networks, or the smoke preset's tiny random ones; every program's."""
+    flags.DEFINE_enum("config", "real", ["real", "smoke"], "smoke: tiny random networks, no weights needed.",
+                      flag_values=flag_values)
+
+
 def define_flags():
     """Flags every launch program takes: which networks, how to run them, where they live."""
-    flags.DEFINE_enum("config", "real", ["real", "smoke"], "smoke: tiny random networks, no weights needed.")
+    define_config_flag()
     flags.DEFINE_enum("model_output_size", "256", ["256", "512"], "256: unconditional ADM; 512: class-conditional.")
     flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "bf16: bfloat16 activations and parameters.")
     flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"],
                       "Recompute the UNet's and CLIP's blocks in the guidance gradient instead of keeping "
                       "their activations: less memory (larger batches), more compute.")
-    flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the cache of checkpoints_convert.fetch.")
+    flags.DEFINE_string("checkpoint_dir", None, "Converted weights; default: the weights cache ($BDJAX_CACHE, else ~/.cache/bdjax).")
     flags.DEFINE_bool("allow_cpu", False, "Run the real networks even when JAX sees only a CPU (hours per sample); "
                       "without it such a run stops before loading weights and names the alternatives.")
     flags.DEFINE_bool("download", True, "Fetch missing weights (checkpoints_convert.fetch) into the cache.")
@@ -90,16 +97,11 @@ def setup() -> None:
         enable_compilation_cache(FLAGS.compilation_cache_dir)
 
 
-COMPILATION_CACHE_SUBDIR = "xla_cache"
-
-
 def compilation_cache_dir(flag: str | None) -> str:
     """--compilation_cache_dir, else xla_cache/ inside the weights cache."""
     if flag:
         return os.path.abspath(os.path.expanduser(flag))
-    from checkpoints_convert.fetch import cache_dir_from
-
-    return os.path.join(cache_dir_from(None), COMPILATION_CACHE_SUBDIR)
+    return weights.compilation_cache_dir()
 
 
 def enable_compilation_cache(flag: str | None) -> str:
@@ -129,7 +131,7 @@ def build_editor(need_lpips: bool):
     import jax
     import jax.numpy as jnp
 
-    from bdjax import smoke
+    from bdjax import parallel, smoke
     from bdjax.editor import BlendedDiffusion
 
     dtype = jnp.bfloat16 if FLAGS.precision == "bf16" else jnp.float32
@@ -140,17 +142,15 @@ def build_editor(need_lpips: bool):
         return smoke.editor(dtype=dtype, with_lpips=need_lpips)
     checkpoint_dir = unet_dir = FLAGS.checkpoint_dir
     if checkpoint_dir is None:
-        from checkpoints_convert.fetch import ensure_weights, model_dir
+        from checkpoints_convert.fetch import ensure_weights  # the one place launch/ fetches
 
-        models = ["adm256" if FLAGS.model_output_size == "256" else "adm512", "clip"] + (["lpips"] if need_lpips else [])
+        models = weights.needed(int(FLAGS.model_output_size), need_lpips)
         if jax.process_index() == 0:  # one process fetches; the others wait for it
             checkpoint_dir = ensure_weights(models=models, download=FLAGS.download)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("weights ready")
+            parallel.barrier("weights ready")
             checkpoint_dir = ensure_weights(models=models, download=False)
-        unet_dir = model_dir(checkpoint_dir, models[0])
+        unet_dir = weights.model_dir(checkpoint_dir, models[0])
     return BlendedDiffusion.from_pretrained(checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir,
                                             remat=FLAGS.remat, with_lpips=need_lpips,
                                             image_size=int(FLAGS.model_output_size),
@@ -275,3 +275,25 @@ def user_errors():
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(USER_ERROR)
+
+
+def define_option_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """One flag per edit option, from its declaration (bdjax/options.py): name, type, default, help."""
+    from bdjax.options import EditOptions
+
+    define = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer, "float": flags.DEFINE_float,
+              "str": flags.DEFINE_string}
+    for field in EditOptions.declaration():
+        define[field.type](field.name, field.default, field.metadata["help"], flag_values=flag_values)
+
+
+def options_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict:
+    """The edit options as the flags set them; with --config=smoke, the smoke preset's values
+    replace the defaults of the flags the user did not set."""
+    from bdjax import smoke
+    from bdjax.options import EditOptions
+
+    options = {name: flag_values[name].value for name in EditOptions.names()}
+    if flag_values["config"].value == "smoke":
+        options.update({name: value for name, value in smoke.OPTIONS.items() if not flag_values[name].present})
+    return options

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bdjax import batch
-from bdjax.blended import EditOptions
+from bdjax.options import EditOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".jax_cache")

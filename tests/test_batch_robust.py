@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdjax import batch, outputs
-from bdjax.blended import EditOptions
+from bdjax import batch, outputs, request
+from bdjax.options import EditOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".jax_cache")
@@ -81,7 +81,7 @@ class FakeEditor:
         self.computed = []
         self.batch_rows = []
 
-    def encode_prompt(self, prompt):
+    def encode_tokens(self, tokens):
         return np.zeros(4, np.float32)
 
     def sample(self, options, guided, init, mask, text_embed, sample_ids, seeds, progress=False, batch_rows=None):
@@ -172,7 +172,7 @@ def test_each_input_file_is_hashed_once_per_manifest(fake_tree, monkeypatch):
              for i in range(5)]
     manifest = write_manifest(root / "many.jsonl", lines)
     opened, decoded = [], []
-    real_sha, real_load = batch.file_sha256, batch.load_inputs
+    real_sha, real_prepare = batch.file_sha256, request.prepare_inputs
 
     def sha(path, cache=None):
         if path not in (cache or {}):
@@ -180,10 +180,12 @@ def test_each_input_file_is_hashed_once_per_manifest(fake_tree, monkeypatch):
         return real_sha(path, cache)
 
     monkeypatch.setattr(batch, "file_sha256", sha)
-    monkeypatch.setattr(batch, "load_inputs", lambda *a, **k: decoded.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(request, "prepare_inputs", lambda *a, **k: decoded.append(a) or real_prepare(*a, **k))
     jobs = jobs_of(manifest)
     assert len(jobs) == 5 and len({j.image_sha256 for j in jobs}) == 1
     assert sorted(opened) == sorted([str(root / "img.png"), str(root / "mask.png")]) and len(decoded) == 1
+    _, stats, _, _ = run_fake(root / "out", jobs)  # the run and the jobs' summaries decode nothing again
+    assert stats.computed == 5 and stats.summaries == 5 and len(decoded) == 1
 
 
 # -- the output directory ---------------------------------------------------------------------
@@ -322,7 +324,10 @@ def test_unusable_manifest_is_one_error_naming_the_file(tmp_path, kind, message)
         path.write_text("# nothing yet\n\n")
     with pytest.raises((ValueError, FileNotFoundError), match=message) as caught:
         batch.read_manifest(str(path), 8, EditOptions())
-    assert f"--manifest={path}" in str(caught.value) and "\n" not in str(caught.value)
+    assert f"manifest {path}" in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as caught:  # as a program names it
+        batch.read_manifest(str(path), 8, EditOptions(), label=f"--manifest={path}")
+    assert str(caught.value).startswith(f"--manifest={path}")
 
 
 def test_binary_manifest_exits_2_with_one_line(tmp_path):

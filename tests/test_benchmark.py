@@ -1,5 +1,6 @@
-"""launch/benchmark.py end to end at its tiny config: bdjax's step and the PyTorch reference step
-run, and the JSON holds every field with a sane value. Speed is never asserted here."""
+"""launch/benchmark.py end to end on the smoke networks: bdjax's step and the PyTorch reference step
+run, and the JSON holds every field with a sane value; flags that cannot run stop before any network.
+Speed is never asserted here."""
 
 import json
 import math
@@ -8,12 +9,15 @@ import subprocess
 import sys
 
 import jax
+import pytest
+
+from bdjax import smoke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, AUG_NUM = 2, 2
-# Fields that stay null at the tiny config: the analytic FLOP count is for the real models only,
+# Fields that stay null on the smoke networks: the analytic FLOP count is for the real networks only,
 # and the batch search is not requested.
-NULL_AT_TINY = {"analytic_flops_per_sample_step", "analytic_flops_per_step", "mfu_analytic", "max_batch"}
+NULL_AT_SMOKE = {"analytic_flops_per_sample_step", "analytic_flops_per_step", "mfu_analytic", "max_batch"}
 REFERENCE_FIELDS = {"reference_device", "reference_precision", "reference_step_s", "reference_step_s_min",
                     "reference_step_s_all", "reference_samples_per_s", "speedup", "speedup_min"}
 
@@ -21,7 +25,7 @@ REFERENCE_FIELDS = {"reference_device", "reference_precision", "reference_step_s
 def run_benchmark(tmp_path, *flags):
     output = tmp_path / "bench.json"
     cache = jax.config.jax_compilation_cache_dir  # conftest's cache, so the second run skips compiling
-    command = [sys.executable, "-m", "launch.benchmark", "--config=tiny", f"--batch_size={BATCH}",
+    command = [sys.executable, "-m", "launch.benchmark", "--config=smoke", f"--batch_size={BATCH}",
                f"--aug_num={AUG_NUM}", "--iters=2", "--warmup=1", f"--output={output}", *flags]
     if cache:
         command.append(f"--compilation_cache_dir={cache}")
@@ -42,9 +46,11 @@ def check_common(result):
     for key in ("platform", "device_kind", "jax_version", "torch_version", "os", "python"):
         assert isinstance(machine[key], str) and machine[key], key
     assert positive(machine["cpu_count"]) and positive(machine["device_count"])
-    assert result["config"] == "tiny" and result["precision"] == "fp32"
+    assert result["config"] == "smoke" and result["networks"] == "smoke"
+    assert result["precision"] == "fp32" and result["remat"] == "none"
     assert result["batch_size"] == BATCH and result["aug_num"] == AUG_NUM
-    assert result["model_configs"]["unet"]["image_size"] == 32
+    smoke_configs = {"unet": smoke.unet_config(), "clip": smoke.CLIP_CONFIG}
+    assert result["model_configs"] == json.loads(json.dumps(smoke_configs))  # tuples become lists in JSON
     for key in ("compile_s", "lower_s", "xla_compile_s", "step_s", "step_s_min", "samples_per_s", "flops_per_step",
                 "flops_per_sample_step", "achieved_tflops", "peak_memory_bytes"):
         assert positive(result[key]), (key, result[key])
@@ -63,9 +69,9 @@ def test_benchmark_with_reference_and_peak(tmp_path):
     result = run_benchmark(tmp_path, "--peak_tflops=1")
     check_common(result)
     for key, value in result.items():
-        if key not in NULL_AT_TINY:
+        if key not in NULL_AT_SMOKE:
             assert value is not None, key
-    assert all(result[key] is None for key in NULL_AT_TINY)
+    assert all(result[key] is None for key in NULL_AT_SMOKE)
     assert math.isclose(result["mfu"], result["flops_per_step"] / result["step_s"] / 1e12, rel_tol=1e-9)
     assert result["timing"] == "interleaved"
     for key in ("reference_step_s", "reference_step_s_min", "reference_samples_per_s", "speedup", "speedup_min"):
@@ -82,11 +88,26 @@ def test_benchmark_without_reference_or_peak(tmp_path):
     assert all(result[key] is None for key in REFERENCE_FIELDS)
 
 
-def test_analytic_flops_follow_spec():
+def test_analytic_flops_of_the_real_networks():
     """The analytic count: about 7.5 TFLOP per sample-step at the real sizes with 8 augmentations."""
     code = ("from launch.benchmark import analytic_flops_per_sample_step as f; "
-            "print(f('adm256_uncond', 8), f('reduced', 8))")
+            "print(f('real', 8), f('reduced', 8))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     real, reduced = proc.stdout.split()
     assert math.isclose(float(real), 7.5e12, rel_tol=0.01) and reduced == "None"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config=smoke", "--reduced"], "--reduced applies to --config=real"),
+    (["--model_output_size=512"], "--model_output_size=512"),
+    (["--config=real"], "--config=smoke"),  # the real networks on a CPU, without --allow_cpu
+])
+def test_flags_that_cannot_run_stop_before_any_network(flags, message, tmp_path):
+    output = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "launch.benchmark", f"--output={output}", *flags], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not output.exists()

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from bdjax import blended, diffusion, smoke
-from bdjax.blended import EditOptions, Models
+from bdjax.blended import Models
+from bdjax.options import EditOptions
 from bdjax.editor import BlendedDiffusion
 from bdjax.models import clip as clip_lib
 from bdjax.models import unet as unet_lib
@@ -32,7 +33,7 @@ class GaussianDenoiser(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, y=None):
-        abar_all = jnp.asarray(np.cumprod(1 - diffusion.linear_betas(1000)), jnp.float32)
+        abar_all = jnp.asarray(np.cumprod(1 - diffusion.linear_betas(diffusion.NUM_TRAIN_STEPS)), jnp.float32)
         abar = abar_all[jnp.round(jnp.asarray(t)).astype(jnp.int32)]
         eps = jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * MU) / (abar * S ** 2 + 1 - abar)
         return jnp.concatenate([eps, jnp.zeros_like(x)], axis=-1)
@@ -147,6 +148,40 @@ def test_one_unet_forward_per_guided_step(scene):
     assert calls == [1, 1]  # one application of the UNet in the guided step too
     # Forward + input-gradient convolutions; a second forward would add forward_only more.
     assert guided_convs == 2 * forward_only, (forward_only, guided_convs)
+
+
+def test_a_new_guidance_term_reaches_the_step_with_no_other_change(scene, monkeypatch):
+    """A term appended to guidance.TERMS, weighted by a new option, is reported by the guided step
+    and moves its gradient; with its weight at 0 the step is the one without it, exactly."""
+    import dataclasses
+
+    from bdjax import guidance
+
+    @dataclasses.dataclass(frozen=True)
+    class WithBrightness(EditOptions):
+        brightness_lambda: float = 0.0
+
+    init, mask = scene
+    d = diffusion.make_diffusion(timestep_respacing="100")
+    x = jax.random.normal(jax.random.key(2), (2, SIZE, SIZE, 3))
+    keys, background_key = blended.sample_keys(0, jnp.arange(2))
+
+    def step(options):
+        draws = blended.step_draws(ANALYTIC, options, keys, background_key, 40, x.shape)
+        return jax.jit(blended.make_step(ANALYTIC, options, d, guided=True))(NO_PARAMS, x, 40, draws, init, mask, RED)
+
+    plain = step(EditOptions(aug_num=1, batch_size=2))
+    monkeypatch.setattr(guidance, "TERMS", guidance.TERMS + (
+        guidance.Term("brightness_loss", "brightness_lambda", lambda inputs, options: jnp.sum(inputs.x_in * inputs.mask)),))
+    base = WithBrightness(aug_num=1, batch_size=2)
+    off, on = step(base), step(dataclasses.replace(base, brightness_lambda=-1e4))
+    assert set(off["terms"]) == {"clip_loss", "range_loss"}
+    assert set(on["terms"]) == {"clip_loss", "range_loss", "brightness_loss"}
+    for key in ("sample", "grad"):
+        np.testing.assert_array_equal(off[key], plain[key])
+    # Rewarding brightness pushes the masked region's gradient up, and nothing else.
+    change = np.asarray(on["grad"]) - np.asarray(off["grad"])
+    assert (change[:, 8:24, 8:24] > 0).all() and np.abs(change[:, :8]).max() < 1e-6 * np.abs(change).max()
 
 
 def count_convolutions(jaxpr) -> int:

@@ -1,9 +1,9 @@
 """One step of Blended Diffusion against the same step assembled from the PyTorch references.
 
 Reference: the authors' step (omriav/blended-diffusion, ImageEditor.cond_fn + postprocess_fn)
-rebuilt from guided_diffusion's UNetModel and SpacedDiffusion (rescale_timesteps=True, as the
-authors configure it), clip-anytorch's CLIP, lpips.LPIPS(net="vgg") and kornia's warp_affine /
-warp_perspective. The augmentations are made deterministic by injecting the same transform
+as checkpoints_convert.reference rebuilds it from guided_diffusion's UNetModel and SpacedDiffusion
+(rescale_timesteps=True, as the authors configure it), clip-anytorch's CLIP, lpips.LPIPS(net="vgg")
+and kornia's warp_affine / warp_perspective. The augmentations are made deterministic by injecting the same transform
 matrices and apply-flags into both, and the step noise and background noise are shared.
 Networks are tiny (UNet) or random (CLIP, VGG) but of the real architectures, converted by the
 real converters. Tolerance: max abs error <= 1e-4 x max |reference| for x_{i-1}, pred_xstart and
@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from clip.model import CLIP as TorchCLIP
-from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.unet import UNetModel as TorchUNet
-from kornia.geometry.transform import get_perspective_transform, warp_affine, warp_perspective
+from kornia.geometry.transform import get_perspective_transform
 
 from bdjax import augment, blended, checkpoint, diffusion
 from bdjax.blended import EditOptions, Models
@@ -31,6 +29,7 @@ from bdjax.models import lpips as lpips_lib
 from bdjax.models import unet as unet_lib
 from checkpoints_convert import clip as convert_clip
 from checkpoints_convert import lpips as convert_lpips
+from checkpoints_convert import reference
 from checkpoints_convert import unet as convert_unet
 from checkpoints_convert.common import read_torch_state_dict
 from test_unet import randomize_
@@ -128,78 +127,15 @@ def jax_augment(case):
     return fn
 
 
-def torch_augment(images, case):
-    """The reference's ImageAugmentations with kornia's warps and the case's transforms."""
-    pooled = torch.nn.AdaptiveAvgPool2d((224, 224))(images)
-    copies = torch.tile(pooled, (AUG, 1, 1, 1))
-    rest = copies[B:]
-    warped = warp_affine(rest, torch.from_numpy(case["affine"][:, :2]), (224, 224), align_corners=False,
-                         padding_mode="border")
-    rest = torch.where(torch.from_numpy(case["apply_affine"])[:, None, None, None], warped, rest)
-    warped = warp_perspective(rest, torch.from_numpy(case["perspective"]), (224, 224), align_corners=False,
-                              padding_mode="zeros")
-    rest = torch.where(torch.from_numpy(case["apply_perspective"])[:, None, None, None], warped, rest)
-    return torch.cat([copies[:B], rest])
-
-
-def d_clip(x, y):
-    x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
-
-
 def torch_step(nets, case, options: EditOptions):
-    """The authors' step: p_sample (or ddim_sample) with their cond_fn, then postprocess_fn."""
-    t_unet, t_clip, t_lpips = nets["torch"]
-    ref = SpacedDiffusion(use_timesteps=space_timesteps(1000, options.timestep_respacing),
-                          betas=gd.get_named_beta_schedule("linear", 1000), model_mean_type=gd.ModelMeanType.EPSILON,
-                          model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.MSE,
-                          rescale_timesteps=True)
-    init, mask = nchw(case["init"]), nchw(case["mask"])
-    text_embed = torch.from_numpy(case["text_embed"])[None]
-    clip_normalize = torchvision.transforms.Normalize(mean=clip_lib.MEAN, std=clip_lib.STD)
-    grads = []
-
-    def cond_fn(x, t, y=None):
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            t = (t * (ref.num_timesteps / 1000)).long()
-            out = ref.p_mean_variance(t_unet, x, t, clip_denoised=False, model_kwargs={})
-            fac = ref.sqrt_one_minus_alphas_cumprod[t[0].item()]
-            x_in = out["pred_xstart"] * fac + x * (1 - fac)
-            augmented = torch_augment(x_in * mask, case).add(1).div(2)
-            dists = d_clip(t_clip.encode_image(clip_normalize(augmented)).float(), text_embed)
-            loss = sum(dists[i::B].mean() for i in range(B)) * options.clip_guidance_lambda
-            loss = loss + (out["pred_xstart"] - out["pred_xstart"].clamp(-1, 1)).pow(2).mean([1, 2, 3]).sum() \
-                * options.range_lambda
-            if options.background_preservation_loss:
-                background = x_in * (1 - mask)
-                loss = loss + t_lpips(background, init).sum() * options.lpips_sim_lambda
-                loss = loss + F.mse_loss(background, init.expand_as(background)) * options.l2_sim_lambda
-            grad = -torch.autograd.grad(loss, x)[0]
-            grads.append(grad)
-            return grad
-
-    x = nchw(case["x"])
-    t = torch.full((B,), STEP)
-    if options.ddim:
-        out = ref.p_mean_variance(t_unet, x, t, clip_denoised=False, model_kwargs={})
-        out = ref.condition_score(cond_fn, out, x, t, model_kwargs={})
-        eps = ref._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        abar_prev = torch.tensor(ref.alphas_cumprod_prev[STEP], dtype=torch.float32)
-        sample = out["pred_xstart"] * abar_prev.sqrt() + (1 - abar_prev).sqrt() * eps  # eta = 0
-    else:
-        ref_noise = nchw(case["noise"])
-        original_randn_like = torch.randn_like
-        torch.randn_like = lambda like, *a, **k: ref_noise  # p_sample's one draw, replaced by the shared noise
-        try:
-            out = ref.p_sample(t_unet, x, t, clip_denoised=False, cond_fn=cond_fn, model_kwargs={})
-        finally:
-            torch.randn_like = original_randn_like
-        sample = out["sample"]
-    if not options.local_clip_guided_diffusion:
-        background = ref.q_sample(init, torch.tensor(STEP), noise=nchw(case["background_noise"]))
-        sample = sample * mask + torch.tile(background, (B, 1, 1, 1)) * (1 - mask)
-    return {"sample": nhwc(sample), "pred_xstart": nhwc(out["pred_xstart"]), "grad": nhwc(grads[0])}
+    """The authors' step (checkpoints_convert.reference) on the case's inputs, transforms and noise."""
+    augment = reference.image_augmentations(AUG, reference.warp_augmentations(
+        case["affine"], case["perspective"], case["apply_affine"], case["apply_perspective"]))
+    out = reference.guided_step(reference.spaced_diffusion(options.timestep_respacing), nets["torch"], options,
+                                nchw(case["x"]), torch.full((B,), STEP), nchw(case["init"]), nchw(case["mask"]),
+                                torch.from_numpy(case["text_embed"])[None], augment, noise=nchw(case["noise"]),
+                                background_noise=nchw(case["background_noise"]))
+    return {k: nhwc(v) for k, v in out.items()}
 
 
 def jax_step(nets, case, options: EditOptions):
@@ -255,5 +191,6 @@ def test_ranking_distance_matches_reference(nets, case):
     np.testing.assert_allclose(np.asarray(got["images"]), nhwc(pasted), atol=1e-6)
     with torch.no_grad():
         resized = F.interpolate(mask * pasted, size=(224, 224), mode="bilinear", align_corners=False)
-        want = d_clip(t_clip.encode_image(resized).float(), torch.from_numpy(case["text_embed"])[None]).numpy()
+        text_embed = torch.from_numpy(case["text_embed"])[None]
+        want = reference.d_clip(t_clip.encode_image(resized).float(), text_embed).numpy()
     np.testing.assert_allclose(np.asarray(got["distances"]), want, rtol=1e-5)

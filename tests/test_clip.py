@@ -367,8 +367,40 @@ def test_tokenizer_length_limit_and_truncate():
     assert tokenizer.tokenize(too_long, truncate=True)[0, -1] == 49407  # end-of-text
 
 
-def test_tokenizer_does_not_repair_mojibake():
-    """The one documented difference: ftfy's mojibake repair (text decoded with the wrong codec)."""
-    garbled = "cafÃ© crÃ¨me"  # "café crème" as UTF-8 bytes read as Latin-1
-    np.testing.assert_array_equal(clip.tokenize(garbled).numpy(), clip.tokenize("café crème").numpy())
-    np.testing.assert_array_equal(tokenizer.tokenize(garbled), clip.tokenize("cafã© crã¨me").numpy())
+def fuzz_prompts(count: int = 400, seed: int = 0) -> list[str]:
+    """Random prompts over many scripts, emoji, punctuation, whitespace, HTML entities and special
+    tokens, and mojibake made from them (UTF-8 bytes read as Latin-1 or Windows-1252)."""
+    rng = np.random.default_rng(seed)
+    blocks = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x5FF), (0x600, 0x6FF),
+              (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF), (0x2000, 0x206F), (0x3040, 0x30FF),
+              (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0xFF00, 0xFFEF), (0x1F300, 0x1F64F), (0x1D400, 0x1D4FF)]
+    pieces = ["&amp;", "&lt;", "&#39;", "&eacute;", "<|endoftext|>", "<|startoftext|>", "'s", "'ll", " ", "\t",
+              "\n", "\u00a0", "\u200b", "\ufeff", "\x93", "\x00", "\x1b[0m", "ﬁ", "İ", "ẞ", "ǅ"]
+    prompts = []
+    for _ in range(count):
+        parts = []
+        for _ in range(rng.integers(1, 12)):
+            if rng.random() < 0.2:
+                parts.append(pieces[rng.integers(len(pieces))])
+            else:
+                low, high = blocks[rng.integers(len(blocks))]
+                parts.append("".join(chr(int(c)) for c in rng.integers(low, high + 1, rng.integers(1, 6))))
+        prompt = "".join(parts)
+        if rng.random() < 0.3:
+            codec = ("latin-1", "cp1252")[rng.integers(2)]
+            prompt = prompt.encode("utf-8").decode(codec, errors="replace")
+        prompts.append(prompt)
+    return prompts
+
+
+def test_tokenizer_matches_clip_tokenize_on_fuzzed_scripts_and_mojibake():
+    """Reference: clip-anytorch clip.tokenize (ftfy's clean-up, mojibake repair included); ids
+    identical, prompts cut to 77 tokens on both sides."""
+    garbled = "cafÃ© crÃ¨me"  # "café crème" as UTF-8 bytes read as Latin-1: ftfy repairs it
+    np.testing.assert_array_equal(tokenizer.tokenize(garbled), clip.tokenize("café crème").numpy())
+    prompts = fuzz_prompts()
+    got = tokenizer.tokenize(prompts, truncate=True)
+    want = clip.tokenize(prompts, truncate=True).numpy()
+    mismatched = [p for p, g, w in zip(prompts, got, want) if not np.array_equal(g, w)]
+    assert not mismatched, mismatched[:5]
+    assert len({p.encode("utf-8", "surrogatepass") for p in prompts}) > 390  # a varied set, not one case

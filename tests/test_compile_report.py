@@ -82,6 +82,7 @@ def test_smoke_report_for_a_v5e_slice(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(output.read_text())  # strict JSON
     assert filled(report), report
+    assert report["config"] == "smoke"
     assert report["devices"] == 4 and report["device_kind"] == "TPU v5 lite" and report["global_batch"] == 8
     assert set(report["programs"]) == {"begin", "advance", "end"}
     loop = report["loop_ops"]

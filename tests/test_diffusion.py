@@ -214,3 +214,50 @@ def test_functions_trace_under_jit_with_a_traced_index(arrays):
     eager_out = diffusion.p_mean_variance(d, out_np, arrays["x"], 37)
     eager = diffusion.p_sample(diffusion.condition_mean(eager_out, arrays["grad"]), 37, arrays["eps"])
     assert_close(step(np.int32(37), arrays["eps"]), eager)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_samplers_by_name_are_the_guided_steps(name, arrays):
+    """diffusion.sampler(name) is, bit for bit, ddpm: condition_mean then p_sample; ddim:
+    condition_score then ddim_sample with eta = 0. It also returns the conditioned output, whose
+    pred_xstart DDIM's conditioning changes. Eager and under jit (as the sampler runs it)."""
+    import jax
+
+    def by_hand(d, out, x, t, grad, noise):
+        if name == "ddpm":
+            out = diffusion.condition_mean(out, grad)
+            return diffusion.p_sample(out, t, noise), out
+        out = diffusion.condition_score(d, out, x, t, grad)
+        return diffusion.ddim_sample(d, out, x, t, noise, eta=0.0), out
+
+    d = diffusion.make_diffusion(timestep_respacing="25")
+    t = np.array(T_CASES["25"])
+    out = diffusion.p_mean_variance(d, model_output(arrays, "learned_range"), arrays["x"], t)
+    update = diffusion.sampler(name)
+    assert update is diffusion.SAMPLERS[name]
+    for wrap in (lambda f: f, jax.jit):
+        sample, conditioned = wrap(update)(d, out, arrays["x"], t, arrays["grad"], arrays["eps"])
+        want, want_out = wrap(by_hand)(d, out, arrays["x"], t, arrays["grad"], arrays["eps"])
+        np.testing.assert_array_equal(sample, want)
+        assert conditioned.keys() == want_out.keys()
+        for key in want_out:
+            np.testing.assert_array_equal(conditioned[key], want_out[key])
+    if name == "ddim":  # the conditioning moved pred_xstart
+        assert np.abs(np.asarray(conditioned["pred_xstart"]) - np.asarray(out["pred_xstart"])).max() > 0
+
+
+def test_unknown_sampler_is_a_clear_error():
+    from bdjax.options import EditOptions
+
+    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; known: ddpm, ddim"):
+        diffusion.sampler("euler")
+    assert {EditOptions(ddim=ddim).sampler for ddim in (False, True)} == set(diffusion.SAMPLERS)
+
+
+def test_respaced_length_counts_the_kept_steps():
+    assert diffusion.NUM_TRAIN_STEPS == 1000
+    for respacing, want in (("100", 100), ("25", 25), ("ddim50", 50), ("10,0,20", 30), ("", 1000)):
+        assert diffusion.respaced_length(respacing) == want
+        assert diffusion.make_diffusion(timestep_respacing=respacing).num_timesteps == want
+    with pytest.raises(ValueError, match="timestep_respacing"):
+        diffusion.respaced_length("fast")

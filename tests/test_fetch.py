@@ -1,7 +1,7 @@
 """checkpoints_convert.fetch against a local HTTP server on 127.0.0.1 serving fabricated checkpoints.
 
 The files have the official names and the real key sets but tiny shapes where the converters allow
-it (a tiny guided-diffusion UNet, whose config is injected into fetch.MODELS; a tiny clip-anytorch
+it (a tiny guided-diffusion UNet, whose config is injected into fetch.RECIPES; a tiny clip-anytorch
 CLIP as a TorchScript archive like ViT-B-16.pt; VGG16's `features` convolutions at full size,
 random, without the 120M-parameter classifier). $BDJAX_WEIGHTS_URL points fetch at the server and
 the expected hashes in fetch.SOURCES are replaced by those of the fabricated files.
@@ -167,8 +167,8 @@ def server(files, monkeypatch):
         replaced = dataclasses.replace(source, sha256=digest if source.sha256 else None,
                                        sha256_prefix=digest[:8] if source.sha256_prefix else None)
         monkeypatch.setitem(fetch.SOURCES, key, replaced)
-    monkeypatch.setitem(fetch.MODELS, "adm256", dataclasses.replace(fetch.MODELS["adm256"], unet_config=UNET))
-    monkeypatch.setitem(fetch.MODELS, "adm512", dataclasses.replace(fetch.MODELS["adm512"], unet_config=UNET_512))
+    monkeypatch.setitem(fetch.RECIPES, "adm256", dataclasses.replace(fetch.RECIPES["adm256"], unet_config=UNET))
+    monkeypatch.setitem(fetch.RECIPES, "adm512", dataclasses.replace(fetch.RECIPES["adm512"], unet_config=UNET_512))
     yield httpd
     httpd.stopping.set()
     httpd.shutdown()

@@ -1,4 +1,4 @@
-"""launch/gpu_proof.py (and its shell entry) on the CPU: the tiny dry run fills every field of the JSON
+"""launch/gpu_proof.py (and its shell entry) on the CPU: the smoke dry run fills every field of the JSON
 with sane values; the budget skips phases with notes; an overrunning phase is stopped and its partial
 JSON kept; bad flags give one line and exit status 2. Speed is never asserted here."""
 
@@ -57,7 +57,7 @@ def leaves(tree, prefix=""):
 
 
 def proof_command(output, *flags):
-    command = [sys.executable, "-m", "launch.gpu_proof", "--config=tiny", f"--output={output}", *flags]
+    command = [sys.executable, "-m", "launch.gpu_proof", "--config=smoke", f"--output={output}", *flags]
     cache = jax.config.jax_compilation_cache_dir  # conftest's cache: later runs skip compiling
     if cache:
         command.append(f"--compilation_cache_dir={cache}")
@@ -119,6 +119,7 @@ def test_dry_run_fills_every_field(tmp_path):
     for part in ("(a) guided step bf16", "(b) 4 ranked edits", "(c) authors' PyTorch step", "(d) rerun byte-identical",
                  "measured peak"):
         assert part in summary and part in proc.stdout, part
+    assert "(smoke config: meaningless)" in summary and "real config" in result["targets_note"]
     assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
 
 
@@ -201,12 +202,12 @@ def test_shell_entry_without_wheels(tmp_path):
     wheels, out = tmp_path / "wheels", tmp_path / "out"
     wheels.mkdir()
     env = cpu_env(PYTHON=sys.executable, GPU_PROOF_WHEELS=str(wheels), GPU_PROOF_SITE=str(tmp_path / "site"))
-    proc = subprocess.run(["bash", "launch/gpu_proof.sh", str(out), "--config=tiny", "--budget_s=1",
+    proc = subprocess.run(["bash", "launch/gpu_proof.sh", str(out), "--config=smoke", "--budget_s=1",
                            "--phases=step_bf16"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "gpu_proof.json") as f:
         result = json.load(f)
-    assert result["config"] == "tiny" and result["summary"]
+    assert result["config"] == "smoke" and result["summary"]
     log = (out / "gpu_proof.log").read_text()
     assert "no wheels in" in log and "wrote" in log and "bdjax GPU proof" in log
     usage = subprocess.run(["bash", "launch/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -226,7 +227,7 @@ def test_predicted_max_batch():
 
 
 def test_derive_mfu_and_targets():
-    data = {"config": "full", "peak": {"bf16_tflops": 800.0, "fp32_tflops": 400.0, "fp32_highest_tflops": 50.0},
+    data = {"config": "real", "peak": {"bf16_tflops": 800.0, "fp32_tflops": 400.0, "fp32_highest_tflops": 50.0},
             "step_bf16": {"achieved_tflops": 480.0, "step_s": 0.25, "analytic_flops_per_step": 1.2e14,
                           "flops_per_sample_step": 7.5e12},
             "sampler": {"num_samples": 64, "steps": 75, "warm_s": 70.0},
@@ -243,9 +244,20 @@ def test_derive_mfu_and_targets():
     assert "targets_note" not in data
 
 
+def test_json_with_the_older_config_names_reads_the_same():
+    """Targets are judged only for the real config, which JSON written by older versions names "full"."""
+    for name, real in (("real", True), ("full", True), ("smoke", False), ("tiny", False)):
+        data = {"config": name, "budget_s": 450.0, "reference": {"speedup": 30.0}}
+        gpu_proof.derive(data)
+        assert ("targets_note" in data) is not real, name
+        summary = "\n".join(gpu_proof.summary_lines(data))
+        assert "targets: speedup_vs_reference met" in summary
+        assert ("(smoke config: meaningless)" in summary) is not real, name
+
+
 def test_determinism_retries_with_the_narrower_flag_when_xla_rejects_the_first(tmp_path, monkeypatch):
     rec = gpu_proof.Record(str(tmp_path / "proof.json"))
-    rec.data = {"config": "full", "started_unix": time.time(), "phases": {"determinism": {"status": "pending"}},
+    rec.data = {"config": "real", "started_unix": time.time(), "phases": {"determinism": {"status": "pending"}},
                 "step_bf16": {"identical_two_runs": False, "compile_s": 1.0, "step_s": 0.1, "setup_s": 1.0},
                 "sampler": {"identical": False}}
     rec.save()
@@ -264,7 +276,7 @@ def test_determinism_retries_with_the_narrower_flag_when_xla_rejects_the_first(t
 
     monkeypatch.setattr(gpu_proof, "run_child", fake_child)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    settings = dict(gpu_proof.CONFIGS["full"], deterministic="auto")
+    settings = dict(gpu_proof.CONFIGS["real"], deterministic="auto")
     gpu_proof.determinism_child(rec, gpu_proof.Budget(time.time() + 600), settings)
     assert calls == [("deterministic", gpu_proof.DETERMINISTIC_FLAG),
                      ("deterministic", gpu_proof.DETERMINISTIC_FALLBACK_FLAG)]
@@ -277,10 +289,10 @@ def test_determinism_retries_with_the_narrower_flag_when_xla_rejects_the_first(t
 
 def test_determinism_not_needed_when_identical(tmp_path, monkeypatch):
     rec = gpu_proof.Record(str(tmp_path / "proof.json"))
-    rec.data = {"config": "full", "phases": {}, "step_bf16": {"identical_two_runs": True},
+    rec.data = {"config": "real", "phases": {}, "step_bf16": {"identical_two_runs": True},
                 "sampler": {"identical": True}}
     monkeypatch.setattr(gpu_proof, "run_child", lambda *a, **k: pytest.fail("no process is needed"))
-    gpu_proof.determinism_child(rec, gpu_proof.Budget(time.time() + 600), dict(gpu_proof.CONFIGS["full"],
+    gpu_proof.determinism_child(rec, gpu_proof.Budget(time.time() + 600), dict(gpu_proof.CONFIGS["real"],
                                                                               deterministic="auto"))
     assert rec.data["determinism"]["deterministic_run"].startswith("not needed")
     assert rec.data["phases"]["determinism"]["status"] == "done"
@@ -288,7 +300,7 @@ def test_determinism_not_needed_when_identical(tmp_path, monkeypatch):
 
 def test_summary_of_a_partial_gpu_run():
     """What a run stopped during the warm sampler run, with the reference out of memory, prints."""
-    data = {"config": "full", "budget_s": 450.0, "total_s": 455.0,
+    data = {"config": "real", "budget_s": 450.0, "total_s": 455.0,
             "machine": {"device_kind": "NVIDIA H200", "platform": "gpu", "jax_version": "0.11.2",
                         "torch_version": "2.11.0"},
             "peak": {"matmul_n": 8192, "bf16_tflops": 790.0, "fp32_tflops": 400.0, "fp32_highest_tflops": 55.0},

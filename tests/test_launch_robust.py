@@ -12,6 +12,7 @@ import re
 import stat
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdjax import outputs, parallel
-from bdjax.blended import MAX_NUM_SAMPLES, Models
+from bdjax import files, outputs, parallel
+from bdjax.blended import Models
+from bdjax.options import MAX_NUM_SAMPLES
 from bdjax.editor import BlendedDiffusion, EditBatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,14 +53,14 @@ class FakeRun:
 def fake_editor(run: FakeRun) -> BlendedDiffusion:
     """An editor whose sampler is `run` and whose prompt encoder is a constant: no networks."""
     editor = BlendedDiffusion.__new__(BlendedDiffusion)
-    editor.models = Models(unet=None, clip=None)
+    editor.models = Models(unet=None, clip=types.SimpleNamespace(context_length=77))
     editor.mesh = parallel.make_mesh()
     editor.params = {}
     editor.image_size = SIZE
     editor._samplers = {}
     editor.defaults = {}
     editor.sampler = lambda options, guided: run
-    editor.encode_prompt = lambda prompt: jnp.zeros(8)
+    editor.encode_tokens = lambda tokens: jnp.zeros(8)
     return editor
 
 
@@ -184,10 +186,10 @@ def test_remove_stale_temporaries_removes_only_temporaries(tmp_path):
     (tmp_path / "keep.png").write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / ".tmp-x.png").write_bytes(b"x")  # not recursive
-    removed = outputs.remove_stale_temporaries(str(tmp_path))
+    removed = files.remove_stale_temporaries(str(tmp_path))
     assert sorted(os.path.basename(p) for p in removed) == [".tmp-abc.png", ".tmp-def.json"]
     assert sorted(os.listdir(tmp_path)) == ["keep.png", "sub"] and os.listdir(tmp_path / "sub") == [".tmp-x.png"]
-    assert outputs.remove_stale_temporaries(str(tmp_path / "missing")) == []
+    assert files.remove_stale_temporaries(str(tmp_path / "missing")) == []
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -172,3 +172,34 @@ def test_lost_process_stops_the_survivor_naming_it(workdir):
         assert "error: process(es) [1] of this 2-process run stopped" in text
     else:  # it was elsewhere (e.g. compiling): JAX's coordination service aborts it, naming task 1
         assert code != 0 and re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*1\b", text), text[-3000:]
+
+
+HELPERS = """
+import sys
+import jax, numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
+                           heartbeat_timeout_seconds=30)
+from bdjax import parallel
+me = jax.process_index()
+parallel.barrier("started")
+rows = parallel.allgather(np.array([me, 10 + me], np.int32))
+best = parallel.allgather(np.float32(0.25 * (2 - me)))
+print("rows", rows.tolist(), rows.dtype, "best", best.tolist(), flush=True)
+"""
+
+
+def test_barrier_and_allgather_across_two_processes(tmp_path):
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", HELPERS, f"127.0.0.1:{port}", str(pid)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
+    try:
+        results = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], results
+    for text in results:  # both processes see the same stack, in process order
+        assert "rows [[0, 10], [1, 11]] int32 best [0.5, 0.25]" in text, text[-2000:]

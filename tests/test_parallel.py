@@ -74,3 +74,12 @@ def test_spread_places_rows_evenly_over_the_padded_batch():
     layout, valid = parallel.spread(np.arange(8), global_batch=8)
     np.testing.assert_array_equal(layout, np.arange(8))
     assert valid.all()
+
+
+def test_barrier_and_allgather_on_one_process():
+    parallel.barrier("nothing to wait for")
+    gathered = parallel.allgather(np.arange(3, dtype=np.int32))
+    assert gathered.shape == (1, 3) and gathered.dtype == np.int32
+    np.testing.assert_array_equal(gathered[0], [0, 1, 2])
+    scalar = parallel.allgather(np.float32(0.5))
+    assert scalar.shape == (1,) and scalar[0] == np.float32(0.5)

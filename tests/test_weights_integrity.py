@@ -145,7 +145,7 @@ def test_verify_weights_flag_and_requested_size_reach_the_loaders(base, tmp_path
     with pytest.raises(checkpoint.CheckpointError) as error:
         runtime.build_editor(need_lpips=False)
     assert_one_line(error.value, os.path.join(directory, "unet.json"), "holds a UNet for 256x256 images",
-                    "asks for 512x512 (--model_output_size=512)", "--config=adm512_cond")
+                    "asks for 512x512 (--model_output_size=512)", "--preset=adm512_cond")
 
 
 def test_checkpoint_without_digest_loads_with_one_warning(base, tmp_path):

@@ -130,8 +130,8 @@ class Transformer(nn.Module):
 class PatchEmbedding(nn.Module):
     """The ViT's patch convolution (kernel = stride = patch, no bias, no padding) as one matmul of
     the flattened patches: the same sums (float32 results within ~1e-5 relative of the conv), and
-    its input gradient is a matmul too, where XLA:CPU's strided transposed convolution was 5-8x
-    slower. Parameter `kernel` [patch, patch, 3, width], as nn.Conv names and lays it out."""
+    its input gradient is a matmul too rather than a strided transposed convolution, which XLA:CPU
+    runs slowly. Parameter `kernel` [patch, patch, 3, width], as nn.Conv names and lays it out."""
 
     patch_size: int
     width: int

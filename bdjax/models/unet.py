@@ -325,7 +325,7 @@ def load(directory: str, dtype=jnp.float32, param_dtype=None, remat: str = "none
             raise checkpoint.CheckpointError(
                 config_path, f"holds a UNet for {got}x{got} images, but the run asks for {image_size}x{image_size} "
                 f"(--model_output_size={image_size})", f"use weights converted for {image_size}x{image_size} "
-                f"(python -m checkpoints_convert.unet --config={preset_name} ...), or run at the size these are for")
+                f"(python -m checkpoints_convert.unet --preset={preset_name} ...), or run at the size these are for")
 
     return checkpoint.load(directory, CHECKPOINT_NAME, model="unet", build=build, shapes=param_shapes,
                            param_dtype=param_dtype, verify=verify, check=check)

@@ -1,0 +1,137 @@
+"""The edit options, declared once.
+
+`EditOptions` is the one declaration: each field's name, type, default, help and reference name.
+Everything else is derived from it: the launch programs' flags (launch/runtime.py), the batch
+manifest's fields (`EditOptions.from_fields`), the API's keyword arguments
+(`BlendedDiffusion.edit(..., **options)`), validation, and the options written into reports
+(`dataclasses.asdict`). The guidance weights are read from it by name (bdjax/guidance.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+# The values each option type accepts: ints are floats too; bools are nothing else.
+_ACCEPTED = {"bool": (bool, np.bool_), "int": (int, np.integer), "float": (int, float, np.integer, np.floating),
+             "str": (str,)}
+
+# The most samples one edit (one run, one manifest job) may ask for.
+MAX_NUM_SAMPLES = 100_000
+
+
+def option(default, help: str, reference: str | None = None) -> Any:
+    """A field of EditOptions: its default, one line of help, and the reference's name for it
+    (by default the field's own name; "" for an option the reference does not have)."""
+    return dataclasses.field(default=default, metadata={"help": help, "reference": reference})
+
+
+@dataclasses.dataclass(frozen=True)
+class EditOptions:
+    """Sampling options, named and defaulted as the reference's flags."""
+    skip_timesteps: int = option(25, "Diffusion steps skipped at the start.")
+    timestep_respacing: str = option("100", "Respacing of the 1000 steps: '100', '10,20,30', 'ddim50'.")
+    ddim: bool = option(False, "DDIM sampling with score conditioning instead of ancestral steps.")
+    clip_guidance_lambda: float = option(1000.0, "Weight of the CLIP loss.")
+    range_lambda: float = option(50.0, "Weight of the loss keeping predictions in [-1, 1].")
+    aug_num: int = option(8, "Augmented copies per sample for the CLIP loss.")
+    local_clip_guided_diffusion: bool = option(False, "The Algorithm 1 baseline: no blending.")
+    background_preservation_loss: bool = option(False, "Algorithm 1: add LPIPS + L2 background losses.")
+    lpips_sim_lambda: float = option(1000.0, "Weight of the LPIPS background loss.")
+    l2_sim_lambda: float = option(10000.0, "Weight of the L2 background loss.")
+    enforce_background: bool = option(True, "Paste the original background into the final result.")
+    batch_size: int = option(4, "Samples per diffusion run (spread over all devices); also the divisor of the "
+                             "L2 background loss, as in the reference.")
+    randomize_class: bool = option(True, "Class-conditional UNet (512): a fresh random class per sample and step, "
+                                   "as the reference samples; off: class 0.", reference="")
+    symmetric_translation: bool = option(False, "Augmentations translate both ways; off: the reference's "
+                                         "vertical-only translation.", reference="")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def declaration(cls) -> tuple[dataclasses.Field, ...]:
+        """Every option's field: .name, .type ("bool", "int", "float", "str"), .default,
+        .metadata["help"], and `reference_name(field)`."""
+        return dataclasses.fields(cls)
+
+    @property
+    def sampler(self) -> str:
+        """The diffusion sampler by name (bdjax/diffusion.py): "ddim" or "ddpm"."""
+        return "ddim" if self.ddim else "ddpm"
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any], base: "EditOptions | None" = None) -> "EditOptions":
+        """`base` (default: the reference's options) with `values` replacing its fields, each
+        checked against the field's type (JSON numbers, flag values); ValueError names a value of
+        the wrong type, TypeError an unknown name. Ranges are checked by `validate`."""
+        base = cls() if base is None else base
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; known: {', '.join(cls.names())}")
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        typed = {name: check_type(name, value, kinds[name]) for name, value in values.items()}
+        return dataclasses.replace(base, **{name: float(value) if kinds[name] == "float" else value
+                                            for name, value in typed.items()})
+
+    def validate(self, num_timesteps: int | None = None) -> None:
+        """Raise ValueError for settings the sampler cannot run: a value of the wrong type, a
+        non-finite number, a bad respacing, skip_timesteps outside the schedule; `num_timesteps`
+        defaults to the respaced schedule's length."""
+        for field in dataclasses.fields(self):
+            check_type(field.name, getattr(self, field.name), field.type)
+        if num_timesteps is None:
+            from bdjax import diffusion
+
+            num_timesteps = diffusion.respaced_length(self.timestep_respacing)
+        if not 0 <= self.skip_timesteps < num_timesteps:
+            raise ValueError(f"skip_timesteps={self.skip_timesteps} must be in [0, {num_timesteps}) "
+                             f"for timestep_respacing={self.timestep_respacing!r}")
+        if self.aug_num < 1:
+            raise ValueError(f"aug_num={self.aug_num} must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+
+
+def reference_name(field: dataclasses.Field) -> str:
+    """The reference's name for an option ("" where the reference has no such option)."""
+    reference = field.metadata.get("reference")
+    return field.name if reference is None else reference
+
+
+def _finite(value) -> bool:
+    try:
+        return bool(np.isfinite(float(value)))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def check_type(name: str, value, kind: str):
+    """`value`, checked to be of type `kind` ("bool", "int", "float", "str"); ValueError naming
+    `name` when it is not (a bool is not a number here, an int is a float) or is a non-finite float."""
+    accepted = _ACCEPTED[kind]
+    if not isinstance(value, accepted) or (kind != "bool" and isinstance(value, (bool, np.bool_))):
+        raise ValueError(f"{name}={value!r} should be of type {kind}")
+    if kind == "float" and not _finite(value):
+        raise ValueError(f"{name}={value} must be a finite number")
+    return value
+
+
+def check_request(num_samples: int, seed: int) -> None:
+    """The checks on one edit's sample count and seed, shared by the API, the launch programs
+    (whose flags have these names) and manifests."""
+    for name, value in (("num_samples", num_samples), ("seed", seed)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name}={value!r} should be an integer")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1")
+    if num_samples > MAX_NUM_SAMPLES:
+        raise ValueError(f"num_samples={num_samples} is more than {MAX_NUM_SAMPLES:,}, the most one edit may ask "
+                         "for: split the work into several runs (or batch manifest jobs) with different seeds")
+    if not 0 <= seed < 2 ** 31:
+        raise ValueError(f"seed={seed} must be in [0, 2**31)")

@@ -1,0 +1,92 @@
+"""The edit options are declared once (bdjax/options.py); flags, manifest fields, API keywords,
+validation and the README's flag table must all follow that declaration."""
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+import pytest
+from absl import flags
+
+from bdjax import smoke
+from bdjax.options import EditOptions, check_type, reference_name
+from launch import runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fresh_flags(argv: list[str]) -> flags.FlagValues:
+    """The shared --config flag and every option flag, parsed from `argv`, in a FlagValues of their own."""
+    values = flags.FlagValues()
+    runtime.define_config_flag(values)
+    runtime.define_option_flags(values)
+    values(["program", *argv])
+    return values
+
+
+def test_every_option_is_a_flag_with_its_declared_type_default_and_help():
+    values = fresh_flags([])
+    parsers = {"bool": flags.BooleanParser, "int": flags.IntegerParser, "float": flags.FloatParser,
+               "str": flags.ArgumentParser}
+    for field in EditOptions.declaration():
+        flag = values[field.name]
+        assert flag.default == field.default and type(flag.parser) is parsers[field.type], field.name
+        assert flag.help == field.metadata["help"] and flag.help
+    assert EditOptions(**runtime.options_from_flags(values)) == EditOptions()
+
+
+def test_flags_set_options_and_the_smoke_preset_fills_only_unset_ones():
+    values = fresh_flags(["--config=smoke", "--aug_num=6", "--symmetric_translation", "--norandomize_class",
+                          "--clip_guidance_lambda=3"])
+    options = EditOptions.from_fields(runtime.options_from_flags(values))
+    assert options == EditOptions(**{**smoke.OPTIONS, "aug_num": 6, "symmetric_translation": True,
+                                     "randomize_class": False, "clip_guidance_lambda": 3.0})
+    real = EditOptions.from_fields(runtime.options_from_flags(fresh_flags(["--skip_timesteps=40"])))
+    assert real == dataclasses.replace(EditOptions(), skip_timesteps=40)
+
+
+def test_from_fields_checks_types_converts_numbers_and_keeps_the_base():
+    base = EditOptions(aug_num=2)
+    options = EditOptions.from_fields({"clip_guidance_lambda": 7, "ddim": True}, base)
+    assert options.clip_guidance_lambda == 7.0 and type(options.clip_guidance_lambda) is float
+    assert options.ddim and options.aug_num == 2 and options.sampler == "ddim"
+    assert EditOptions().sampler == "ddpm"
+    for name, value, kind in (("aug_num", 2.0, "int"), ("ddim", 1, "bool"), ("range_lambda", True, "float"),
+                              ("timestep_respacing", 100, "str")):
+        with pytest.raises(ValueError, match=rf"^{name}={re.escape(repr(value))} should be of type {kind}$"):
+            EditOptions.from_fields({name: value})
+    with pytest.raises(ValueError, match="finite"):
+        EditOptions.from_fields({"l2_sim_lambda": float("nan")})
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['steps'\]; known: skip_timesteps, "):
+        EditOptions.from_fields({"steps": 3})
+    assert check_type("seed", np.int32(3), "int") == 3
+
+
+def test_reference_names():
+    names = {f.name: reference_name(f) for f in EditOptions.declaration()}
+    assert names["skip_timesteps"] == "skip_timesteps" and names["enforce_background"] == "enforce_background"
+    assert names["randomize_class"] == "" and names["symmetric_translation"] == ""
+
+
+def test_readme_flag_table_lists_every_option_with_its_default():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        rows = dict(re.findall(r"^\| `--(\w+)` \| ([^|]+) \|", f.read(), flags=re.M))
+    for field in EditOptions.declaration():
+        assert field.name in rows, f"README's flag table has no row for --{field.name}"
+        shown = rows[field.name].strip().strip("`")
+        expected = {True: "true", False: "false"}.get(field.default, field.default) if field.type == "bool" \
+            else field.default
+        assert shown == str(expected).removesuffix(".0"), (field.name, shown)
+
+
+def test_the_sampler_refuses_a_start_outside_the_schedule_for_callers_without_a_request():
+    from bdjax import blended
+    from bdjax.models import clip as clip_lib
+    from bdjax.models import unet as unet_lib
+
+    models = blended.Models(unet=unet_lib.UNetModel(**smoke.unet_config()), clip=clip_lib.CLIP(**smoke.CLIP_CONFIG))
+    with pytest.raises(ValueError, match=r"^skip_timesteps=25 must be in \[0, 25\) for timestep_respacing='25'$"):
+        blended.make_sampler(models, EditOptions(timestep_respacing="25", skip_timesteps=25), guided=True)
+    sampler = blended.make_sampler(models, EditOptions(timestep_respacing="25", skip_timesteps=24), guided=True)
+    assert sampler.indices.tolist() == [0]

@@ -1,0 +1,94 @@
+"""Every command of the README's Recipes runs as written, at the smoke config.
+
+The commands are read from README.md (its "## Recipes" section, before the deployment notes that
+start at "### GPUs"), so the README and this test cannot drift apart. Each gets what the README
+says to add to check a command without weights: `--config=smoke --num_samples=4` for the edits
+and the extrapolation, `--config=smoke` for the batch manifest (which has no --num_samples).
+Commands run from a directory holding the repository's examples/, so their relative output
+folders stay inside the test's temporary directory.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from bdjax import smoke
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def recipe_commands() -> list[list[str]]:
+    """The `python -m launch.*` commands of the README's Recipes, as argument lists."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("\n## Recipes\n"):text.index("\n### GPUs\n")]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:3] and words[:2] == ["python", "-m"] and words[2].startswith("launch."):
+                commands.append(words[2:])
+    return commands
+
+
+def smoke_flags(program: str) -> list[str]:
+    """What the README says to add; added last, so it wins over the command's own values."""
+    return ["--config=smoke"] + (["--num_samples=4"] if program != "launch.batch_edit" else [])
+
+
+def test_the_readme_has_the_recipes_it_describes():
+    programs = [command[0] for command in recipe_commands()]
+    assert programs.count("launch.edit") == 5 and programs.count("launch.extrapolate") == 1
+    assert programs.count("launch.batch_edit") == 1
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory with the examples, and a weights cache whose compiled programs are
+    the test run's own (BDJAX_CACHE/xla_cache), so recipes share what they compile."""
+    directory = tmp_path_factory.mktemp("recipes")
+    os.symlink(os.path.join(ROOT, "examples"), directory / "examples")
+    cache = directory / "bdjax_cache"
+    cache.mkdir()
+    from jax import config
+
+    os.symlink(config.jax_compilation_cache_dir, cache / "xla_cache")
+    return directory
+
+
+def output_dir(args: list[str]) -> str:
+    return [arg.split("=", 1)[1] for arg in args if arg.startswith("--output_dir=")][-1]
+
+
+@pytest.mark.parametrize("command", recipe_commands(), ids=lambda c: output_dir(c))
+def test_recipe_runs_as_written_at_the_smoke_config(command, workdir):
+    program, args = command[0], command[1:]
+    env = {**os.environ, "PYTHONPATH": ROOT, "BDJAX_CACHE": str(workdir / "bdjax_cache"), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", program, *args, *smoke_flags(program)], cwd=workdir,
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert smoke.LABEL in proc.stdout  # every smoke run says what its images are
+    out = workdir / output_dir(args)
+    if program == "launch.edit":
+        ranked = sorted(os.listdir(out / "ranked"))
+        assert len(ranked) == 4 and (out / "grid.png").is_file()
+        assert json.loads((out / "report.json").read_text())["options"]["timestep_respacing"] == \
+            smoke.OPTIONS["timestep_respacing"]
+    elif program == "launch.extrapolate":
+        repeats, strip = int(dict(a[2:].split("=", 1) for a in args if "=" in a)["repeats"]), smoke.IMAGE_SIZE // 4
+        with Image.open(out / "extrapolated.png") as image:
+            assert image.size == (smoke.IMAGE_SIZE + 2 * strip * repeats, smoke.IMAGE_SIZE)
+    else:
+        report = json.loads((out / "report.json").read_text())
+        with open(os.path.join(ROOT, "examples", "jobs.jsonl"), encoding="utf-8") as f:
+            jobs = [json.loads(line) for line in f if line.strip()]
+        assert report["jobs"] == {"valid": len(jobs), "skipped_lines": []} and report["items"]["failed"] == 0
+        for job in jobs:
+            summary = json.loads((out / job["name"] / "ranked.json").read_text())
+            assert len(summary["samples"]) == job["num_samples"] and (out / job["name"] / "grid.png").is_file()
