@@ -1,10 +1,10 @@
 """Extending augmentations of Blended Diffusion, as pure JAX functions on NHWC images.
 
-The reference (`ImageAugmentations` in omriav/blended-diffusion) pools each 256 image to 224 with
-`torch.nn.AdaptiveAvgPool2d`, tiles `aug_num` copies in the order [all B samples] x aug_num, keeps
-the first B copies as they are and passes the others through kornia's
-`RandomAffine(degrees=15, translate=0.1, p=0.7, padding_mode="border")` followed by
-`RandomPerspective(0.7, p=0.7)` (two separate resamplings, the second of the first's output).
+The reference (`ImageAugmentations` in omriav/blended-diffusion) pools each 256 image to CLIP's
+input resolution (224 for ViT-B/16) with `torch.nn.AdaptiveAvgPool2d`, tiles `aug_num` copies in
+the order [all B samples] x aug_num, keeps the first B copies as they are and passes the others
+through kornia's `RandomAffine(degrees=15, translate=0.1, p=0.7, padding_mode="border")` followed
+by `RandomPerspective(0.7, p=0.7)` (two separate resamplings, the second of the first's output).
 
 What kornia 0.9.0 does there, reproduced here:
 - RandomAffine, `translate=0.1` given as a float: kornia reads a scalar as the range
@@ -338,7 +338,7 @@ def _augment_planes(planes: jax.Array, params: AugmentationParams, height: int, 
     return jax.lax.scan(step, planes, jnp.arange(2))[0]
 
 
-def sample_extending_params(keys: jax.Array, aug_num: int = 8, output_size: int = 224, p: float = P,
+def sample_extending_params(keys: jax.Array, aug_num: int, output_size: int, p: float = P,
                             symmetric_translation: bool = False) -> AugmentationParams:
     """The transforms of copies 1..aug_num-1 of every sample, each field with leading axes (B, aug_num - 1).
 
@@ -354,7 +354,7 @@ def sample_extending_params(keys: jax.Array, aug_num: int = 8, output_size: int 
     return jax.vmap(sample_copies)(keys)
 
 
-def apply_extending_augmentations(images: jax.Array, params: AugmentationParams, output_size: int = 224) -> jax.Array:
+def apply_extending_augmentations(images: jax.Array, params: AugmentationParams, output_size: int) -> jax.Array:
     """Pool (B, H, W, C) images to output_size and stack the unaugmented copy with the copies that
     `params` (leading axes (B, aug_num - 1)) describe, in the reference's order [B samples] x aug_num:
     row a * B + b is copy a of sample b, and rows 0..B-1 are the pooled images unchanged."""
@@ -377,9 +377,10 @@ def apply_extending_augmentations(images: jax.Array, params: AugmentationParams,
     return copies_first.reshape((-1,) + pooled.shape[1:])
 
 
-def extending_augmentations(images: jax.Array, keys: jax.Array, aug_num: int = 8, output_size: int = 224,
+def extending_augmentations(images: jax.Array, keys: jax.Array, aug_num: int, output_size: int,
                             p: float = P, symmetric_translation: bool = False) -> jax.Array:
     """The reference's ImageAugmentations on (B, H, W, C) images in [-1, 1], with one PRNG key per sample.
+    output_size is CLIP's input resolution (`image_resolution`).
 
     Returns (aug_num * B, output_size, output_size, C): row a * B + b is copy a of sample b;
     copy 0 is the pooled image, copies 1..aug_num-1 are augmented (see sample_extending_params).

@@ -52,7 +52,6 @@ from typing import Callable, Iterator
 
 import jax
 import numpy as np
-from PIL import Image
 
 from bdjax import files, outputs, parallel
 from bdjax import request as request_lib
@@ -513,10 +512,21 @@ def read_finished(output_dir: str, job: Job) -> Samples:
     return {k: (float(e["distance"]), int(e.get("process_index", 0))) for k, e in _finished_entries(output_dir, job)}
 
 
+def provenance(job: Job, label: str = "") -> dict:
+    """What every PNG of `job` records (see outputs.read_provenance): its name, manifest line,
+    identity (`Job.spec`: input digests, prompt, seed, options, the run's) and the smoke label."""
+    record = {"job": job.name, "line": job.line, **job.spec()}
+    if label:
+        record["label"] = label
+    return record
+
+
 def write_sample(output_dir: str, job: Job, k: int, image: np.ndarray, distance: float, label: str = "") -> dict:
-    """The item's PNG, then its report entry (whose presence marks the item as done)."""
+    """The item's PNG (with its provenance), then its report entry (whose presence marks the item
+    as done)."""
     save = sample_png(output_dir, job, k)
-    outputs.save_png(save, image)
+    outputs.save_png(save, image, {"kind": "sample", **provenance(job, label), "sample_id": k,
+                                   "distance": float(distance)})
     entry = {"name": job.name, "line": job.line, "sample_id": k, "seed": job.seed, "distance": float(distance),
              "file": os.path.basename(save), "image": job.image, "mask": job.mask, "job": job.spec(),
              "process_index": jax.process_index()}
@@ -546,17 +556,16 @@ def write_summary(output_dir: str, job: Job, samples: Samples, image_size: int, 
     if _read_json(path) == summary and os.path.exists(grid_path):
         return False
     inputs = job.inputs(image_size)
-    images = [_read_png(os.path.join(output_dir, job.name, e["file"])) for e in best[:grid_size]]
-    caption = f"{job.prompt!r}: source, mask, best {len(images)} of {len(best)}"
-    caption = f"{label}\n{caption}" if label else caption
-    outputs.save_png(grid_path, outputs.grid(inputs.source, inputs.mask, images, caption))
+    shown = best[:grid_size]
+    images = [outputs.read_png(os.path.join(output_dir, job.name, e["file"])) for e in shown]
+    heading = f"{job.prompt!r}: source, mask, best {len(images)} of {len(best)}"
+    heading = f"{label}\n{heading}" if label else heading
+    tiles = [{k: e[k] for k in ("rank", "sample_id", "distance")} for e in shown]
+    outputs.save_png(grid_path, outputs.grid(inputs.source, inputs.mask, images, [e["distance"] for e in shown],
+                                             heading),
+                     {"kind": "grid", **provenance(job, label), "tiles": tiles})
     outputs.save_json(path, summary)  # last: its presence means the grid is current
     return True
-
-
-def _read_png(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -757,13 +766,13 @@ def _summarize(output_dir: str, job: Job, j: int, samples: Samples, image_size: 
 
 
 def job_results(jobs: list[Job], stats: RunStats) -> list[dict]:
-    """Per job, for the run's report: its samples best first, the samples that failed in this
-    run and why, and why its files could not be written (if so)."""
+    """Per job, for the run's report: the options it ran with, its samples best first, the
+    samples that failed in this run and why, and why its files could not be written (if so)."""
     results = []
     for j, job in enumerate(jobs):
         samples = stats.finished[j]
         result = {"name": job.name, "line": job.line, "prompt": job.prompt, "num_samples": job.num_samples,
-                  "complete": len(samples) == job.num_samples,
+                  "options": dataclasses.asdict(job.options), "complete": len(samples) == job.num_samples,
                   "samples": [{"seed": job.seed, "sample_id": e["sample_id"], "distance": e["distance"],
                                "file": e["file"], "process_index": e["process_index"]} for e in ranked(samples)]}
         if j in stats.failures:

@@ -24,13 +24,12 @@ from bdjax.guidance import guidance_loss, needs_lpips, value_and_guidance
 from bdjax.models.clip import spherical_distance
 from bdjax.options import EditOptions
 
-CLIP_SIZE = 224
-
 
 @dataclasses.dataclass(frozen=True)
 class Models:
     """The Flax modules (static structure); their params travel separately as a dict
-    {"unet": ..., "clip": ..., "lpips": ...}."""
+    {"unet": ..., "clip": ..., "lpips": ...}. CLIP's `image_resolution` is the size of the images
+    the guidance and the ranking feed it."""
     unet: Any
     clip: Any
     lpips: Any = None
@@ -55,13 +54,13 @@ def make_step(models: Models, options: EditOptions, d: diffusion.Diffusion, *, g
     None). `init_features` are LPIPS's features of `init` (`lpips_init_features`), the same at
     every step; the sampler computes them once, and the step computes them itself without them.
     `augment(images, aug_keys)` may be injected (tests inject fixed transforms); by default it
-    is the reference's extending augmentations.
+    is the reference's extending augmentations to CLIP's `image_resolution`.
     """
     update = diffusion.sampler(options.sampler)
     if augment is None:
         def augment(images, keys):
             return augment_lib.extending_augmentations(
-                images, keys, aug_num=options.aug_num, output_size=CLIP_SIZE,
+                images, keys, aug_num=options.aug_num, output_size=models.clip.image_resolution,
                 symmetric_translation=options.symmetric_translation)
 
     def step(params, x, i, draws, init, mask, text_embed, init_features=None):
@@ -225,10 +224,11 @@ def finish(models: Models, options: EditOptions, params, pred_xstart, init, mask
     if options.enforce_background and not options.local_clip_guided_diffusion:
         result = init * (1 - mask) + pred_xstart * mask
     images = jnp.clip((result + 1) / 2, 0, 1)
-    # Ranking: mask * image, bilinear resize to 224 (no antialiasing, like torch's interpolate),
-    # fed to CLIP WITHOUT its normalisation, as the reference does.
+    # Ranking: mask * image, bilinear resize to CLIP's input size (no antialiasing, like torch's
+    # interpolate), fed to CLIP WITHOUT its normalisation, as the reference does.
     masked = images * mask
-    size = (masked.shape[0], CLIP_SIZE, CLIP_SIZE, masked.shape[-1])
+    resolution = models.clip.image_resolution
+    size = (masked.shape[0], resolution, resolution, masked.shape[-1])
     resized = jax.image.resize(masked, size, "bilinear", antialias=False)
     embeds = models.clip.apply({"params": params["clip"]}, resized, normalize=False, method="encode_image")
     distances = spherical_distance(embeds.astype(jnp.float32), text_embed.astype(jnp.float32))

@@ -8,9 +8,10 @@ batch by batch instead, as they finish. Samples that turn NaN or infinite are fl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -27,6 +28,8 @@ from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib
 from bdjax.models import unet as unet_lib
 from bdjax.request import Request
+
+PROGRESS = "blended diffusion"  # the progress bar's description
 
 
 @dataclasses.dataclass
@@ -85,6 +88,11 @@ def to_uint8(images: np.ndarray, finite: np.ndarray) -> np.ndarray:
 
 class BlendedDiffusion:
     """Holds the three networks and their params; compiles a sampler per configuration."""
+
+    # A context manager entered around each compile of a sampler's programs, made anew each time
+    # (None: nothing is said): the launch programs print where compiled programs are cached and
+    # pause their own progress bars, whose clocks should count sampling only.
+    on_compile: Callable[[], contextlib.AbstractContextManager] | None = None
 
     def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None,
                  mesh=None, *, weights_digest: str | None = None, defaults: dict | None = None):
@@ -276,7 +284,7 @@ class BlendedDiffusion:
         if progress and jax.process_index() == 0:  # one bar on multi-host runs
             chunks = -(-n // batch_rows)
             bar = tqdm(total=run.num_steps * chunks * (mine.stop - mine.start),
-                       desc="blended diffusion", unit="sample-step")
+                       desc=PROGRESS, unit="sample-step")
         inputs = ((init, None), (mask, None), (text_embed, None), (sample_ids, np.int32), (seeds, np.int32))
         gather = lambda a, index, dtype: np.asarray(  # noqa: E731  a range stays lazy
             [a[i] for i in index] if isinstance(a, range) else np.asarray(a)[index], dtype)
@@ -285,8 +293,11 @@ class BlendedDiffusion:
                 layout, valid = parallel.spread(np.arange(start, min(start + batch_rows, n)), global_batch)
                 local, keep = layout[mine], valid[mine]
                 on_steps = None if bar is None else (lambda steps: bar.update(steps * (mine.stop - mine.start)))
-                out = run(self.params, *(parallel.put_batch(gather(a, local, dtype), self.mesh,
-                                                            global_batch) for a, dtype in inputs), on_steps=on_steps)
+                args = tuple(parallel.put_batch(gather(a, local, dtype), self.mesh, global_batch)
+                             for a, dtype in inputs)
+                if not run.compiled(*args):
+                    self._compile(run, args, bar)
+                out = run(self.params, *args, on_steps=on_steps)
                 images = parallel.local_rows(out["images"])[keep]
                 distances = parallel.local_rows(out["distances"])[keep]
                 finite = np.isfinite(distances) & np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
@@ -294,6 +305,17 @@ class BlendedDiffusion:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _compile(self, run: "CompiledSampler", args: tuple, bar) -> None:
+        """Compile `run` for `args` ahead of sampling, inside `on_compile`; the bar says so meanwhile
+        and its clock skips the compile, so that its rate and ETA are those of sampling alone."""
+        if bar is not None:
+            bar.set_description_str(f"{PROGRESS} (compiling)")
+        with self.on_compile() if self.on_compile is not None else contextlib.nullcontext():
+            run.compile(self.params, *args)
+        if bar is not None:
+            bar.unpause()  # the time since the bar last moved, the compile, is not sampling time
+            bar.set_description_str(PROGRESS)
 
 
 class CompiledSampler:
@@ -309,6 +331,20 @@ class CompiledSampler:
         self.end = parallel.jit_over_samples(sampler.end, mesh, num_args=2)
         self.num_steps = len(sampler.indices)
         self.chunks = np.asarray(sampler.indices).reshape(-1, steps_per_call(self.num_steps))
+        self._compiled: set[tuple] = set()
+
+    def compiled(self, *inputs) -> bool:
+        """Whether the programs are compiled for these inputs' shapes (init ... seeds, as `__call__`)."""
+        return tuple(np.shape(a) for a in inputs) in self._compiled
+
+    def compile(self, params, init, mask, text_embed, sample_ids, seeds) -> None:
+        """Compile begin, advance and end for these inputs' shapes ahead of a run, so that compiling
+        and sampling can be reported (and timed) apart; the calls that follow reuse the programs."""
+        begin = self.begin.lower(params, init, mask, text_embed, sample_ids, seeds).compile()
+        state = begin.out_info  # shapes and shardings of the state advance and end take
+        self.advance.lower(params, state, self.chunks[0]).compile()
+        self.end.lower(params, state).compile()
+        self._compiled.add(tuple(np.shape(a) for a in (init, mask, text_embed, sample_ids, seeds)))
 
     def __call__(self, params, init, mask, text_embed, sample_ids, seeds, on_steps=None) -> dict:
         """Run every step; `on_steps(k)` is called on the host as each chunk of k steps finishes.

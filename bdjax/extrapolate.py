@@ -24,6 +24,7 @@ class Round:
     side: str                 # "left" or "right"
     prompt: str
     seed: int                 # the round's seed (`round_seed`)
+    sample_id: int            # the pasted sample's id at that seed; -1 when none was pasted
     distance: float           # the pasted sample's; inf when every sample turned non-finite
     canvas: np.ndarray        # [S, W, 3] uint8 after this round (unchanged when distance is inf)
 
@@ -44,11 +45,12 @@ def grow(editor, requests: dict[str, Request], strip: int, repeats: int, progres
             window, mask = edge_window(canvas, side, strip, size)
             inputs = prepare_inputs(window, mask, image_size=size)
             inputs.show_warnings()
-            best, distance = best_result(editor.edit_batches(dataclasses.replace(request, inputs=inputs, seed=seed),
-                                                             progress=progress))
+            best, distance, sample_id = best_result(editor.edit_batches(
+                dataclasses.replace(request, inputs=inputs, seed=seed), progress=progress))
             if np.isfinite(distance):
                 canvas = paste_strip(canvas, best, side, strip)
-            yield Round(round=r, side=side, prompt=request.prompt, seed=seed, distance=distance, canvas=canvas)
+            yield Round(round=r, side=side, prompt=request.prompt, seed=seed, sample_id=sample_id, distance=distance,
+                        canvas=canvas)
             if not np.isfinite(distance):
                 return
 
@@ -84,23 +86,25 @@ def paste_strip(canvas: np.ndarray, window: np.ndarray, side: str, strip: int) -
     return np.concatenate([window[:, :strip], canvas], axis=1)
 
 
-def best_result(stream) -> tuple[np.ndarray, float]:
-    """The best image of a streamed edit (`BlendedDiffusion.edit_batches`) over all processes,
-    holding one batch at a time; samples that are not finite never win. (A black image, inf)
-    when no sample anywhere came out finite."""
+def best_result(stream) -> tuple[np.ndarray, float, int]:
+    """(image, distance, sample id) of the best sample of a streamed edit
+    (`BlendedDiffusion.edit_batches`) over all processes, holding one batch at a time; samples
+    that are not finite never win. (A black image, inf, -1) when no sample anywhere came out
+    finite."""
     import jax
 
     from bdjax import parallel
 
-    image, distance = np.zeros_like(stream.source), np.inf
+    image, distance, sample_id = np.zeros_like(stream.source), np.inf, -1
     for batch in stream:
         distances = np.where(batch.finite, batch.distances, np.inf)
         if len(distances) and distances.min() < distance:  # ties: the lowest sample id
             best = int(np.argmin(distances))
-            image, distance = batch.images[best], float(distances[best])
+            image, distance, sample_id = batch.images[best], float(distances[best]), int(batch.sample_ids[best])
     if jax.process_count() == 1:
-        return image, distance
+        return image, distance, sample_id
     distances = parallel.allgather(np.float32(distance))
     images = parallel.allgather(image)
+    sample_ids = parallel.allgather(np.int32(sample_id))
     best = int(np.argmin(distances))  # ties: the lowest process, the same choice everywhere
-    return images[best], float(distances[best])
+    return images[best], float(distances[best]), int(sample_ids[best])

@@ -119,8 +119,9 @@ def guidance_loss(pred_xstart, x, fac, *, mask, init, text_embed, augment: Calla
     """The scalar guidance loss (step 2 of a guided step) for a batch, and its weighted terms for
     reporting; weights and switches are read from `options` (an EditOptions).
 
-    augment: [B,H,W,C] in [-1,1] -> [aug_num*B, 224, 224, C] in [-1,1] (copies of each sample).
-    networks["clip"]: [N,224,224,C] in [0,1] -> CLIP embeddings (CLIP normalisation inside).
+    augment: [B,H,W,C] in [-1,1] -> [aug_num*B, R, R, C] in [-1,1] (copies of each sample), R
+    CLIP's input resolution (its `image_resolution`, 224 for ViT-B/16).
+    networks["clip"]: [N,R,R,C] in [0,1] -> CLIP embeddings (CLIP normalisation inside).
     networks["lpips"]: background [B,H,W,C] in [-1,1] -> per-sample LPIPS distance to the init
     image (whose features the caller computes once); needed only when a term using it is on.
     """

@@ -1,21 +1,29 @@
 """Writing results: samples as they finish, ranked PNGs, an overview grid and a JSON report,
-never half-written.
+never half-written, each PNG carrying where it came from.
 
 Every file is written to a temporary name in its directory and renamed into place, so a run
 killed at any moment leaves either the old file, the new file, or nothing (plus, at worst, a
 `.tmp-*` file that the next run removes). JSON is strict: no NaN or Infinity.
+
+Every PNG bdjax writes goes through `save_png`, which stores its provenance (prompt, seed, sample
+id, distance, options, the smoke label, bdjax's version) in PNG text chunks: all of it as JSON
+under the key "bdjax" (UTF-8, so any prompt survives), a readable summary under "Description" and
+"bdjax VERSION" under "Software". `read_provenance` reads it back. The chunks hold nothing that
+changes between runs (no time stamps), so a rerun writes the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from bdjax.files import atomic_write, file_mode, remove_stale_temporaries
 
@@ -43,8 +51,49 @@ def finite_or_none(obj):
     return obj
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG"))
+PROVENANCE_KEY = "bdjax"  # the PNG text chunk holding a file's provenance as JSON
+
+
+def describe(record: dict) -> str:
+    """A provenance record as "name: value" lines for PNG viewers (a mapping's items as
+    "key=value, ..."); lists (a grid's tiles, an extrapolation's rounds) are in the JSON only."""
+    def text(value) -> str:
+        return ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+    return "\n".join(f"{k}: {text(v)}" for k, v in record.items() if not isinstance(v, list))
+
+
+def png_text(provenance: dict | None) -> PngInfo:
+    """The PNG text chunks of `provenance`: "bdjax" (JSON, iTXt), "Description" (iTXt) and
+    "Software" (tEXt). The record is `provenance` with non-finite numbers as null, plus
+    "bdjax_version"."""
+    from bdjax import __version__
+
+    record = {"bdjax_version": __version__, **finite_or_none(dict(provenance or {}))}
+    info = PngInfo()
+    info.add_text("Software", f"bdjax {__version__}")
+    info.add_itxt("Description", describe(record))
+    info.add_itxt(PROVENANCE_KEY, json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                                             default=_json_default))
+    return info
+
+
+def save_png(path: str, image: np.ndarray, provenance: dict | None = None) -> None:
+    """Write `image` (uint8 [H, W, 3] or [H, W]) as a PNG carrying `provenance` (a JSON-able
+    dict; see `read_provenance`). The pixels are stored exactly as given."""
+    info = png_text(provenance)
+    atomic_write(path, lambda tmp: Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG",
+                                                                                     pnginfo=info))
+
+
+def read_provenance(path: str) -> dict:
+    """The provenance a bdjax PNG carries: the dict given to `save_png` plus "bdjax_version"
+    ({} for a PNG bdjax did not write). E.g. a sample's prompt, seed, sample_id, distance,
+    options, run (config, precision, model size, weights digest) and, for a smoke run, label."""
+    with Image.open(path) as im:
+        im.load()  # text chunks after the image data are read with it
+        text = im.info.get(PROVENANCE_KEY)
+    return {} if text is None else json.loads(text)
 
 
 class NonFiniteJSONError(ValueError):
@@ -75,18 +124,77 @@ def ranked_name(rank: int, distance: float) -> str:
     return f"{rank:03d}_{distance:.4f}.png"
 
 
-def grid(source: np.ndarray, mask: np.ndarray, images, caption: str, columns: int = 8) -> np.ndarray:
-    """Source, mask, then the results in rank order, under a caption bar; uint8 [H', W', 3]."""
-    tiles = [source, np.repeat(np.asarray(mask)[..., None], 3, axis=-1), *images]
-    size = source.shape[0]
+# Captions use Pillow's built-in font, so a grid looks the same wherever it is made.
+FONT = ImageFont.load_default()
+LINE_SPACING = 2
+PAD = 2
+
+
+def wrap(text: str, width: int, font=FONT) -> list[str]:
+    """`text` as lines no wider than `width` pixels in `font`: broken at spaces, inside a word
+    only where the word alone is wider, and at every line break of `text`. Nothing is dropped:
+    joining the lines with the breaks they replaced gives `text` back."""
+    def fits(t: str) -> bool:
+        return font.getlength(t) <= width
+
+    lines = []
+    for paragraph in text.split("\n"):
+        line = None
+        for word in paragraph.split(" "):
+            if line is not None and fits(f"{line} {word}"):
+                line = f"{line} {word}"
+                continue
+            if line is not None:
+                lines.append(line)
+            while len(word) > 1 and not fits(word):  # the longest head that fits, at least one character
+                cut = max([n for n in range(1, len(word)) if fits(word[:n])], default=1)
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    return lines
+
+
+def _line_height(font=FONT) -> int:
+    return font.getbbox("Ag")[3] + LINE_SPACING
+
+
+def sheet(tiles, captions, heading: str, columns: int = 8, offsets=None) -> np.ndarray:
+    """`tiles` (uint8 [H, W, 3] or [H, W]) in rows of `columns`, each above its caption, under a
+    `heading`; every text is wrapped to its width, never cut. Tiles of different widths share the
+    widest one's cell, placed at `offsets` (pixels from the cell's left, default 0) on white."""
+    tiles = [np.repeat(t[..., None], 3, axis=-1) if t.ndim == 2 else t for t in map(np.asarray, tiles)]
+    offsets = [0] * len(tiles) if offsets is None else offsets
+    cell_h = max(t.shape[0] for t in tiles)
+    cell_w = max(t.shape[1] + x for t, x in zip(tiles, offsets))
     columns = min(columns, len(tiles))
     rows = -(-len(tiles) // columns)
-    bar = 14 * (1 + caption.count("\n"))
-    canvas = Image.new("RGB", (columns * size, rows * size + bar), "white")
-    for i, tile in enumerate(tiles):
-        canvas.paste(Image.fromarray(np.asarray(tile, np.uint8)), ((i % columns) * size, bar + (i // columns) * size))
-    ImageDraw.Draw(canvas).multiline_text((2, 1), caption, fill="black", spacing=2)
+    line = _line_height()
+    head = wrap(heading, columns * cell_w - 2 * PAD) if heading else []
+    notes = [wrap(c, cell_w - 2 * PAD) for c in captions]
+    head_h = len(head) * line + (PAD if head else 0)
+    note_h = max(len(n) for n in notes) * line + PAD if notes else 0
+    canvas = Image.new("RGB", (columns * cell_w, head_h + rows * (cell_h + note_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(head):
+        draw.text((PAD, PAD + i * line), text, fill="black", font=FONT)
+    for i, (tile, x) in enumerate(zip(tiles, offsets)):
+        left, top = (i % columns) * cell_w, head_h + (i // columns) * (cell_h + note_h)
+        canvas.paste(Image.fromarray(np.asarray(tile, np.uint8)), (left + x, top))
+        for n, text in enumerate(notes[i] if i < len(notes) else []):
+            draw.text((left + PAD, top + cell_h + n * line), text, fill="black", font=FONT)
     return np.asarray(canvas)
+
+
+def tile_caption(rank: int, distance: float) -> str:
+    return f"#{rank} d={distance:.4f}"
+
+
+def grid(source: np.ndarray, mask: np.ndarray, images, distances, heading: str, columns: int = 8) -> np.ndarray:
+    """Source, mask, then the results in rank order, each captioned (rank and CLIP distance),
+    under a heading; uint8 [H', W', 3]."""
+    captions = ["source", "mask", *(tile_caption(r, d) for r, d in enumerate(distances))]
+    return sheet([source, mask, *images], captions, heading, columns)
 
 
 # The files bdjax writes, as patterns of paths relative to an output directory. Only files that
@@ -170,10 +278,14 @@ class EditWriter:
     in memory. `finish` then writes ranked/NNN_<distance>.png best first (links to the sample
     files), grid.png from the best `grid_size` read back, and report.json, whose "failed" lists
     the samples left out.
+
+    Every PNG carries `provenance` (`edit_provenance`: prompt, options, ...) with the seed and,
+    per sample, its id and distance; the grid lists its tiles' ranks, sample ids and distances.
     """
 
-    def __init__(self, output_dir: str, seed: int):
+    def __init__(self, output_dir: str, seed: int, provenance: dict | None = None):
         self.output_dir, self.seed = output_dir, seed
+        self.provenance = {**(provenance or {}), "seed": int(seed)}
         self.done: list[tuple[float, int]] = []      # (distance, sample id) of the finite samples
         self.failed: list[tuple[int, str]] = []      # (sample id, reason)
 
@@ -185,7 +297,8 @@ class EditWriter:
             entry = {"sample_id": k, "seed": int(self.seed), "distance": finite_or_none(distance)}
             if finite:
                 entry["file"] = f"{SAMPLES_DIR}/{sample_name(k)}"
-                save_png(os.path.join(self.output_dir, entry["file"]), image)
+                save_png(os.path.join(self.output_dir, entry["file"]), image,
+                         {"kind": "sample", **self.provenance, "sample_id": k, "distance": distance})
                 self.done.append((distance, k))
             else:
                 reason = (f"its CLIP distance is {distance}" if not np.isfinite(distance)
@@ -206,15 +319,30 @@ class EditWriter:
             ranked.append(path)
             samples.append({"rank": rank, "sample_id": k, "seed": int(self.seed), "distance": distance,
                             "file": os.path.relpath(path, self.output_dir)})
-        best = [read_png(p) for p in ranked[:grid_size]]
-        caption = f"{prompt!r}: source, mask, best {len(best)} of {len(ranked)}"
+        shown = samples[:grid_size]
+        heading = f"{prompt!r}: source, mask, best {len(shown)} of {len(ranked)}"
         if self.failed:
-            caption += f" ({len(self.failed)} failed)"
+            heading += f" ({len(self.failed)} failed)"
         if label:
-            caption = f"{label}\n{caption}"
-        save_png(os.path.join(self.output_dir, GRID), grid(source, mask, best, caption))
+            heading = f"{label}\n{heading}"
+        tiles = [{k: s[k] for k in ("rank", "sample_id", "distance")} for s in shown]
+        save_png(os.path.join(self.output_dir, GRID),
+                 grid(source, mask, [read_png(p) for p in ranked[:grid_size]], [s["distance"] for s in shown],
+                      heading),
+                 {"kind": "grid", "prompt": prompt, **self.provenance, "tiles": tiles})
         failed = [{"sample_id": k, "reason": reason} for k, reason in sorted(self.failed)]
         save_json(os.path.join(self.output_dir, REPORT),
                   {**finite_or_none(report), "label": label or None, "samples": samples, "failed": failed})
         return ranked
 
+
+def edit_provenance(options, label: str = "", run: dict | None = None, **fields) -> dict:
+    """What every PNG of an edit records: `fields` (prompt=..., seed=...), the options as run (an
+    EditOptions or its dict), the run's identity (`batch.run_identity`: config, precision, model
+    size, weights digest) and, for the smoke preset, its label."""
+    record = {**fields, "options": options if isinstance(options, dict) else dataclasses.asdict(options)}
+    if run:
+        record["run"] = dict(run)
+    if label:
+        record["label"] = label
+    return record

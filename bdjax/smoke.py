@@ -58,8 +58,8 @@ def networks(seed: int = 0, image_size: int = IMAGE_SIZE, dtype=jnp.float32, wit
     unet = unet_lib.UNetModel(**unet_config(image_size), dtype=dtype)
     unet_params = random_params(unet, x, jax.ShapeDtypeStruct((1,), jnp.float32), seed=seed)
     clip = clip_lib.CLIP(**CLIP_CONFIG, dtype=dtype)
-    clip_params = random_params(clip, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
-                                jax.ShapeDtypeStruct((1, 77), jnp.int32), seed=seed + 1)
+    pixels = jax.ShapeDtypeStruct((1, clip.image_resolution, clip.image_resolution, 3), jnp.float32)
+    clip_params = random_params(clip, pixels, jax.ShapeDtypeStruct((1, clip.context_length), jnp.int32), seed=seed + 1)
     lpips = None
     if with_lpips:
         module = lpips_lib.LPIPS(dtype=dtype)

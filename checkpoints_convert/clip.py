@@ -9,7 +9,9 @@ state dict read with `torch.load(weights_only=True)`) or a Hugging Face
 without torch or pickle). Loading a TorchScript archive runs code stored in
 it: prefer the Hugging Face directory for files from untrusted sources.
 
-The architecture is read off the weights, the parameters are checked key by key
+The architecture is read off the weights (the input resolution, 224 for ViT-B/16 and
+336 for ViT-L/14@336px, from the positional embedding's length times the patch size,
+checked against the size the file declares), the parameters are checked key by key
 and shape by shape against the Flax module, and only then are DIR/clip.safetensors
 and DIR/clip.json written.
 """
@@ -199,6 +201,10 @@ def convert(input_path: str, output_dir: str, overwrite: bool = False) -> tuple[
         heads = tuple(hf_config.get(tower, {}).get("num_attention_heads")
                       for tower in ("vision_config", "text_config"))
         config = infer_config(state_dict, heads if None not in heads else None)
+        declared = hf_config.get("vision_config", {}).get("image_size")
+        if config is not None and declared is not None and int(declared) != config["image_resolution"]:
+            raise ConversionError(f"{input_path}: vision_config.image_size={declared} disagrees with the weights "
+                                  f"(image_resolution={config['image_resolution']})")
     else:
         state_dict = read_openai(input_path)
         metadata = {k: state_dict.pop(k) for k in list(state_dict) if k in OPENAI_METADATA}

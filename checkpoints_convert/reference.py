@@ -23,7 +23,6 @@ from kornia.geometry.transform import warp_affine, warp_perspective
 from bdjax.diffusion import NUM_TRAIN_STEPS
 from bdjax.models import clip as clip_lib
 
-CLIP_SIZE = 224
 CLIP_NORMALIZE = torchvision.transforms.Normalize(mean=clip_lib.MEAN, std=clip_lib.STD)
 
 
@@ -64,10 +63,11 @@ def random_networks(unet_config: dict, clip_config: dict, *, fp16: bool, device)
     return unet, clip_model
 
 
-def image_augmentations(aug_num: int, augment: Callable) -> Callable:
-    """The authors' ImageAugmentations: images average-pooled to CLIP's input size, aug_num copies
-    of the batch (row a * batch + b), the first copy kept as is and the others through `augment`."""
-    pool = torch.nn.AdaptiveAvgPool2d((CLIP_SIZE, CLIP_SIZE))
+def image_augmentations(size: int, aug_num: int, augment: Callable) -> Callable:
+    """The authors' ImageAugmentations: images average-pooled to CLIP's input size `size` (their
+    clip_model.visual.input_resolution), aug_num copies of the batch (row a * batch + b), the first
+    copy kept as is and the others through `augment`."""
+    pool = torch.nn.AdaptiveAvgPool2d((size, size))
 
     def apply(images):
         batch = images.shape[0]
@@ -85,17 +85,16 @@ def random_augmentations() -> torch.nn.Module:
 def warp_augmentations(affine, perspective, apply_affine, apply_perspective) -> Callable:
     """The same augmentations with given transforms instead of random ones: kornia's affine warp
     (border padding) where `apply_affine`, then its perspective warp (zero padding) where
-    `apply_perspective`; one 3x3 matrix and one flag per copy."""
+    `apply_perspective`; one 3x3 matrix and one flag per copy. The output size is the input's."""
     affine, perspective = torch.as_tensor(affine), torch.as_tensor(perspective)
     apply_affine = torch.as_tensor(apply_affine)[:, None, None, None]
     apply_perspective = torch.as_tensor(apply_perspective)[:, None, None, None]
 
     def apply(images):
-        warped = warp_affine(images, affine[:, :2], (CLIP_SIZE, CLIP_SIZE), align_corners=False,
-                             padding_mode="border")
+        size = tuple(images.shape[-2:])
+        warped = warp_affine(images, affine[:, :2], size, align_corners=False, padding_mode="border")
         images = torch.where(apply_affine, warped, images)
-        warped = warp_perspective(images, perspective, (CLIP_SIZE, CLIP_SIZE), align_corners=False,
-                                  padding_mode="zeros")
+        warped = warp_perspective(images, perspective, size, align_corners=False, padding_mode="zeros")
         return torch.where(apply_perspective, warped, images)
     return apply
 

@@ -94,6 +94,8 @@ def main(argv):
 def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     """Build the networks, run the jobs' missing samples, write the report; returns how many of
     the jobs' samples are still missing (failed) at the end."""
+    import collections
+
     import jax
     from tqdm.auto import tqdm
 
@@ -120,7 +122,11 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     total = sum(j.num_samples for j in jobs)
     say(f"{len(jobs)} jobs, {total} samples: {total - len(items)} already in {FLAGS.output_dir}, "
         f"{len(items)} to compute on {jax.device_count()} devices ({jax.process_count()} processes)")
+    runs = collections.Counter((jobs[j].options, jobs[j].prompt != "") for j, _ in items)
+    if items:
+        runtime.announce_run(editor, [(options, guided, n) for (options, guided), n in runs.items()])
     bar = tqdm(total=len(items), desc="batch", unit="sample", disable=not lead or not items)
+    runtime.announce_compiles(editor, bar)
     stats = batch.run(editor, jobs, FLAGS.output_dir, items, finished=finished, label=label, on_batch=bar.update)
     bar.close()
     missing = stats.total - sum(len(samples) for samples in stats.finished)
@@ -145,14 +151,18 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
 
 
 def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
-    """The run's report, with every job's samples (written by any process) and what failed."""
+    """The run's report, with every job's samples (written by any process) and what failed. The
+    edit options appear as they ran: the run's for every job under "options" (the smoke preset's
+    where its flags were unset) and each job's own in its result."""
     from bdjax import batch
+    from launch import edit
 
     results = batch.job_results(jobs, stats)
     done = sum(len(samples) for samples in stats.finished)
     return {
         "manifest": os.path.abspath(FLAGS.manifest),
-        "flags": runtime.flag_values(sys.modules[__name__]),
+        "flags": edit.reported_flags(sys.modules[__name__]),
+        "options": dataclasses.asdict(base_options()),
         "label": label or None,
         "jobs": {"valid": len(jobs), "skipped_lines": [{"line": e.line, "error": e.reason} for e in errors]},
         "items": {"total": stats.total, "skipped": stats.skipped, "computed": stats.computed,

@@ -76,7 +76,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the random networks and inputs.")
 
 
-CLIP_SIZE = 224
 # Analytic cost: ADM 256 forward 2.24 TFLOP per sample; CLIP ViT-B/16 image forward 33.7 GFLOP per crop.
 # A forward plus its backward counts as 3 forwards (so 7.5 TFLOP per sample-step with 8 crops).
 ADM256_FORWARD_FLOPS = 2.24e12
@@ -109,11 +108,12 @@ def model_configs(networks: str) -> dict:
     if networks == "reduced":
         # ADM 256's topology unchanged (6 levels, 2 res blocks, attention at ds 8/16/32, 64-channel
         # heads, up/down ResBlocks, scale-shift norm) at a quarter of its width and image size.
-        # CLIP's vision_heads is vision_width // 64, as clip.model.CLIP derives it.
+        # CLIP keeps ViT-B/16's input size, context and vocabulary; its vision_heads is
+        # vision_width // 64, as clip.model.CLIP derives it.
         unet = dict(unet_lib.preset("adm256_uncond"), image_size=64, model_channels=64)
-        clip = dict(embed_dim=256, image_resolution=CLIP_SIZE, vision_layers=4, vision_width=256,
-                    vision_patch_size=32, vision_heads=4, context_length=77, vocab_size=49408,
-                    transformer_width=256, transformer_heads=4, transformer_layers=1)
+        clip = dict(clip_lib.preset("vit_b16"), embed_dim=256, vision_layers=4, vision_width=256,
+                    vision_patch_size=32, vision_heads=4, transformer_width=256, transformer_heads=4,
+                    transformer_layers=1)
         return {"unet": unet, "clip": clip}
     if networks == "smoke":
         return {"unet": smoke.unet_config(), "clip": dict(smoke.CLIP_CONFIG)}
@@ -214,13 +214,13 @@ def random_host_params(configs: dict, seed: int) -> dict:
     from bdjax.models import clip as clip_lib
     from bdjax.models import unet as unet_lib
 
-    size = configs["unet"]["image_size"]
+    size, resolution = configs["unet"]["image_size"], configs["clip"]["image_resolution"]
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     return {
         "unet": smoke.random_params(unet_lib.UNetModel(**configs["unet"]), image,
                                     jax.ShapeDtypeStruct((1,), jnp.float32), seed=seed),
         "clip": smoke.random_params(clip_lib.CLIP(**configs["clip"]),
-                                    jax.ShapeDtypeStruct((1, CLIP_SIZE, CLIP_SIZE, 3), jnp.float32),
+                                    jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32),
                                     jax.ShapeDtypeStruct((1, configs["clip"]["context_length"]), jnp.int32),
                                     seed=seed + 1),
     }
@@ -388,7 +388,8 @@ def prepare_reference(configs: dict, *, batch_size: int, aug_num: int, step_inde
     unet, clip_model = reference.random_networks(configs["unet"], configs["clip"], fp16=fp16, device=device)
     options = EditOptions(aug_num=aug_num, batch_size=batch)
     diffusion = reference.spaced_diffusion(options.timestep_respacing)
-    augment = reference.image_augmentations(aug_num, reference.random_augmentations())
+    augment = reference.image_augmentations(configs["clip"]["image_resolution"], aug_num,
+                                            reference.random_augmentations())
 
     init = torch.rand(1, 3, size, size, device=device) * 2 - 1
     mask = torch.zeros(1, 1, size, size, device=device)

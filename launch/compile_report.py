@@ -226,12 +226,22 @@ def loop_ops(text: str, whole: bool = False) -> dict:
 
 # ----------------------------------------------------------------------------------- compiling
 
+def model_fields(config: str) -> tuple[dict, dict, dict]:
+    """The UNetModel fields, CLIP fields and edit option overrides of --config."""
+    from bdjax import smoke
+    from bdjax.models import clip as clip_lib
+    from bdjax.models import unet as unet_lib
+
+    if config == "smoke":
+        return smoke.unet_config(), dict(smoke.CLIP_CONFIG), dict(smoke.OPTIONS)
+    return unet_lib.preset("adm256_uncond"), clip_lib.preset("vit_b16"), {}
+
+
 def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, mesh):
     """The editor's CompiledSampler for the configuration, the options, and the params as shapes."""
     import jax
     import jax.numpy as jnp
 
-    from bdjax import smoke
     from bdjax.blended import Models, make_sampler
     from bdjax.options import EditOptions
     from bdjax.editor import CompiledSampler
@@ -240,21 +250,14 @@ def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, 
     from bdjax import parallel
 
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
-    if config == "smoke":
-        unet_fields, clip_fields, options = smoke.unet_config(), dict(smoke.CLIP_CONFIG), dict(smoke.OPTIONS)
-    else:
-        unet_fields, clip_fields, options = unet_lib.preset("adm256_uncond"), clip_lib.preset("vit_b16"), {}
+    unet_fields, clip_fields, options = model_fields(config)
     if aug_num is not None:
         options["aug_num"] = aug_num
     options = EditOptions(**options)
     models = Models(unet=unet_lib.UNetModel(**unet_fields, dtype=dtype, remat=remat),
                     clip=clip_lib.CLIP(**clip_fields, dtype=dtype, remat=remat))
     size = models.unet.image_size
-    resolution = clip_fields["image_resolution"]
-    shapes = {"unet": unet_lib.param_shapes(models.unet),
-              "clip": jax.eval_shape(models.clip.init, jax.random.key(0),
-                                     jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32),
-                                     jax.ShapeDtypeStruct((1, clip_fields["context_length"]), jnp.int32))["params"]}
+    shapes = {"unet": unet_lib.param_shapes(models.unet), "clip": clip_lib.param_shapes(models.clip)}
     replicated = parallel.replicated_sharding(mesh)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating)
                                                          else s.dtype, sharding=replicated), shapes)
@@ -338,19 +341,19 @@ def largest(ok, limit: int) -> int:
     return best
 
 
-def augmentations_report(mesh, size: int, aug_num: int, per_device_batch: int) -> dict:
+def augmentations_report(mesh, size: int, clip_resolution: int, aug_num: int, per_device_batch: int) -> dict:
     """The extending augmentations' forward and gradient (what the guidance backpropagates through
-    them), per device on its share of the samples, compiled for the mesh's devices."""
+    them) from `size` images to `clip_resolution` copies, per device on its share of the samples,
+    compiled for the mesh's devices."""
     import jax
     import jax.numpy as jnp
 
     from bdjax import augment, parallel
-    from bdjax.blended import CLIP_SIZE
 
     def forward_and_gradient(images, key_data):
         def loss(images):
             copies = augment.extending_augmentations(images, jax.random.wrap_key_data(key_data), aug_num=aug_num,
-                                                     output_size=CLIP_SIZE)
+                                                     output_size=clip_resolution)
             return jnp.sum(jnp.square(copies))
         return jax.value_and_grad(loss)(images)[1]
 
@@ -398,11 +401,13 @@ def main(argv):
 
         size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else 256
         aug_num = FLAGS.aug_num or (smoke.OPTIONS["aug_num"] if FLAGS.config == "smoke" else 8)
-        part = augmentations_report(mesh, size, aug_num, FLAGS.per_device_batch)
+        clip_resolution = model_fields(FLAGS.config)[1]["image_resolution"]
+        part = augmentations_report(mesh, size, clip_resolution, aug_num, FLAGS.per_device_batch)
         report = {"command": " ".join(["python -m launch.compile_report", *sys.argv[1:]]), "source": source,
                   "jax_version": jax.__version__, "topology": FLAGS.topology, "devices": len(devices),
                   "device_kind": devices[0].device_kind, "part": "augmentations", "image_size": size,
-                  "aug_num": aug_num, "per_device_batch": FLAGS.per_device_batch, **part,
+                  "clip_resolution": clip_resolution, "aug_num": aug_num,
+                  "per_device_batch": FLAGS.per_device_batch, **part,
                   "per_sample_step": {k: None if v is None else v / FLAGS.per_device_batch
                                       for k, v in part["cost"].items()}}
         log(f"{FLAGS.topology}: the augmentations' forward and gradient, {FLAGS.per_device_batch} x {size}x{size} "

@@ -44,9 +44,27 @@ def define_flags():
     flags.DEFINE_bool("overwrite", False, "Replace results already in --output_dir.")
 
 
+def reported_flags(module) -> dict:
+    """A program's flags for its report, but the edit options: the report lists those once, as
+    they ran (with --config=smoke the preset's values replace the defaults of unset flags)."""
+    from bdjax.options import EditOptions
+
+    names = set(EditOptions.names())
+    return {name: value for name, value in runtime.flag_values(module).items() if name not in names}
+
+
 def run_report(options: dict, timings: dict) -> dict:
-    return {"flags": runtime.flag_values(sys.modules[__name__]), "options": options, "timings_s": timings,
+    return {"flags": reported_flags(sys.modules[__name__]), "options": options, "timings_s": timings,
             **runtime.environment()}
+
+
+def provenance(editor, options, label: str, **fields) -> dict:
+    """What every PNG of a launch program's run records (outputs.edit_provenance): `fields`
+    (the prompt, ...), the options as run, the run's identity and the smoke label."""
+    from bdjax import batch, outputs
+
+    run = batch.run_identity(FLAGS.precision, FLAGS.config, editor.image_size, editor.weights_digest)
+    return outputs.edit_provenance(options, label, run, **fields)
 
 
 def model_size() -> int:
@@ -132,9 +150,11 @@ def main(argv):
     editor = runtime.build_editor(guidance.needs_lpips(request.options))
     loaded = time.perf_counter()
     stream = editor.edit_batches(request)
+    runtime.announce_run(editor, [(stream.options, stream.prompt != "", stream.num_samples)])
+    runtime.announce_compiles(editor)
     # Everything is checked and the networks are ready: only now is the previous run removed.
     outputs.clear_for_run(directory, outputs.EDIT_OUTPUTS, overwrite=FLAGS.overwrite)
-    writer = outputs.EditWriter(directory, FLAGS.seed)
+    writer = outputs.EditWriter(directory, FLAGS.seed, provenance(editor, stream.options, label, prompt=stream.prompt))
     for batch in stream:
         failed = writer.add(batch)
         if failed:

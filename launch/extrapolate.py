@@ -7,7 +7,8 @@ The image is prepared as for an edit (model size, the reference's resize) and be
 canvas. Each round, on each chosen side, the model-size window at that edge (the new strip plus
 the canvas next to it) is edited with the strip as the mask and that side's prompt; the
 best-ranked result's strip is pasted onto the canvas. Writes OUTPUT_DIR/canvas_<round>.png
-(canvas_0 is the start), OUTPUT_DIR/extrapolated.png and OUTPUT_DIR/report.json. All edit
+(canvas_0 is the start), OUTPUT_DIR/extrapolated.png, OUTPUT_DIR/grid.png (the canvases one
+per round, captioned) and OUTPUT_DIR/report.json, every PNG with its provenance. All edit
 flags (--num_samples per round, --seed, --skip_timesteps, ...) apply to every round, and the
 inputs get launch/edit.py's checks before anything is built, removed or written; --overwrite
 removes only the files named above. Non-finite samples never win a round; a round whose samples
@@ -58,7 +59,7 @@ def prompts_from_flags(sides) -> dict:
 
 # The files this program writes (patterns for outputs.own_outputs): --overwrite removes these
 # and nothing else.
-OUTPUTS = (r"canvas_\d+\.png", re.escape(FINAL), re.escape("report.json"))
+OUTPUTS = (r"canvas_\d+\.png", re.escape(FINAL), re.escape("grid.png"), re.escape("report.json"))
 
 
 def strip_width() -> int:
@@ -99,7 +100,7 @@ def main(argv):
     lead = jax.process_index() == 0
     options = runtime.options_from_flags()
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
-    files = ("canvas_0.png", "canvas_1.png", FINAL, outputs.REPORT)
+    files = ("canvas_0.png", "canvas_1.png", FINAL, outputs.GRID, outputs.REPORT)
     requests = dict(zip(prompts, edit.preflight(options, list(prompts.values()), FLAGS.output_dir, OUTPUTS,
                                                 writes=((), files), mask=False)))
     prepared = requests[next(iter(prompts))]
@@ -113,9 +114,16 @@ def main(argv):
         outputs.clear_for_run(FLAGS.output_dir, OUTPUTS, overwrite=FLAGS.overwrite)
     # The canvas starts as the image prepared exactly as for an edit (model size, Lanczos).
     canvas = prepared.source
+    # What every PNG records, with its round's data (see outputs.read_provenance).
+    about = edit.provenance(editor, prepared.options, label, prompts=dict(prompts), seed=FLAGS.seed,
+                            strip=strip_width())
     if lead:
-        outputs.save_png(os.path.join(FLAGS.output_dir, "canvas_0.png"), canvas)
+        outputs.save_png(os.path.join(FLAGS.output_dir, "canvas_0.png"), canvas, {"kind": "canvas", **about,
+                                                                                  "round": 0})
     loaded = time.perf_counter()
+    runtime.announce_run(editor, [(r.options, r.prompt != "", r.num_samples * FLAGS.repeats)
+                                  for r in requests.values()])
+    runtime.announce_compiles(editor)
     rounds = []
     last_side = list(prompts)[-1]
     for done_round in grow(editor, requests, strip_width(), FLAGS.repeats, progress=lead):
@@ -125,21 +133,58 @@ def main(argv):
                   f"infinite); the canvas so far is canvas_{r - 1}.png", file=sys.stderr)
             sys.exit(1)
         rounds.append({"round": r, "side": side, "prompt": done_round.prompt, "seed": done_round.seed,
-                       "distance": done_round.distance, "width": int(canvas.shape[1])})
+                       "sample_id": done_round.sample_id, "distance": done_round.distance,
+                       "width": int(canvas.shape[1])})
         if lead and side == last_side:
-            outputs.save_png(os.path.join(FLAGS.output_dir, f"canvas_{r}.png"), canvas)
+            outputs.save_png(os.path.join(FLAGS.output_dir, f"canvas_{r}.png"), canvas,
+                             {"kind": "canvas", **about, "round": r, "rounds": [e for e in rounds if e["round"] == r]})
             print(f"round {r}/{FLAGS.repeats}: canvas {canvas.shape[1]}x{canvas.shape[0]}", flush=True)
     done = time.perf_counter()
     if lead:
-        outputs.save_png(os.path.join(FLAGS.output_dir, FINAL), canvas)
+        outputs.save_png(os.path.join(FLAGS.output_dir, FINAL), canvas, {"kind": "extrapolation", **about,
+                                                                         "rounds": rounds})
+        grid, shown = rounds_grid(prompts, rounds, size, label)
+        outputs.save_png(os.path.join(FLAGS.output_dir, outputs.GRID), grid,
+                         {"kind": "grid", **about, "shown_rounds": shown, "rounds": rounds})
         report = edit.run_report(dataclasses.asdict(prepared.options),
                                  {"load": loaded - start, "extrapolate": done - loaded})
-        report["flags"].update(runtime.flag_values(sys.modules[__name__]))
+        report["flags"].update(edit.reported_flags(sys.modules[__name__]))
         report.update(label=label or None, strip=strip_width(), rounds=rounds, size={"height": int(canvas.shape[0]),
                                                                 "width": int(canvas.shape[1])})
         outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
         print(f"{os.path.join(FLAGS.output_dir, FINAL)}: {canvas.shape[1]}x{canvas.shape[0]} after "
               f"{FLAGS.repeats} rounds in {done - loaded:.1f} s" + (f"\n{label}" if label else ""))
+
+
+GRID_ROWS = 16     # canvases in grid.png at most: evenly spaced rounds, the first and last always
+GRID_WIDTH = 4096  # pixels: wider canvases are shown scaled down in grid.png
+
+
+def rounds_grid(prompts: dict, rounds: list[dict], size: int, label: str) -> tuple[np.ndarray, list[int]]:
+    """(grid.png, the rounds it shows): canvas_0 .. canvas_<repeats>, read back from disk, one per
+    row and placed so that the original image keeps its columns, each captioned with its round's
+    sides and distances."""
+    from PIL import Image
+
+    from bdjax import outputs
+
+    strip, repeats = strip_width(), FLAGS.repeats
+    scale = min(1.0, GRID_WIDTH / (size + strip * repeats * len(prompts)))
+    shown = sorted({int(r) for r in np.linspace(0, repeats, min(GRID_ROWS, repeats + 1)).round()})
+    tiles, offsets, captions = [], [], []
+    for r in shown:
+        canvas = outputs.read_png(os.path.join(FLAGS.output_dir, f"canvas_{r}.png"))
+        if scale < 1:
+            height, width = canvas.shape[:2]
+            canvas = np.asarray(Image.fromarray(canvas).resize((max(1, round(width * scale)),
+                                                                max(1, round(height * scale))), Image.LANCZOS))
+        tiles.append(canvas)
+        offsets.append(round(strip * (repeats - r) * scale) if "left" in prompts else 0)
+        sides = ", ".join(f"{e['side']} d={e['distance']:.4f}" for e in rounds if e["round"] == r)
+        captions.append(f"round {r}: {sides}" if r else "round 0: the start")
+    heading = ", ".join(f"{side} {prompt!r}" for side, prompt in prompts.items())
+    heading = f"{heading}: the canvas after each round (strip {strip})"
+    return outputs.sheet(tiles, captions, f"{label}\n{heading}" if label else heading, columns=1, offsets=offsets), shown
 
 
 if __name__ == "__main__":

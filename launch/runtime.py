@@ -297,3 +297,77 @@ def options_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict:
     if flag_values["config"].value == "smoke":
         options.update({name: value for name, value in smoke.OPTIONS.items() if not flag_values[name].present})
     return options
+
+
+# Throughput of the guided step measured on this project's 2-core CPU (launch/benchmark.py, the
+# README's Performance section): the one basis for a time before a CPU run starts.
+CPU_TFLOPS_MEASURED = 0.05
+
+
+def describe_run(editor, runs) -> str:
+    """What a run will compute and where, said once before anything compiles: `runs` are
+    (options, guided, num_samples) for each configuration. The real 256x256 guided networks also
+    get the analytic FLOP count (launch/benchmark.py), and on a CPU the time that count takes at
+    the throughput measured on a 2-core CPU; elsewhere the progress bar's ETA, which starts after
+    compiling, is the estimate."""
+    import jax
+
+    from launch.benchmark import analytic_flops_per_sample_step
+
+    samples = sum(n for _, _, n in runs)
+    counts = sorted({editor.sampler(options, guided).num_steps for options, guided, _ in runs})
+    kinds = {guided for _, guided, _ in runs}
+    kind = "" if len(kinds) > 1 else (" guided" if kinds == {True} else " unguided")
+    span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    steps = f"{span}{kind} step" + ("" if counts == [1] else "s")
+    device = jax.devices()[0]
+    where = f"{jax.device_count()} x {device.device_kind}"
+    if device.platform.lower() not in device.device_kind.lower():
+        where += f" ({device.platform})"
+    if jax.process_count() > 1:
+        where += f" in {jax.process_count()} processes"
+    line = f"running {samples} sample{'s' * (samples != 1)} ({steps} each) on {where}, {FLAGS.precision}"
+    if FLAGS.config == "smoke":
+        return line + ", smoke networks"
+    if FLAGS.model_output_size == "256" and kinds == {True}:
+        flops = sum(n * editor.sampler(options, True).num_steps
+                    * analytic_flops_per_sample_step("real", options.aug_num) for options, _, n in runs)
+        line += (f": about {flops / 1e15:.1f} PFLOP by the analytic count "
+                 f"({flops / samples / 1e12:.0f} TFLOP per sample)")
+        if device.platform == "cpu":
+            hours = flops / (CPU_TFLOPS_MEASURED * 1e12) / 3600
+            line += f", roughly {hours:.0f} h at the {CPU_TFLOPS_MEASURED} TFLOP/s measured on a 2-core CPU"
+    return line
+
+
+def compiling_line() -> str:
+    """The line said before compiling: where compiled programs are kept, so later runs skip it."""
+    if not FLAGS.compilation_cache:
+        return "compiling (not cached: --nocompilation_cache)"
+    return f"compiling (first run only, cached in {compilation_cache_dir(FLAGS.compilation_cache_dir)})"
+
+
+def announce_run(editor, runs) -> None:
+    """Say `describe_run` on process 0's stderr."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(describe_run(editor, runs), file=sys.stderr, flush=True)
+
+
+def announce_compiles(editor, bar=None) -> None:
+    """Have `editor` say `compiling_line()` on process 0's stderr each time it compiles a
+    sampler, and keep the compiles off the clock of `bar` (a tqdm bar of the program's own), so
+    that its rate and ETA are those of sampling."""
+    import jax
+    from tqdm.auto import tqdm
+
+    @contextlib.contextmanager
+    def compiling():
+        if jax.process_index() == 0:
+            tqdm.write(compiling_line(), file=sys.stderr)
+        yield
+        if bar is not None:
+            bar.unpause()
+
+    editor.on_compile = compiling

@@ -7,6 +7,7 @@ same as tests/test_extrapolate.py, so the persistent compilation cache serves bo
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdjax import batch
+import bdjax
+from bdjax import batch, outputs, smoke
 from bdjax.options import EditOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +114,40 @@ def test_first_run_writes_every_item_and_summary(first_run, workdir):
     assert all(r["complete"] for r in report["results"])
     assert report["device"]["processes"] == 1 and report["timings_s"]["sample"] > 0
     assert not [f for f in files(out) if os.path.basename(f).startswith(".tmp")]
+    # The options as they ran: the smoke preset's for the run, each job's own in its result.
+    assert report["options"]["timestep_respacing"] == "25" and report["options"]["skip_timesteps"] == 15
+    assert not set(report["flags"]) & set(EditOptions.names())
+    assert all(r["options"]["skip_timesteps"] == 20 and r["options"]["timestep_respacing"] == "25"
+               for r in report["results"])
+
+
+def test_every_png_carries_its_provenance(first_run):
+    out, _ = first_run
+    report = json.loads((out / "report.json").read_text())
+    for result in report["results"]:
+        spec = json.loads((out / result["name"] / "sample_0.json").read_text())["job"]
+        common = {"job": result["name"], "line": result["line"], "prompt": result["prompt"], **spec,
+                  "label": smoke.LABEL, "bdjax_version": bdjax.__version__}
+        for s in result["samples"]:
+            about = outputs.read_provenance(str(out / result["name"] / s["file"]))
+            assert {k: about[k] for k in common} == common and about["kind"] == "sample"
+            assert (about["sample_id"], about["distance"]) == (s["sample_id"], s["distance"])
+        about = outputs.read_provenance(str(out / result["name"] / "grid.png"))
+        assert {k: about[k] for k in common} == common and about["kind"] == "grid"
+        ranked = json.loads((out / result["name"] / "ranked.json").read_text())["samples"]
+        assert about["tiles"] == [{k: s[k] for k in ("rank", "sample_id", "distance")} for s in ranked]
+        assert [t["sample_id"] for t in about["tiles"]] == [s["sample_id"] for s in result["samples"]]
+
+
+def test_first_run_says_what_runs_where_before_compiling(first_run):
+    """Once, before anything compiles: the samples to compute, their steps, the devices and the
+    precision; then where the compiled programs are kept (one configuration: one compile)."""
+    _, proc = first_run
+    err = proc.stderr
+    assert len(re.findall(r"^running 5 samples \(5 guided steps each\) on \d+ x cpu, fp32, smoke networks$", err,
+                          flags=re.M)) == 1, err[-2000:]
+    assert err.count(f"compiling (first run only, cached in {CACHE})\n") == 1
+    assert err.index("running 5 samples") < err.index("compiling (")
 
 
 def test_rerun_writes_nothing_and_reports_everything_skipped(first_run, workdir):

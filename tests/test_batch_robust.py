@@ -410,10 +410,10 @@ def test_write_failure_skips_that_job_and_the_others_complete(fake_tree, monkeyp
     out = root / "out"
     save_png = outputs.save_png
 
-    def full_disk(path, image):
+    def full_disk(path, *args):
         if os.path.basename(os.path.dirname(path)) == "a":
             raise OSError(errno.ENOSPC, "No space left on device", path)
-        save_png(path, image)
+        save_png(path, *args)
 
     monkeypatch.setattr(batch.outputs, "save_png", full_disk)
     jobs, stats, _, editor = run_fake(out, jobs_of(manifest, batch_size=1))

@@ -42,6 +42,7 @@ class GaussianDenoiser(nn.Module):
 class ColourCLIP(nn.Module):
     """Embedding = mean colour - grey over the image; text embedding = RED."""
     context_length: int = 77
+    image_resolution: int = 224  # the size the sampler feeds it, as a real CLIP declares
 
     def encode_image(self, images, normalize=True):
         return jnp.mean(images - 0.5, axis=(1, 2))

@@ -129,7 +129,7 @@ def jax_augment(case):
 
 def torch_step(nets, case, options: EditOptions):
     """The authors' step (checkpoints_convert.reference) on the case's inputs, transforms and noise."""
-    augment = reference.image_augmentations(AUG, reference.warp_augmentations(
+    augment = reference.image_augmentations(CLIP["image_resolution"], AUG, reference.warp_augmentations(
         case["affine"], case["perspective"], case["apply_affine"], case["apply_perspective"]))
     out = reference.guided_step(reference.spaced_diffusion(options.timestep_respacing), nets["torch"], options,
                                 nchw(case["x"]), torch.full((B,), STEP), nchw(case["init"]), nchw(case["mask"]),

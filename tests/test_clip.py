@@ -9,6 +9,7 @@ Errors are reported as max|got - want| / max|want| ("relative").
 
 import functools
 import html
+import json
 import os
 import subprocess
 import sys
@@ -241,7 +242,7 @@ def test_tiny_state_dict_through_cli(tiny_state_dict):
     convert_clip.convert(str(directory / "tiny.pt"), str(directory / "converted"), overwrite=True)
 
 
-@pytest.mark.parametrize("name", ["vit_b16", "vit_b32", "vit_l14"])
+@pytest.mark.parametrize("name", ["vit_b16", "vit_b32", "vit_l14", "vit_l14_336"])
 def test_presets_match_openai_key_sets(name):
     """Each preset has exactly the keys and shapes of OpenAI's model of that name (built on torch's
     meta device: no memory), through the converter's own rename and validation."""
@@ -252,8 +253,43 @@ def test_presets_match_openai_key_sets(name):
     zeros = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in model.state_dict().items()}
     flat = convert_clip.convert_state_dict(zeros)
     checkpoint.check_params(flat, bdclip.param_shapes(bdclip.CLIP(**config)), what=name)
+    assert convert_clip.infer_config(zeros) == config  # the input resolution included
     count = sum(p.numel() for p in model.parameters())
-    assert count == {"vit_b16": B16_PARAMS, "vit_b32": 151_277_313, "vit_l14": 427_616_513}[name]
+    assert count == {"vit_b16": B16_PARAMS, "vit_b32": 151_277_313, "vit_l14": 427_616_513,
+                     "vit_l14_336": 427_944_193}[name]
+    assert bdclip.CLIP(**config).image_resolution == (336 if name == "vit_l14_336" else 224)
+
+
+def test_hf_clip_at_another_resolution_converts_and_loads(tmp_path):
+    """A Hugging Face CLIP whose vision_config.image_size is not 224 (64, patch 16) converts with that
+    image_resolution, loads, and encodes images of that size. Reference: transformers CLIPModel,
+    float32, tolerance 1e-5 relative. A config.json whose image_size disagrees with the weights is
+    refused."""
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_attention_heads=2,
+                         num_hidden_layers=1, max_position_embeddings=77, hidden_act="quick_gelu",
+                         bos_token_id=0, eos_token_id=2),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
+                           image_size=64, patch_size=16, hidden_act="quick_gelu"),
+        projection_dim=32)
+    torch.manual_seed(4)
+    model = CLIPModel(config).eval()
+    randomize_constants(model, seed=4)
+    model.save_pretrained(str(tmp_path / "hf"))
+    convert_clip.convert(str(tmp_path / "hf"), str(tmp_path / "converted"))
+    module, params = bdclip.load(str(tmp_path / "converted"))
+    assert module.image_resolution == 64
+    assert params["visual"]["positional_embedding"].shape == ((64 // 16) ** 2 + 1, 64)
+    images = make_images(2, 64)
+    with torch.no_grad():
+        want = model.get_image_features(pixel_values=torch_pixels(images)).pooler_output.numpy()
+    assert relative(encode_image(module, params, images), want) < 1e-5
+
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf_config["vision_config"]["image_size"] = 96
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(ConversionError, match=r"image_size=96 disagrees with the weights \(image_resolution=64\)"):
+        convert_clip.convert(str(tmp_path / "hf"), str(tmp_path / "other"))
 
 
 # ---- converter errors ---------------------------------------------------------------------

@@ -10,7 +10,10 @@ import sys
 import numpy as np
 from PIL import Image
 
+import bdjax
 from bdjax import extrapolate as lib
+from bdjax import outputs, smoke
+from bdjax.options import EditOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".jax_cache")
@@ -61,7 +64,26 @@ def test_two_rounds_on_both_sides(tmp_path):
     assert report["size"] == {"height": 64, "width": 96} and report["flags"]["strip"] == strip
     assert report["options"]["skip_timesteps"] == 20 and report["label"].startswith("SMOKE TEST")
     assert sorted(os.listdir(out)) == ["canvas_0.png", "canvas_1.png", "canvas_2.png", "extrapolated.png",
-                                       "report.json"]  # no temporary files left
+                                       "grid.png", "report.json"]  # no temporary files left
+    assert not set(report["flags"]) & set(EditOptions.names())  # the options once, as they ran
+    assert report["options"]["timestep_respacing"] == "25"
+
+    # Every PNG carries its provenance; grid.png shows canvas_0 .. canvas_2, the original aligned.
+    common = {"prompts": {"left": "hell", "right": "heaven"}, "seed": 5, "strip": strip,
+              "options": report["options"], "label": smoke.LABEL, "bdjax_version": bdjax.__version__}
+    for r in range(3):
+        about = outputs.read_provenance(str(out / f"canvas_{r}.png"))
+        assert {k: about[k] for k in common} == common and (about["kind"], about["round"]) == ("canvas", r)
+        assert about.get("rounds", []) == [e for e in report["rounds"] if e["round"] == r]
+    about = outputs.read_provenance(str(out / "extrapolated.png"))
+    assert {k: about[k] for k in common} == common and about["rounds"] == report["rounds"]
+    assert all(0 <= e["sample_id"] < 2 for e in about["rounds"])
+    about = outputs.read_provenance(str(out / "grid.png"))
+    assert {k: about[k] for k in common} == common and about["kind"] == "grid" and about["shown_rounds"] == [0, 1, 2]
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape[1] == 96 and grid.shape[0] > 3 * 64  # one canvas per row, with captions
+    rows = [r for r in range(grid.shape[0] - 63) if np.array_equal(grid[r:r + 64, 16:80], canvases[0])]
+    assert len(rows) == 3  # every round's canvas shows the original in the same columns
 
     # A typo in the image with --overwrite: refused before the previous results are touched.
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}

@@ -3,12 +3,17 @@ weights), the outputs it writes, and its one-line errors."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+
+import bdjax
+from bdjax import outputs, smoke
+from bdjax.options import EditOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +67,9 @@ def test_smoke_run_writes_ranked_results_grid_and_report(smoke_run):
     assert all(s["seed"] == 7 for s in report["samples"])
     assert [s["file"] for s in report["samples"]] == [f"ranked/{n}" for n in names]
     assert report["options"]["skip_timesteps"] == 15  # the smoke preset's shorter schedule
+    # The options are reported once, as they ran: not beside the flag defaults the preset replaced.
+    assert report["options"]["timestep_respacing"] == "25"
+    assert not set(report["flags"]) & set(EditOptions.names()) and report["flags"]["config"] == "smoke"
     assert report["timings_s"]["edit"] > 0 and report["versions"]["jax"]
     grid = Image.open(out / "grid.png")
     assert grid.size[0] == 5 * 64  # source, mask and three results
@@ -69,6 +77,22 @@ def test_smoke_run_writes_ranked_results_grid_and_report(smoke_run):
         image = np.asarray(Image.open(out / "ranked" / n))
         assert image.shape == (64, 64, 3)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+def test_every_png_carries_its_provenance(smoke_run):
+    out, _, _ = smoke_run
+    report = json.loads((out / "report.json").read_text())
+    common = {"prompt": "a red ball", "seed": 7, "options": report["options"], "label": smoke.LABEL,
+              "bdjax_version": bdjax.__version__}
+    for s in report["samples"]:  # a ranked file is its sample's file: both carry the sample's provenance
+        for path in (out / s["file"], out / "samples" / f"sample_{s['sample_id']}.png"):
+            about = outputs.read_provenance(str(path))
+            assert {k: about[k] for k in common} == common
+            assert (about["kind"], about["sample_id"], about["distance"]) == ("sample", s["sample_id"], s["distance"])
+            assert about["run"]["config"] == "smoke" and about["run"]["image_size"] == 64
+    about = outputs.read_provenance(str(out / "grid.png"))
+    assert {k: about[k] for k in common} == common and about["kind"] == "grid"
+    assert about["tiles"] == [{k: s[k] for k in ("rank", "sample_id", "distance")} for s in report["samples"]]
 
 
 def test_existing_results_are_kept_unless_overwrite(smoke_run):
@@ -91,6 +115,18 @@ def test_existing_results_are_kept_unless_overwrite(smoke_run):
     assert "cache hit for 'jit_advance'" in proc.stderr and "sample-step" in proc.stderr
 
 
+def test_smoke_run_says_what_runs_where_before_compiling(smoke_run):
+    """Once, before anything compiles: the samples, their steps, the devices and the precision;
+    then where the compiled programs are kept; then the progress bar."""
+    _, common, proc = smoke_run
+    cache = common[-1].split("=", 1)[1]
+    err = proc.stderr
+    assert len(re.findall(r"^running 3 samples \(10 guided steps each\) on \d+ x cpu, fp32, smoke networks$", err,
+                          flags=re.M)) == 1, err[-2000:]
+    assert err.count(f"compiling (first run only, cached in {cache})\n") == 1
+    assert err.index("running 3 samples") < err.index("compiling (") < err.rindex("sample-step")
+
+
 def test_compilation_cache_is_on_by_default_under_the_weights_cache(inputs, tmp_path):
     """Without --compilation_cache_dir the cache lives in xla_cache/ of the weights cache
     ($BDJAX_CACHE); --nocompilation_cache leaves no cache at all."""
@@ -99,10 +135,12 @@ def test_compilation_cache_is_on_by_default_under_the_weights_cache(inputs, tmp_
     proc = run(*common, f"--output_dir={tmp_path / 'a'}", env={"BDJAX_CACHE": str(tmp_path / "weights")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [n for n in os.listdir(tmp_path / "weights" / "xla_cache") if n.startswith("jit_advance-")]
+    assert f"compiling (first run only, cached in {tmp_path / 'weights' / 'xla_cache'})\n" in proc.stderr
     proc = run(*common, f"--output_dir={tmp_path / 'b'}", "--nocompilation_cache",
                env={"BDJAX_CACHE": str(tmp_path / "none")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not os.path.exists(tmp_path / "none")
+    assert "compiling (not cached: --nocompilation_cache)\n" in proc.stderr
 
 
 def test_missing_weights_offline_names_the_command(inputs, tmp_path):
@@ -121,7 +159,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing(inputs, tmp_path):
     (tmp_path / "truncated.png").write_bytes(png[: len(png) // 3])
     (tmp_path / "a_file").write_text("")
     wrong = tmp_path / "wrong_weights"  # a CLIP checkpoint where the UNet should be
-    from bdjax import checkpoint, smoke
+    from bdjax import checkpoint
     checkpoint.save(str(wrong), "unet", checkpoint.flatten(smoke.networks(with_lpips=False)["clip"][1]),
                     smoke.unet_config(), model="unet")
     checkpoint.save(str(wrong), "clip", checkpoint.flatten(smoke.networks(with_lpips=False)["clip"][1]),

@@ -38,6 +38,9 @@ class FakeRun:
     def __init__(self, nan=(), inf=()):
         self.nan, self.inf, self.batches = set(nan), set(inf), []
 
+    def compiled(self, *inputs) -> bool:
+        return True  # nothing to compile
+
     def __call__(self, params, init, mask, text_embed, sample_ids, seeds, on_steps=None):
         ids = np.asarray(sample_ids)
         self.batches.append({"init": init.shape, "ids": ids.tolist(), "seeds": np.asarray(seeds).tolist()})
@@ -59,6 +62,7 @@ def fake_editor(run: FakeRun) -> BlendedDiffusion:
     editor.image_size = SIZE
     editor._samplers = {}
     editor.defaults = {}
+    editor.weights_digest = "fake"
     editor.sampler = lambda options, guided: run
     editor.encode_tokens = lambda tokens: jnp.zeros(8)
     return editor
@@ -399,7 +403,7 @@ def test_extrapolate_checks_everything_before_touching_the_output(program_flags,
     common = ["--prompt=sky", "--side=right", "--strip=16", "--repeats=1", "--num_samples=2", "--batch_size=2",
               f"--output_dir={out}"]
     assert run_program(program_flags, monkeypatch, "extrapolate", [*common, f"--init_image={image_file}"]) == 0
-    assert sorted(os.listdir(out)) == ["canvas_0.png", "canvas_1.png", "extrapolated.png", "report.json"]
+    assert sorted(os.listdir(out)) == ["canvas_0.png", "canvas_1.png", "extrapolated.png", "grid.png", "report.json"]
     assert strict_json(out / "report.json")["rounds"][0]["distance"] == pytest.approx(0.5)
     (out / "canvas_notes.png").write_bytes(b"mine")
     (out / "sketch.png").write_bytes(b"mine")
@@ -418,7 +422,7 @@ def test_extrapolate_checks_everything_before_touching_the_output(program_flags,
     assert run_program(program_flags, monkeypatch, "extrapolate",
                        [*common, f"--init_image={image_file}", "--overwrite", "--repeats=2"]) == 0
     assert sorted(os.listdir(out)) == ["canvas_0.png", "canvas_1.png", "canvas_2.png", "canvas_notes.png",
-                                       "extrapolated.png", "report.json", "sketch.png"]
+                                       "extrapolated.png", "grid.png", "report.json", "sketch.png"]
 
 
 def test_extrapolate_round_of_non_finite_samples_stops_with_one_line(program_flags, monkeypatch, image_file,
@@ -554,3 +558,119 @@ def test_help_lists_the_model_and_runtime_flags(module):
     needed = {"config", "precision", "model_output_size", "checkpoint_dir", "download", "remat", "compilation_cache"}
     assert needed <= listed, needed - listed
     assert {"output_dir", "batch_size"} <= listed
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: what runs where and the compile said before it, an ETA that leaves compiling out.
+
+class SlowCompile(FakeRun):
+    """A FakeRun whose programs take `compile_s` to compile (once) and whose run reports its
+    `num_steps` in two chunks, `chunk_s` apart; `descriptions` are the bars' while compiling."""
+    num_steps = 4
+
+    def __init__(self, compile_s: float, chunk_s: float = 0.02, bars=()):
+        super().__init__()
+        self.compile_s, self.chunk_s, self.bars = compile_s, chunk_s, bars
+        self.compiles, self.descriptions = 0, []
+
+    def compiled(self, *inputs) -> bool:
+        return self.compiles > 0
+
+    def compile(self, params, *inputs):
+        import time
+
+        self.descriptions += [bar.desc for bar in self.bars]
+        time.sleep(self.compile_s)
+        self.compiles += 1
+
+    def __call__(self, *args, on_steps=None):
+        import time
+
+        out = super().__call__(*args)
+        for _ in range(2):
+            time.sleep(self.chunk_s)
+            if on_steps is not None:
+                on_steps(self.num_steps // 2)
+        return out
+
+
+def recording_tqdm(monkeypatch, module):
+    """Replace `module`'s tqdm by one that keeps its bars and, as each closes, its elapsed time."""
+    from tqdm.auto import tqdm
+
+    bars = []
+
+    class Recording(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+        def close(self):
+            self.final = dict(self.format_dict)
+            super().close()
+
+    monkeypatch.setattr(module, "tqdm", Recording)
+    return bars
+
+
+def test_the_progress_bar_counts_sampling_only(monkeypatch):
+    """The library's bar says "compiling" while the first batch compiles, and its clock (so its
+    rate and ETA) leaves the compile out; `on_compile` is entered once per compile."""
+    import contextlib
+    import time
+
+    from bdjax import editor as editor_lib
+
+    bars = recording_tqdm(monkeypatch, editor_lib)
+    run = SlowCompile(compile_s=0.6, bars=bars)
+    editor = fake_editor(run)
+    entered = []
+    editor.on_compile = lambda: contextlib.nullcontext(entered.append(1))
+    began = time.perf_counter()
+    result = editor.edit(photo(), None, "a cat", num_samples=4, seed=1, batch_size=2)
+    took = time.perf_counter() - began
+    assert sorted(result.sample_ids.tolist()) == [0, 1, 2, 3]
+    assert run.compiles == 1 and entered == [1]  # the second batch reuses the programs
+    assert run.descriptions == ["blended diffusion (compiling)"]
+    [bar] = bars
+    assert bar.desc == "blended diffusion" and bar.final["n"] == bar.final["total"] == 2 * 4 * len(run.batches)
+    assert took >= 0.6 > bar.final["elapsed"] >= 4 * 0.02  # sampling's time, without the compile
+
+
+def test_launch_programs_say_what_runs_where_and_where_compiles_are_kept(program_flags, monkeypatch, capsys,
+                                                                         image_file, tmp_path):
+    """One line before anything compiles (samples, steps, devices, precision), one "compiling"
+    line naming the cache (or that there is none), and a program's own bar (batch_edit's) whose
+    clock leaves the compile out."""
+    import time
+
+    import tqdm.auto as tqdm_auto
+
+    from launch import runtime
+
+    run = SlowCompile(compile_s=0.01)
+    assert run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                            "--num_samples=3", f"--output_dir={tmp_path / 'o'}"],
+                       run) == 0
+    err = capsys.readouterr().err
+    where = f"{jax.device_count()} x cpu, fp32, smoke networks"
+    assert err.count(f"running 3 samples (4 guided steps each) on {where}\n") == 1
+    assert err.count("compiling (not cached: --nocompilation_cache)\n") == 1
+    assert err.index("running 3 samples") < err.index("compiling (")
+
+    program_flags.unparse_flags()
+    program_flags(["batch_edit", "--config=smoke", f"--compilation_cache_dir={tmp_path / 'xla'}"])
+    editor = fake_editor(SlowCompile(compile_s=0.6))
+    bars = recording_tqdm(monkeypatch, tqdm_auto)
+    bar = tqdm_auto.tqdm(total=4, unit="sample")  # as launch.batch_edit makes its bar
+    runtime.announce_compiles(editor, bar)
+    began = time.perf_counter()
+    init = np.zeros((4, SIZE, SIZE, 3), np.float32)
+    for start in (0, 2):  # as bdjax.batch.run: one call per batch, the bar moved after each
+        editor.sample(editor.options(batch_size=2), True, init[start:start + 2], init[start:start + 2, ..., :1],
+                      np.zeros((2, 8)), np.arange(start, start + 2), np.zeros(2))
+        bar.update(2)
+    took = time.perf_counter() - began
+    bar.close()
+    assert capsys.readouterr().err.count(f"compiling (first run only, cached in {tmp_path / 'xla'})\n") == 1
+    assert took >= 0.6 > bars[0].final["elapsed"]

@@ -36,17 +36,18 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def preset(name: str) -> dict:
-    """OpenAI's released ViT CLIPs by name ("vit_b16", "vit_b32", "vit_l14") -> CLIP fields.
+    """OpenAI's released ViT CLIPs by name ("vit_b16", "vit_b32", "vit_l14", and "vit_l14_336"
+    for ViT-L/14@336px: an input resolution other than 224 is a suffix) -> CLIP fields.
 
     Both towers use 64-channel heads, as OpenAI's build_model assumes.
     """
-    match = re.fullmatch(r"vit_([bl])(\d+)", name)
+    match = re.fullmatch(r"vit_([bl])(\d+)(?:_(\d+))?", name)
     if not match:
-        raise ValueError(f"unknown CLIP preset {name!r}; known: vit_b16, vit_b32, vit_l14")
-    size, patch = match.group(1), int(match.group(2))
+        raise ValueError(f"unknown CLIP preset {name!r}; known: vit_b16, vit_b32, vit_l14, vit_l14_336")
+    size, patch, resolution = match.group(1), int(match.group(2)), int(match.group(3) or 224)
     vision_width, vision_layers = {"b": (768, 12), "l": (1024, 24)}[size]
     text_width = {"b": 512, "l": 768}[size]
-    return dict(embed_dim=text_width, image_resolution=224, vision_layers=vision_layers,
+    return dict(embed_dim=text_width, image_resolution=resolution, vision_layers=vision_layers,
                 vision_width=vision_width, vision_patch_size=patch, vision_heads=vision_width // 64,
                 context_length=77, vocab_size=49408, transformer_width=text_width,
                 transformer_heads=text_width // 64, transformer_layers=12)
@@ -183,7 +184,7 @@ class CLIP(nn.Module):
     """OpenAI's `clip.model.CLIP` with a ViT image tower; fields as in its constructor."""
 
     embed_dim: int
-    image_resolution: int
+    image_resolution: int  # the side of the images encode_image takes (224 for ViT-B/16)
     vision_layers: int
     vision_width: int
     vision_patch_size: int

@@ -1,0 +1,82 @@
+"""bdjax/outputs.py: provenance in PNG text chunks, captions that wrap instead of being cut, the
+captioned grid. The launch programs' files are checked in their own tests."""
+
+import numpy as np
+from PIL import Image
+
+import bdjax
+from bdjax import outputs, smoke
+
+RNG = np.random.RandomState(0)
+IMAGE = RNG.randint(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def test_provenance_round_trip_keeps_any_prompt_and_the_pixels(tmp_path):
+    provenance = {"kind": "sample", "prompt": "赤いボール, un ballon «rouge», мяч", "seed": 7, "sample_id": 3,
+                  "distance": 0.8125, "options": {"skip_timesteps": 15, "ddim": False}, "label": smoke.LABEL}
+    path = str(tmp_path / "a.png")
+    outputs.save_png(path, IMAGE, provenance)
+    assert outputs.read_provenance(path) == {**provenance, "bdjax_version": bdjax.__version__}
+    with Image.open(path) as im:
+        assert np.array_equal(np.asarray(im), IMAGE)
+        im.load()
+        assert im.info["Software"] == f"bdjax {bdjax.__version__}"
+        assert "prompt: 赤いボール" in im.info["Description"] and smoke.LABEL in im.info["Description"]
+        assert "options: skip_timesteps=15, ddim=False" in im.info["Description"]
+    # Nothing in the chunks changes between writes: a rerun writes the same bytes.
+    outputs.save_png(str(tmp_path / "b.png"), IMAGE, provenance)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    # A non-finite distance is stored as null, as in the JSON reports; a foreign PNG has none.
+    outputs.save_png(path, IMAGE, {"distance": float("inf")})
+    assert outputs.read_provenance(path)["distance"] is None
+    Image.fromarray(IMAGE).save(tmp_path / "plain.png")
+    assert outputs.read_provenance(str(tmp_path / "plain.png")) == {}
+
+
+def test_wrap_breaks_long_text_into_lines_that_fit_and_drops_nothing():
+    width = 3 * 64 - 2 * outputs.PAD  # the heading of a grid with one result
+    lines = outputs.wrap(smoke.LABEL, width)
+    assert len(lines) > 1 and all(outputs.FONT.getlength(line) <= width for line in lines)
+    assert " ".join(lines) == smoke.LABEL
+    word = "x" * 200  # a word wider than the line is cut inside, still whole when joined
+    lines = outputs.wrap(f"{word}\nnext", 60)
+    assert "".join(lines[:-1]) == word and lines[-1] == "next"
+    assert all(outputs.FONT.getlength(line) <= 60 for line in lines)
+
+
+def test_long_heading_and_captions_are_wrapped_not_cut():
+    heading = f"{smoke.LABEL}\n'{'a very long prompt ' * 4}': source, mask, best 1 of 1"
+    image = outputs.grid(IMAGE, np.zeros((64, 64), np.uint8), [IMAGE], [0.8123], heading)
+    assert image.shape[1] == 3 * 64
+    lines = outputs.wrap(heading, image.shape[1] - 2 * outputs.PAD)
+    line = outputs.FONT.getbbox("Ag")[3] + outputs.LINE_SPACING
+    top = len(lines) * line + outputs.PAD
+    assert image.shape[0] == top + 64 + line + outputs.PAD  # heading lines, the tiles, one caption line
+    assert (image[:top, -outputs.PAD:] == 255).all()  # no text runs into the right edge
+    assert not (image[:top] == 255).all(axis=(1, 2))[:line].all()  # ... but there is text
+
+
+def test_grid_tiles_are_captioned_with_rank_and_distance():
+    assert outputs.tile_caption(2, 0.812345) == "#2 d=0.8123"
+    images = [IMAGE, 255 - IMAGE]
+    with_captions = outputs.grid(IMAGE, np.zeros((64, 64), np.uint8), images, [0.5, 0.75], "")
+    assert with_captions.shape == (64 + outputs.FONT.getbbox("Ag")[3] + outputs.LINE_SPACING + outputs.PAD,
+                                   4 * 64, 3)
+    assert np.array_equal(with_captions[:64, 2 * 64:3 * 64], IMAGE)  # the tiles are pasted unchanged
+    under = with_captions[64:]
+    for tile in range(4):  # each tile has text under it, within its own column
+        column = under[:, tile * 64:(tile + 1) * 64]
+        assert (column != 255).any() and (column[:, -outputs.PAD:] == 255).all()
+    # The captions are the ones named: drawing them alone gives the same strip.
+    captions = ["source", "mask", outputs.tile_caption(0, 0.5), outputs.tile_caption(1, 0.75)]
+    plain = outputs.sheet([np.full_like(IMAGE, 255)] * 4, captions, "")
+    assert np.array_equal(plain[64:], under)
+
+
+def test_sheet_places_tiles_of_different_widths_at_their_offsets():
+    narrow, wide = IMAGE[:, :32], IMAGE
+    image = outputs.sheet([narrow, wide], ["a", "b"], "", columns=1, offsets=[16, 0])
+    cell = 64 + outputs.FONT.getbbox("Ag")[3] + outputs.LINE_SPACING + outputs.PAD
+    assert image.shape == (2 * cell, 64, 3)
+    assert np.array_equal(image[:64, 16:48], narrow) and (image[:64, :16] == 255).all()
+    assert np.array_equal(image[cell:cell + 64], wide)
