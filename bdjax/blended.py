@@ -176,12 +176,10 @@ def make_sampler(models: Models, options: EditOptions, *, guided: bool,
     reference's ranking distances (lower is better).
     """
     d = diffusion.make_diffusion(timestep_respacing=options.timestep_respacing)
-    first = d.num_timesteps - options.skip_timesteps - 1
     # The options are validated with the request (bdjax/request.py); this guards only the schedule
     # index, which an out-of-range skip_timesteps would otherwise wrap silently into garbage.
-    if not 0 <= first < d.num_timesteps:
-        raise ValueError(f"skip_timesteps={options.skip_timesteps} must be in [0, {d.num_timesteps}) "
-                         f"for timestep_respacing={options.timestep_respacing!r}")
+    options.check_start(d.num_timesteps)
+    first = d.num_timesteps - options.skip_timesteps - 1
     step = make_step(models, options, d, guided=guided, augment=augment)
 
     def begin(params, init, mask, text_embed, sample_ids, seeds):

@@ -89,13 +89,17 @@ class EditOptions:
             from bdjax import diffusion
 
             num_timesteps = diffusion.respaced_length(self.timestep_respacing)
-        if not 0 <= self.skip_timesteps < num_timesteps:
-            raise ValueError(f"skip_timesteps={self.skip_timesteps} must be in [0, {num_timesteps}) "
-                             f"for timestep_respacing={self.timestep_respacing!r}")
+        self.check_start(num_timesteps)
         if self.aug_num < 1:
             raise ValueError(f"aug_num={self.aug_num} must be at least 1")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+
+    def check_start(self, num_timesteps: int) -> None:
+        """ValueError unless skip_timesteps leaves a step of the `num_timesteps`-step schedule to run."""
+        if not 0 <= self.skip_timesteps < num_timesteps:
+            raise ValueError(f"skip_timesteps={self.skip_timesteps} must be in [0, {num_timesteps}) "
+                             f"for timestep_respacing={self.timestep_respacing!r}")
 
 
 def reference_name(field: dataclasses.Field) -> str:
