@@ -27,6 +27,7 @@ setup(
         "cuda13": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],  # also what launch.compile_report needs on a machine without TPUs
         "convert": ["torch", "lpips"],  # lpips ships the v0.1 linear heads the LPIPS converter reads
+        "app": ["gradio>=6,<7"],  # the web app (python -m launch.app)
         "test": [
             "pytest",
             "jax[tpu]",  # libtpu: the compile report's test compiles for TPU chips without TPUs
@@ -38,6 +39,8 @@ setup(
             "setuptools<81",
             "lpips",
             "kornia",
+            "gradio>=6,<7",  # the web app's tests
+            "playwright",  # drives the system's Chromium in the web app's browser test
         ],
     },
 )

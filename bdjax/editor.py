@@ -285,16 +285,11 @@ class BlendedDiffusion:
             chunks = -(-n // batch_rows)
             bar = tqdm(total=run.num_steps * chunks * (mine.stop - mine.start),
                        desc=PROGRESS, unit="sample-step")
-        inputs = ((init, None), (mask, None), (text_embed, None), (sample_ids, np.int32), (seeds, np.int32))
-        gather = lambda a, index, dtype: np.asarray(  # noqa: E731  a range stays lazy
-            [a[i] for i in index] if isinstance(a, range) else np.asarray(a)[index], dtype)
+        inputs = (init, mask, text_embed, sample_ids, seeds)
         try:
             for start in range(0, n, batch_rows):
-                layout, valid = parallel.spread(np.arange(start, min(start + batch_rows, n)), global_batch)
-                local, keep = layout[mine], valid[mine]
+                local, keep, args = self._batch_args(inputs, start, min(start + batch_rows, n), global_batch)
                 on_steps = None if bar is None else (lambda steps: bar.update(steps * (mine.stop - mine.start)))
-                args = tuple(parallel.put_batch(gather(a, local, dtype), self.mesh, global_batch)
-                             for a, dtype in inputs)
                 if not run.compiled(*args):
                     self._compile(run, args, bar)
                 out = run(self.params, *args, on_steps=on_steps)
@@ -305,6 +300,39 @@ class BlendedDiffusion:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _batch_args(self, inputs: tuple, start: int, stop: int, global_batch: int) -> tuple:
+        """Rows start..stop of `inputs` (init, mask, text_embed, sample_ids, seeds), spread over a
+        padded batch of `global_batch` rows: (this process's row indices, which of them are real
+        rather than padding, the sampler's arguments on the mesh)."""
+        layout, valid = parallel.spread(np.arange(start, stop), global_batch)
+        mine = parallel.process_slice(global_batch, self.mesh)
+        local, keep = layout[mine], valid[mine]
+        dtypes = (None, None, None, np.int32, np.int32)
+        gather = lambda a, index, dtype: np.asarray(  # noqa: E731  a range stays lazy
+            [a[i] for i in index] if isinstance(a, range) else np.asarray(a)[index], dtype)
+        return local, keep, tuple(parallel.put_batch(gather(a, local, dtype), self.mesh, global_batch)
+                                  for a, dtype in zip(inputs, dtypes))
+
+    def warm_up(self, options: EditOptions | None = None, *, guided: bool = True, num_samples: int | None = None,
+                progress: bool = False) -> None:
+        """Compile now what an edit with `options` (default: this editor's defaults) and
+        `num_samples` samples (default: a full batch) will run, without sampling: the text encoder
+        and the sampler for that batch shape (inside `on_compile`). A server calls it at start-up
+        so that its first request starts sampling at once; with the persistent compilation cache
+        on, a later start reads the programs from disk. Nothing is compiled twice."""
+        opts = self.options(**({} if options is None else dataclasses.asdict(options)))
+        rows = opts.batch_size if num_samples is None else max(1, min(opts.batch_size, num_samples))
+        self.encode_tokens(np.zeros((1, self.models.clip.context_length), np.int32))
+        run = self.sampler(opts, guided)
+        size, width = self.image_size, self.models.clip.embed_dim
+        one = (np.zeros((1, size, size, 3), np.float32), np.ones((1, size, size, 1), np.float32),
+               np.zeros((1, width), np.float32))
+        inputs = (*(np.broadcast_to(a, (rows, *a.shape[1:])) for a in one), range(rows), np.zeros(rows, np.int32))
+        global_batch = parallel.padded_batch(rows, self.mesh.devices.size)
+        _, _, args = self._batch_args(inputs, 0, rows, global_batch)
+        if not run.compiled(*args):
+            self._compile(run, args, None)
 
     def _compile(self, run: "CompiledSampler", args: tuple, bar) -> None:
         """Compile `run` for `args` ahead of sampling, inside `on_compile`; the bar says so meanwhile

@@ -53,8 +53,11 @@ def reported_flags(module) -> dict:
     return {name: value for name, value in runtime.flag_values(module).items() if name not in names}
 
 
-def run_report(options: dict, timings: dict) -> dict:
-    return {"flags": reported_flags(sys.modules[__name__]), "options": options, "timings_s": timings,
+def run_report(options: dict, timings: dict, program=None) -> dict:
+    """What report.json says of a run besides its samples (outputs.EditWriter.finish adds those):
+    the flags of `program` (a launch module; default this one), the options as run, timings,
+    versions and devices. The edit program and the web app write the same report."""
+    return {"flags": reported_flags(program or sys.modules[__name__]), "options": options, "timings_s": timings,
             **runtime.environment()}
 
 

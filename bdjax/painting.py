@@ -1,0 +1,89 @@
+"""The image and mask of an edit painted in an image editor (the web app's, or any other).
+
+An image editor hands back the photo (its background) and the layers painted over it: RGBA
+images of the photo's size, transparent where nothing was painted and where strokes were erased.
+The region to edit is every pixel that any layer covers (alpha above 0, whatever the colour); a
+layer without alpha covers its non-zero pixels. A mask file may be uploaded instead of painting;
+it is read as `--mask` is (non-zero pixels edited). Inverting (edit the unpainted pixels, to
+replace a background) is left to `request.prepare(..., invert_mask=True)`, as for a mask file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from bdjax import image_io
+
+
+@dataclasses.dataclass(frozen=True)
+class Painting:
+    """What `request.prepare` takes: the photo and the mask (255 where painted, else 0, at the
+    photo's size) or an uploaded mask file or image, as given."""
+    image: np.ndarray | Image.Image | str
+    mask: np.ndarray | Image.Image | str
+
+
+def _array(image, what: str) -> np.ndarray:
+    if isinstance(image, str):
+        image = image_io.to_pil(image, what)
+    return np.asarray(image)
+
+
+def coverage(layer, size: tuple[int, int]) -> np.ndarray:
+    """[H, W] bool: where `layer` (an array or PIL image, RGBA, LA, RGB or L) is painted, at
+    `size` (width, height), resized with nearest neighbour if it was drawn at another size."""
+    array = _array(layer, "painted layer")
+    if array.ndim == 3 and array.shape[-1] in (2, 4):  # with alpha: painted where not transparent
+        covered = array[..., -1] > 0
+    elif array.ndim == 3 and array.shape[-1] in (1, 3):
+        covered = (array > 0).any(axis=-1)
+    elif array.ndim == 2:
+        covered = array > 0
+    else:
+        raise image_io.InputError(f"a painted layer has shape {array.shape}; expected HxW, HxWx2, HxWx3 or HxWx4")
+    if covered.shape[::-1] != tuple(size):
+        covered = np.asarray(Image.fromarray(covered).resize(tuple(size), Image.NEAREST))
+    return covered
+
+
+def painted_mask(background, layers: Sequence, *, invert_hint: bool = False) -> np.ndarray:
+    """[H, W] uint8 {0, 255}: 255 where any of `layers` is painted, at the size of `background`.
+    InputError when nothing is painted (`invert_hint` words the fix for an inverted mask)."""
+    image = _array(background, "image")
+    size = (image.shape[1], image.shape[0])
+    covered = np.zeros(size[::-1], bool)
+    for layer in layers:
+        if layer is not None:
+            covered |= coverage(layer, size)
+    if not covered.any():
+        what = "what to keep" if invert_hint else "the region to change"
+        raise image_io.InputError(f"the mask is empty: paint over {what} with the brush, or upload a mask file")
+    return np.where(covered, 255, 0).astype(np.uint8)
+
+
+def from_editor(value: Mapping | None, uploaded_mask=None, *, invert_mask: bool = False) -> Painting:
+    """The photo and mask of an image editor's `value` ({"background": image, "layers": [images],
+    "composite": ...}, as Gradio's ImageEditor gives it), or of `uploaded_mask` (a file path, an
+    array or a PIL image) when one was uploaded instead of painting. InputError (a ValueError)
+    says, in one line, what to do when there is no photo, no mask, or both a painted and an
+    uploaded mask."""
+    background = None if value is None else value.get("background")
+    if background is None:
+        raise image_io.InputError("no image: upload a photo to edit first")
+    layers = [] if value is None else [layer for layer in value.get("layers") or [] if layer is not None]
+    if uploaded_mask is not None:
+        if any(_covers(layer) for layer in layers):
+            raise image_io.InputError("a mask was both painted and uploaded: clear the painting or remove the "
+                                      "uploaded mask")
+        return Painting(image=background, mask=uploaded_mask)
+    return Painting(image=background, mask=painted_mask(background, layers, invert_hint=invert_mask))
+
+
+def _covers(layer) -> bool:
+    """Whether anything is painted on `layer`, at its own size."""
+    array = _array(layer, "painted layer")
+    return bool(coverage(array, (array.shape[1], array.shape[0])).any())

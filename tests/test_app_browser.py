@@ -1,0 +1,236 @@
+"""The web app in a real browser: `python -m launch.app --config=smoke` on 127.0.0.1, driven by
+Playwright in headless Chromium from Debian's packages (`apt-get install chromium`; Playwright's
+own browser download cannot work offline).
+
+A user uploads examples/coffee.png, paints a stroke over the cup, types a prompt, asks for 2
+samples and runs: 2 ranked results appear with their distances, and the mask used covers the
+stroke and nothing far from it. An empty mask then gives its one-line message, and the server
+still serves a further request, which is cancelled after its first batch. The server is stopped by
+its PID. Set BDJAX_APP_SCREENSHOT=path to keep the screenshot taken after the first run.
+"""
+
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdjax import smoke
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COFFEE = os.path.join(ROOT, "examples", "coffee.png")
+# Chromium as this machine runs it as root with no network beyond loopback.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STROKE = ((180, 110), (280, 110))  # over the cup, in the photo's pixels (480 x 320)
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("the browser test needs Debian's Chromium: apt-get install -y chromium")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """launch.app as a subprocess; its output is collected by a thread."""
+
+    def __init__(self, tmp, port: int):
+        from jax import config
+
+        self.home, self.workdir, self.out = tmp / "home", tmp / "work", tmp / "out"
+        for d in (self.home, self.workdir):
+            d.mkdir()
+        cache = tmp / "bdjax_cache"
+        cache.mkdir()
+        os.symlink(config.jax_compilation_cache_dir, cache / "xla_cache")  # the suite's compiled programs
+        env = {**os.environ, "PYTHONPATH": ROOT, "HOME": str(self.home), "BDJAX_CACHE": str(cache),
+               "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+        env.pop("GRADIO_TEMP_DIR", None)
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "launch.app", "--config=smoke", f"--port={port}", f"--output_dir={self.out}",
+             "--num_samples=2"], cwd=self.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(line.startswith("serving on ") for line in self.lines):
+            assert self.proc.poll() is None, f"the app stopped:\n{self.log[-3000:]}"
+            assert time.monotonic() < deadline, f"the app did not start in {timeout} s:\n{self.log[-3000:]}"
+            time.sleep(0.5)
+
+    def stop(self) -> int:
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("app"), free_port())
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#photo canvas", timeout=60_000)
+    return page
+
+
+def upload_photo(page) -> dict:
+    """Upload the coffee photo; returns where its pixels are on the screen (scale, left, top)."""
+    page.locator("#photo input[type=file]").set_input_files(COFFEE)
+    zoom = page.locator("#photo").get_by_text(re.compile(r"^\d+%$"))
+    zoom.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)  # the canvas settles on its zoom
+    scale = int(zoom.inner_text()[:-1]) / 100
+    box = page.locator("#photo canvas").first.bounding_box()
+    with Image.open(COFFEE) as photo:
+        width, height = photo.size
+    # The editor shows the photo centred in its canvas at the zoom it shows.
+    return {"scale": scale, "left": box["x"] + (box["width"] - width * scale) / 2,
+            "top": box["y"] + (box["height"] - height * scale) / 2}
+
+
+def paint(page, at: dict, stroke=STROKE, steps: int = 20) -> None:
+    """Drag the brush (the editor's tool once a photo is in) along `stroke`, in photo pixels."""
+    screen = lambda x, y: (at["left"] + x * at["scale"], at["top"] + y * at["scale"])  # noqa: E731
+    (x0, y0), (x1, y1) = stroke
+    page.mouse.move(*screen(x0, y0))
+    page.mouse.down()
+    for i in range(1, steps + 1):
+        page.mouse.move(*screen(x0 + (x1 - x0) * i / steps, y0 + (y1 - y0) * i / steps))
+    page.mouse.up()
+
+
+def run_edit(page, prompt: str, samples: int) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#num-samples input").fill(str(samples))
+    page.locator("#run").click()
+
+
+def wait_status(page, pattern: str, timeout: float = 240) -> str:
+    """The status line once it matches `pattern` (regular expression)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = page.locator("#status").inner_text()
+        if re.search(pattern, text):
+            return text
+        assert time.monotonic() < deadline, f"status never matched {pattern!r}; it says {text!r}"
+        page.wait_for_timeout(250)
+
+
+def captions(page) -> list[str]:
+    return [c.inner_text() for c in page.locator("#results .caption-label").all()]
+
+
+def fetch_png(page, selector: str) -> np.ndarray:
+    src = page.locator(f"{selector} img").first.get_attribute("src")
+    response = page.request.get(src)
+    assert response.ok, src
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("L"))
+
+
+def distance_to_stroke(points: np.ndarray, stroke=STROKE) -> np.ndarray:
+    """Distance of photo-pixel `points` [N, 2] (x, y) to the stroke's segment."""
+    a, b = np.asarray(stroke, float)
+    t = np.clip(((points - a) @ (b - a)) / ((b - a) @ (b - a)), 0, 1)
+    return np.linalg.norm(points - (a + t[:, None] * (b - a)), axis=1)
+
+
+def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = open_page(browser, server.url)
+            paint(page, upload_photo(page))
+            run_edit(page, "a cup of green tea", 2)
+            status = wait_status(page, r"results ranked|error")
+            assert status.startswith("2 results ranked"), status
+            assert smoke.LABEL in status
+            shown = captions(page)
+            assert len(shown) == 2 and len(page.locator("#results img").all()) == 2, shown
+            distances = [float(re.match(r"#(\d) d=(\d+\.\d{4}) seed 404 sample \d \(smoke\)$", c).group(2))
+                         for c in shown]
+            assert [c[:2] for c in shown] == ["#0", "#1"] and distances == sorted(distances)
+
+            # The mask used, at the model size: the stroke is in it, and nothing far from the stroke.
+            mask = fetch_png(page, "#mask-used") > 0
+            assert mask.shape == (smoke.IMAGE_SIZE, smoke.IMAGE_SIZE)
+            with Image.open(COFFEE) as photo:
+                sx, sy = photo.size[0] / mask.shape[1], photo.size[1] / mask.shape[0]
+            ys, xs = np.nonzero(mask)
+            centres = np.stack([(xs + 0.5) * sx, (ys + 0.5) * sy], axis=1)
+            assert distance_to_stroke(centres).max() < 60  # photo pixels: the brush's radius and a margin
+            (x0, y), (x1, _) = STROKE
+            row = int(y / sy)
+            assert mask[row, int(x0 / sx) + 1:int(x1 / sx)].all()  # the stroke's centre line is covered
+            assert mask.mean() < 0.2
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            if os.environ.get("BDJAX_APP_SCREENSHOT"):
+                shutil.copyfile(tmp_path / "app.png", os.environ["BDJAX_APP_SCREENSHOT"])
+
+            # An empty mask: one line in the page, and the server stays up.
+            page = open_page(browser, server.url)
+            upload_photo(page)
+            run_edit(page, "a cup of green tea", 2)
+            status = wait_status(page, r"error")
+            assert status == "error: the mask is empty: paint over the region to change with the brush, or " \
+                             "upload a mask file", status
+            assert "Traceback" not in server.log
+
+            # A further request is served. Cancelled while its second batch (of three) runs, it
+            # stops after that batch and ranks what it finished.
+            paint(page, upload_photo(page))
+            run_edit(page, "a cup of green tea", 6)
+            wait_status(page, r"2 of 6 samples done")
+            page.locator("#cancel").click()
+            status = wait_status(page, r"results ranked|error")
+            finished = re.match(r"cancelled after ([24]) of 6 samples; \1 results ranked", status)
+            assert finished, status
+            assert len(captions(page)) == int(finished.group(1))
+        finally:
+            browser.close()
+
+    assert server.stop() == 0, server.log[-3000:]
+    assert "Traceback" not in server.log, server.log[-3000:]
+    # Everything it wrote is in --output_dir: one folder per run that sampled, nothing in HOME or
+    # in the directory it ran in.
+    assert sorted(os.listdir(server.out)) == ["run_0001", "run_0002"]
+    for name in ("grid.png", "report.json", "source.png", "mask.png"):
+        assert (server.out / "run_0001" / name).is_file()
+    assert os.listdir(server.workdir) == []
+    assert [os.path.join(d, f) for d, _, fs in os.walk(server.home) for f in fs] == []

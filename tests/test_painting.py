@@ -1,0 +1,141 @@
+"""The mask of an image editor's value (bdjax/painting.py): painted layers, erased strokes, an
+uploaded mask instead, inversion, and the one-line errors; then through request.prepare as the
+app runs it, and through Gradio's own ImageEditor preprocessing."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdjax import image_io, painting, request
+from bdjax.options import EditOptions
+
+H, W = 30, 40
+
+
+def photo() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (H, W, 4), dtype=np.uint8)
+    image[..., 3] = 255
+    return image
+
+
+def layer(boxes=(), erased=(), alpha=153) -> np.ndarray:
+    """An RGBA layer painted (pink at `alpha`) in `boxes`, then erased (alpha 0) in `erased`;
+    boxes are (top, bottom, left, right)."""
+    out = np.zeros((H, W, 4), np.uint8)
+    for top, bottom, left, right in boxes:
+        out[top:bottom, left:right] = (255, 0, 160, alpha)
+    for top, bottom, left, right in erased:
+        out[top:bottom, left:right, 3] = 0
+    return out
+
+
+def expected(boxes=(), erased=()) -> np.ndarray:
+    out = np.zeros((H, W), np.uint8)
+    for top, bottom, left, right in boxes:
+        out[top:bottom, left:right] = 255
+    for top, bottom, left, right in erased:
+        out[top:bottom, left:right] = 0
+    return out
+
+
+def test_the_painted_pixels_are_the_mask_at_the_photos_size():
+    value = {"background": photo(), "layers": [layer([(5, 15, 10, 30)])], "composite": None}
+    painted = painting.from_editor(value)
+    assert painted.image is value["background"]
+    np.testing.assert_array_equal(painted.mask, expected([(5, 15, 10, 30)]))
+
+
+def test_any_alpha_counts_as_painted_and_colour_does_not_matter():
+    faint = layer([(0, 3, 0, 3)], alpha=1)
+    black = np.zeros((H, W, 4), np.uint8)
+    black[20:25, 20:25, 3] = 255  # opaque black paint
+    mask = painting.painted_mask(photo(), [faint, black])
+    np.testing.assert_array_equal(mask, expected([(0, 3, 0, 3), (20, 25, 20, 25)]))
+
+
+def test_erased_strokes_are_not_in_the_mask():
+    value = {"background": photo(), "layers": [layer([(5, 25, 5, 35)], erased=[(10, 20, 10, 20)])]}
+    np.testing.assert_array_equal(painting.from_editor(value).mask,
+                                  expected([(5, 25, 5, 35)], erased=[(10, 20, 10, 20)]))
+
+
+def test_every_layer_adds_to_the_mask():
+    value = {"background": photo(), "layers": [layer([(0, 5, 0, 5)]), None, layer([(20, 30, 30, 40)])]}
+    np.testing.assert_array_equal(painting.from_editor(value).mask, expected([(0, 5, 0, 5), (20, 30, 30, 40)]))
+
+
+def test_layers_without_alpha_and_of_another_size():
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[0:10, 0:20, 1] = 200
+    grey = np.zeros((H // 2, W // 2), np.uint8)  # half size: resized with nearest neighbour
+    grey[10:15, 10:20] = 1
+    mask = painting.painted_mask(Image.fromarray(photo()), [rgb, Image.fromarray(grey)])
+    np.testing.assert_array_equal(mask, expected([(0, 10, 0, 20), (20, 30, 20, 40)]))
+
+
+def test_nothing_painted_or_everything_erased_is_a_one_line_error():
+    for layers in ([], [layer()], [layer([(5, 15, 5, 15)], erased=[(0, 30, 0, 40)])]):
+        with pytest.raises(image_io.InputError, match="^the mask is empty: paint over the region to change") as e:
+            painting.from_editor({"background": photo(), "layers": layers})
+        assert "\n" not in str(e.value)
+    with pytest.raises(image_io.InputError, match="paint over what to keep"):
+        painting.from_editor({"background": photo(), "layers": []}, invert_mask=True)
+
+
+def test_no_photo_is_a_one_line_error():
+    for value in (None, {"background": None, "layers": [layer([(0, 5, 0, 5)])], "composite": None}):
+        with pytest.raises(image_io.InputError, match="^no image: upload a photo"):
+            painting.from_editor(value)
+
+
+def test_an_uploaded_mask_is_used_instead_of_painting(tmp_path):
+    path = tmp_path / "mask.png"
+    Image.fromarray(expected([(2, 12, 3, 33)])).save(path)
+    value = {"background": photo(), "layers": [layer()]}  # an empty layer: nothing painted
+    painted = painting.from_editor(value, str(path))
+    assert painted.mask == str(path)
+    with pytest.raises(image_io.InputError, match="both painted and uploaded: clear the painting or remove"):
+        painting.from_editor({"background": photo(), "layers": [layer([(0, 5, 0, 5)])]}, str(path))
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_prepared_as_the_app_prepares_it(tmp_path, invert):
+    """The painting and an uploaded file of the same mask give the same mask at the model size;
+    invert_mask edits exactly the unpainted pixels."""
+    boxes = [(4, 20, 8, 32)]
+    path = tmp_path / "mask.png"
+    Image.fromarray(expected(boxes)).save(path)
+    options = EditOptions(timestep_respacing="25", skip_timesteps=15)
+    masks = []
+    for value, upload in (({"background": photo(), "layers": [layer(boxes)]}, None),
+                          ({"background": photo(), "layers": []}, str(path))):
+        painted = painting.from_editor(value, upload, invert_mask=invert)
+        prepared = request.prepare(painted.image, painted.mask, "a cat", num_samples=1, seed=0, invert_mask=invert,
+                                   options=options, image_size=16)
+        masks.append(prepared.mask)
+    np.testing.assert_array_equal(masks[0], masks[1])
+    direct = np.asarray(Image.fromarray(expected(boxes)).resize((16, 16), Image.NEAREST)) > 0
+    np.testing.assert_array_equal(masks[0] > 0, ~direct if invert else direct)
+    assert masks[0].dtype == np.uint8 and set(np.unique(masks[0])) <= {0, 255}
+
+
+def test_gradio_image_editor_values(tmp_path):
+    """The value Gradio's ImageEditor hands the app (type numpy, RGBA, PNG files as the browser
+    sends them) gives the painted mask, erased pixels excluded."""
+    import gradio as gr  # the web app's extra, part of the test extra
+    from gradio.data_classes import FileData
+    from gradio.components.image_editor import EditorData
+
+    files = {}
+    for name, array in (("background", photo()), ("layer", layer([(3, 27, 6, 36)], erased=[(10, 12, 0, 40)])),
+                        ("composite", photo())):
+        files[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray(array).save(files[name])
+    component = gr.ImageEditor(type="numpy", image_mode="RGBA", format="png")
+    value = component.preprocess(EditorData(background=FileData(path=files["background"]),
+                                            layers=[FileData(path=files["layer"])],
+                                            composite=FileData(path=files["composite"])))
+    painted = painting.from_editor(value)
+    np.testing.assert_array_equal(painted.mask, expected([(3, 27, 6, 36)], erased=[(10, 12, 0, 40)]))
+    np.testing.assert_array_equal(np.asarray(painted.image)[..., :3], photo()[..., :3])
