@@ -234,11 +234,12 @@ def build_page(studio: Studio):
                 status = gr.Markdown("", elem_id="status")
                 gallery = gr.Gallery(label="results, best first" + (" (SMOKE: random networks)" if smoke else ""),
                                      columns=4, height="auto", elem_id="results")
+                mark = " (smoke)" if smoke else ""  # short: the label sits over the image
                 with gr.Row():
-                    source_used = gr.Image(label="source at the model size", type="filepath", interactive=False,
-                                           height=220, elem_id="source-used")
-                    mask_used = gr.Image(label="mask used at the model size", type="filepath", interactive=False,
-                                         height=220, elem_id="mask-used")
+                    source_used = gr.Image(label="source at the model size" + mark, type="filepath",
+                                           interactive=False, height=220, elem_id="source-used")
+                    mask_used = gr.Image(label="mask used at the model size" + mark, type="filepath",
+                                         interactive=False, height=220, elem_id="mask-used")
                 grid = gr.Image(label="grid", type="filepath", interactive=False, elem_id="grid")
                 downloads = gr.File(label="downloads: source, mask, grid, report.json", file_count="multiple",
                                     interactive=False, elem_id="downloads")

@@ -5,7 +5,8 @@ own browser download cannot work offline).
 A user uploads examples/coffee.png, paints a stroke over the cup, types a prompt, asks for 2
 samples and runs: 2 ranked results appear with their distances, and the mask used covers the
 stroke and nothing far from it. An empty mask then gives its one-line message, and the server
-still serves a further request, which is cancelled after its first batch. The server is stopped by
+still serves further requests: one is cancelled after a batch while another user's waits in the
+queue, its position shown, then runs. The server is stopped by
 its PID. Set BDJAX_APP_SCREENSHOT=path to keep the screenshot taken after the first run.
 """
 
@@ -212,16 +213,23 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
                              "upload a mask file", status
             assert "Traceback" not in server.log
 
-            # A further request is served. Cancelled while its second batch (of three) runs, it
-            # stops after that batch and ranks what it finished.
+            # A further request is served, and another user's request waits in the queue with its
+            # position shown. Cancelled while its second batch (of three) runs, the first stops
+            # after that batch and ranks what it finished; the queued one then runs in full.
             paint(page, upload_photo(page))
+            other = open_page(browser, server.url)
+            paint(other, upload_photo(other))
             run_edit(page, "a cup of green tea", 6)
+            wait_status(page, r"sampling 6 samples")
+            run_edit(other, "a cup of coffee", 2)
+            wait_status(other, r"queue: 1/1")
             wait_status(page, r"2 of 6 samples done")
             page.locator("#cancel").click()
             status = wait_status(page, r"results ranked|error")
             finished = re.match(r"cancelled after ([24]) of 6 samples; \1 results ranked", status)
             assert finished, status
             assert len(captions(page)) == int(finished.group(1))
+            assert wait_status(other, r"results ranked|error").startswith("2 results ranked")
         finally:
             browser.close()
 
@@ -229,7 +237,7 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
     assert "Traceback" not in server.log, server.log[-3000:]
     # Everything it wrote is in --output_dir: one folder per run that sampled, nothing in HOME or
     # in the directory it ran in.
-    assert sorted(os.listdir(server.out)) == ["run_0001", "run_0002"]
+    assert sorted(os.listdir(server.out)) == ["run_0001", "run_0002", "run_0003"]
     for name in ("grid.png", "report.json", "source.png", "mask.png"):
         assert (server.out / "run_0001" / name).is_file()
     assert os.listdir(server.workdir) == []
