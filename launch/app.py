@@ -9,8 +9,9 @@ the compiled programs from the persistent compilation cache). Requests run one a
 others wait in a queue that shows their position. Every edit goes through the same editor API
 (`BlendedDiffusion.prepare` and `edit_batches`) and the same result writer as `launch.edit`:
 each run is written to OUTPUT_DIR/run_NNNN/ (samples/, ranked/, grid.png, report.json, plus the
-source and the mask actually used at the model's size). Nothing is written elsewhere: without
---output_dir the results and Gradio's uploads go to a new temporary folder, named at start-up.
+source and the mask actually used at the model's size); without --output_dir, into a new
+temporary folder named at start-up. Gradio's uploads (and its copies of the files it serves) go to
+another temporary folder, removed when the app stops; nothing is written anywhere else.
 
 The app has no authentication: it listens on 127.0.0.1 unless --host says otherwise.
 """
@@ -37,6 +38,7 @@ FLAGS = flags.FLAGS
 
 TITLE = "bdjax: Blended Diffusion, text-driven editing of a painted region"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_UPLOAD = "100mb"  # Gradio refuses larger uploads; the image decoder refuses huge pixel counts
 
 
 def define_flags():
@@ -344,9 +346,10 @@ def main(argv):
         raise runtime.FlagError("the web app runs in one process: drop --distributed (use launch.batch_edit for "
                                 "multi-process runs)")
     if not 1 <= FLAGS.num_samples <= FLAGS.max_samples:
-        raise runtime.FlagError(f"--num_samples={FLAGS.num_samples} must be in [1, --max_samples={FLAGS.max_samples}]")
-    if not 0 <= FLAGS.port < 65536:
-        raise runtime.FlagError(f"--port={FLAGS.port} must be in [0, 65535]")
+        raise runtime.FlagError(f"--num_samples={FLAGS.num_samples} must be in "
+                                f"[1, --max_samples={FLAGS.max_samples}]")
+    if not 1 <= FLAGS.port < 65536:
+        raise runtime.FlagError(f"--port={FLAGS.port} must be in [1, 65535]")
     from bdjax import files, guidance, smoke
     from bdjax.options import EditOptions
 
@@ -387,7 +390,7 @@ def main(argv):
     page = build_page(studio)
     page.queue(default_concurrency_limit=1, max_size=64)
     page.launch(server_name=FLAGS.host, server_port=FLAGS.port, share=FLAGS.share, allowed_paths=[output_dir],
-                show_error=False, quiet=True, css=CSS, prevent_thread_lock=True)
+                show_error=False, quiet=True, css=CSS, prevent_thread_lock=True, max_file_size=MAX_UPLOAD)
     print(f"serving on {page.local_url}" + (f" and {page.share_url}" if page.share_url else "")
           + f" (Ctrl-C stops it); results are written to {output_dir}" + (f"\n{label}" if label else ""),
           flush=True)

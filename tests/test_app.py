@@ -30,7 +30,8 @@ def start(*flags, env=None):
     (["--num_samples=65"], "error: --num_samples=65 must be in [1, --max_samples=64]"),
     (["--distributed"], "error: the web app runs in one process: drop --distributed"),
     (["--skip_timesteps=30"], "error: --skip_timesteps=30 must be in [0, 25) for timestep_respacing='25'"),
-    (["--port=70000"], "error: --port=70000 must be in [0, 65535]"),
+    (["--port=70000"], "error: --port=70000 must be in [1, 65535]"),
+    (["--port=0"], "error: --port=0 must be in [1, 65535]"),
     (["extra"], "error: unexpected arguments: ['extra']"),
 ])
 def test_bad_flags_stop_before_anything_loads(flags, message):

@@ -2,8 +2,9 @@
 
 The commands are read from README.md (its "## Recipes" section, before the deployment notes that
 start at "### GPUs"), so the README and this test cannot drift apart. Each gets what the README
-says to add to check a command without weights: `--config=smoke --num_samples=4` for the edits
-and the extrapolation, `--config=smoke` for the batch manifest (which has no --num_samples).
+says to add to check a command without weights (read from the same section): the smoke config, 2
+samples and 5 steps for the edits and the extrapolation, the smoke config and 5 steps for the
+batch manifest (which sets its own sample counts).
 Commands run from a directory holding the repository's examples/, so their relative output
 folders stay inside the test's temporary directory.
 """
@@ -23,11 +24,16 @@ from bdjax import smoke
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def recipe_commands() -> list[list[str]]:
-    """The `python -m launch.*` commands of the README's Recipes, as argument lists."""
+def recipes() -> str:
+    """The README's Recipes section, up to its deployment notes."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text[text.index("\n## Recipes\n"):text.index("\n### GPUs\n")]
+    return text[text.index("\n## Recipes\n"):text.index("\n### GPUs\n")]
+
+
+def recipe_commands() -> list[list[str]]:
+    """The `python -m launch.*` commands of the README's Recipes, as argument lists."""
+    section = recipes()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -38,8 +44,17 @@ def recipe_commands() -> list[list[str]]:
 
 
 def smoke_flags(program: str) -> list[str]:
-    """What the README says to add; added last, so it wins over the command's own values."""
-    return ["--config=smoke"] + (["--num_samples=4"] if program != "launch.batch_edit" else [])
+    """What the README says to add ("Add `FLAGS` to any of them (only `FLAGS` to the batch");
+    added last, so it wins over the command's own values."""
+    said = re.search(r"Add `([^`]+)` to any of them \(only `([^`]+)` to the batch", " ".join(recipes().split()))
+    assert said, "the Recipes section no longer says what to add for a smoke check"
+    return shlex.split(said.group(2) if program == "launch.batch_edit" else said.group(1))
+
+
+def test_the_smoke_check_is_quick_and_labelled():
+    """What the README says to add runs the smoke networks, 2 samples, 5 steps."""
+    assert smoke_flags("launch.edit") == ["--config=smoke", "--num_samples=2", "--skip_timesteps=20"]
+    assert smoke_flags("launch.batch_edit") == ["--config=smoke", "--skip_timesteps=20"]
 
 
 def test_the_readme_has_the_recipes_it_describes():
@@ -77,9 +92,9 @@ def test_recipe_runs_as_written_at_the_smoke_config(command, workdir):
     out = workdir / output_dir(args)
     if program == "launch.edit":
         ranked = sorted(os.listdir(out / "ranked"))
-        assert len(ranked) == 4 and (out / "grid.png").is_file()
-        assert json.loads((out / "report.json").read_text())["options"]["timestep_respacing"] == \
-            smoke.OPTIONS["timestep_respacing"]
+        assert len(ranked) == 2 and (out / "grid.png").is_file()
+        options = json.loads((out / "report.json").read_text())["options"]
+        assert options["timestep_respacing"] == smoke.OPTIONS["timestep_respacing"] and options["skip_timesteps"] == 20
     elif program == "launch.extrapolate":
         repeats, strip = int(dict(a[2:].split("=", 1) for a in args if "=" in a)["repeats"]), smoke.IMAGE_SIZE // 4
         with Image.open(out / "extrapolated.png") as image:
