@@ -18,6 +18,8 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
+from bdjax.options import OptionError
+
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
 
 # The length of the trained (unrespaced) process; respacings select steps from it.
@@ -100,8 +102,8 @@ def _step_count(text: str) -> int | None:
 
 
 def _bad_respacing(value, why: str) -> ValueError:
-    return ValueError(f"timestep_respacing={value!r} {why}: use a step count ('100'), steps per section "
-                      "('10,20,30') or a DDIM step count ('ddim50')")
+    return OptionError("timestep_respacing", f"timestep_respacing={value!r} {why}: use a step count ('100'), "
+                       "steps per section ('10,20,30') or a DDIM step count ('ddim50')")
 
 
 @flax.struct.dataclass

@@ -23,6 +23,15 @@ _ACCEPTED = {"bool": (bool, np.bool_), "int": (int, np.integer), "float": (int, 
 MAX_NUM_SAMPLES = 100_000
 
 
+class OptionError(ValueError):
+    """A value an edit cannot run with; the message opens with "name=value", and `name` is the
+    option or request field at fault (so a program can name its own flag or field for it)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 def option(default, help: str, reference: str | None = None) -> Any:
     """A field of EditOptions: its default, one line of help, and the reference's name for it
     (by default the field's own name; "" for an option the reference does not have)."""
@@ -91,15 +100,15 @@ class EditOptions:
             num_timesteps = diffusion.respaced_length(self.timestep_respacing)
         self.check_start(num_timesteps)
         if self.aug_num < 1:
-            raise ValueError(f"aug_num={self.aug_num} must be at least 1")
+            raise OptionError("aug_num", f"aug_num={self.aug_num} must be at least 1")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+            raise OptionError("batch_size", f"batch_size={self.batch_size} must be at least 1")
 
     def check_start(self, num_timesteps: int) -> None:
         """ValueError unless skip_timesteps leaves a step of the `num_timesteps`-step schedule to run."""
         if not 0 <= self.skip_timesteps < num_timesteps:
-            raise ValueError(f"skip_timesteps={self.skip_timesteps} must be in [0, {num_timesteps}) "
-                             f"for timestep_respacing={self.timestep_respacing!r}")
+            raise OptionError("skip_timesteps", f"skip_timesteps={self.skip_timesteps} must be in "
+                              f"[0, {num_timesteps}) for timestep_respacing={self.timestep_respacing!r}")
 
 
 def reference_name(field: dataclasses.Field) -> str:
@@ -120,9 +129,9 @@ def check_type(name: str, value, kind: str):
     `name` when it is not (a bool is not a number here, an int is a float) or is a non-finite float."""
     accepted = _ACCEPTED[kind]
     if not isinstance(value, accepted) or (kind != "bool" and isinstance(value, (bool, np.bool_))):
-        raise ValueError(f"{name}={value!r} should be of type {kind}")
+        raise OptionError(name, f"{name}={value!r} should be of type {kind}")
     if kind == "float" and not _finite(value):
-        raise ValueError(f"{name}={value} must be a finite number")
+        raise OptionError(name, f"{name}={value} must be a finite number")
     return value
 
 
@@ -131,11 +140,12 @@ def check_request(num_samples: int, seed: int) -> None:
     (whose flags have these names) and manifests."""
     for name, value in (("num_samples", num_samples), ("seed", seed)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{name}={value!r} should be an integer")
+            raise OptionError(name, f"{name}={value!r} should be an integer")
     if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be at least 1")
+        raise OptionError("num_samples", f"num_samples={num_samples} must be at least 1")
     if num_samples > MAX_NUM_SAMPLES:
-        raise ValueError(f"num_samples={num_samples} is more than {MAX_NUM_SAMPLES:,}, the most one edit may ask "
-                         "for: split the work into several runs (or batch manifest jobs) with different seeds")
+        raise OptionError("num_samples", f"num_samples={num_samples} is more than {MAX_NUM_SAMPLES:,}, the most one "
+                          "edit may ask for: split the work into several runs (or batch manifest jobs) with different "
+                          "seeds")
     if not 0 <= seed < 2 ** 31:
-        raise ValueError(f"seed={seed} must be in [0, 2**31)")
+        raise OptionError("seed", f"seed={seed} must be in [0, 2**31)")

@@ -11,7 +11,8 @@ others wait in a queue that shows their position. Every edit goes through the sa
 each run is written to OUTPUT_DIR/run_NNNN/ (samples/, ranked/, grid.png, report.json, plus the
 source and the mask actually used at the model's size); without --output_dir, into a new
 temporary folder named at start-up. Gradio's uploads (and its copies of the files it serves) go to
-another temporary folder, removed when the app stops; nothing is written anywhere else.
+another temporary folder, removed when the app stops. Besides these, only the caches are written:
+compiled programs (the compilation cache) and, for the real networks, fetched weights.
 
 The app has no authentication: it listens on 127.0.0.1 unless --host says otherwise.
 """
@@ -351,12 +352,12 @@ def main(argv):
     if not 1 <= FLAGS.port < 65536:
         raise runtime.FlagError(f"--port={FLAGS.port} must be in [1, 65535]")
     from bdjax import files, guidance, smoke
-    from bdjax.options import EditOptions
+    from bdjax.options import EditOptions, OptionError
 
     options = runtime.options_from_flags()
     try:
         EditOptions(**options).validate()
-    except ValueError as e:
+    except OptionError as e:  # the option's flag: "--skip_timesteps=30 must be ..."
         raise runtime.FlagError(f"--{e}") from None
     if importlib.util.find_spec("gradio") is None:
         raise runtime.FlagError("the web app needs Gradio: pip install -e '.[app]'")

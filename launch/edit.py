@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 import time
 import warnings
@@ -105,13 +104,9 @@ def preflight(options: dict, prompts: list[str], directory: str, patterns, write
     return requests
 
 
-# A library message that opens with an option's name ("seed=-1 must be ...").
-_NAMED_VALUE = re.compile(r"(\w+)=")
-
-
 def _checked_requests(options, prompts, directory, patterns, writes, mask) -> list[Request]:
     from bdjax import files, outputs, request
-    from bdjax.options import EditOptions
+    from bdjax.options import EditOptions, OptionError
 
     try:
         first = request.prepare(FLAGS.init_image, FLAGS.mask if mask else None, prompts[0],
@@ -121,9 +116,8 @@ def _checked_requests(options, prompts, directory, patterns, writes, mask) -> li
         for prompt in prompts[1:]:
             if prompt not in prepared:
                 prepared[prompt] = first.with_prompt(prompt)
-    except ValueError as e:  # name the flag where the message names the option
-        named = _NAMED_VALUE.match(str(e))
-        if named and named.group(1) in FLAGS:
+    except OptionError as e:  # "seed=-1 must be ..." said of a flag: "--seed=-1 must be ..."
+        if e.name in FLAGS:
             raise ValueError(f"--{e}") from None
         raise
     old = outputs.own_outputs(directory, patterns)

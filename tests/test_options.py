@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 
 from bdjax import smoke
-from bdjax.options import EditOptions, check_type, reference_name
+from bdjax.options import MAX_NUM_SAMPLES, EditOptions, OptionError, check_request, check_type, reference_name
 from launch import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,3 +90,23 @@ def test_the_sampler_refuses_a_start_outside_the_schedule_for_callers_without_a_
         blended.make_sampler(models, EditOptions(timestep_respacing="25", skip_timesteps=25), guided=True)
     sampler = blended.make_sampler(models, EditOptions(timestep_respacing="25", skip_timesteps=24), guided=True)
     assert sampler.indices.tolist() == [0]
+
+
+@pytest.mark.parametrize("name, check", [
+    ("aug_num", lambda: EditOptions(aug_num=0).validate()),
+    ("batch_size", lambda: EditOptions(batch_size=0).validate()),
+    ("skip_timesteps", lambda: EditOptions(skip_timesteps=100).validate()),
+    ("timestep_respacing", lambda: EditOptions(timestep_respacing="ddim").validate()),
+    ("clip_guidance_lambda", lambda: EditOptions(clip_guidance_lambda=float("nan")).validate()),
+    ("ddim", lambda: EditOptions.from_fields({"ddim": 1})),
+    ("num_samples", lambda: check_request(0, 1)),
+    ("num_samples", lambda: check_request(MAX_NUM_SAMPLES + 1, 1)),
+    ("seed", lambda: check_request(1, -1)),
+    ("seed", lambda: check_request(1, "3")),
+])
+def test_a_refused_value_names_its_option(name, check):
+    """Programs name their own flag or field from `OptionError.name`, not from the message's text."""
+    with pytest.raises(OptionError) as e:
+        check()
+    assert e.value.name == name and str(e.value).startswith(f"{name}=")
+    assert isinstance(e.value, ValueError)
