@@ -76,12 +76,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the random networks and inputs.")
 
 
-# Analytic cost: ADM 256 forward 2.24 TFLOP per sample; CLIP ViT-B/16 image forward 33.7 GFLOP per crop.
-# A forward plus its backward counts as 3 forwards (so 7.5 TFLOP per sample-step with 8 crops).
-ADM256_FORWARD_FLOPS = 2.24e12
-VIT_B16_FORWARD_FLOPS = 33.7e9
-
-
 NETWORKS = ("real", "reduced", "smoke")
 
 
@@ -122,9 +116,9 @@ def model_configs(networks: str) -> dict:
 
 def analytic_flops_per_sample_step(networks: str, aug_num: int) -> float | None:
     """The analytic FLOP count for the real networks: 3 x (UNet forward + aug_num CLIP forwards); None otherwise."""
-    if networks != "real":
-        return None
-    return 3 * (ADM256_FORWARD_FLOPS + aug_num * VIT_B16_FORWARD_FLOPS)
+    from bdjax import cost
+
+    return cost.guided_step_flops(aug_num) if networks == "real" else None
 
 
 def machine_description() -> dict:

@@ -307,12 +307,12 @@ CPU_TFLOPS_MEASURED = 0.05
 def describe_run(editor, runs) -> str:
     """What a run will compute and where, said once before anything compiles: `runs` are
     (options, guided, num_samples) for each configuration. The real 256x256 guided networks also
-    get the analytic FLOP count (launch/benchmark.py), and on a CPU the time that count takes at
+    get the analytic FLOP count (bdjax/cost.py), and on a CPU the time that count takes at
     the throughput measured on a 2-core CPU; elsewhere the progress bar's ETA, which starts after
     compiling, is the estimate."""
     import jax
 
-    from launch.benchmark import analytic_flops_per_sample_step
+    from bdjax import cost
 
     samples = sum(n for _, _, n in runs)
     counts = sorted({editor.sampler(options, guided).num_steps for options, guided, _ in runs})
@@ -331,7 +331,7 @@ def describe_run(editor, runs) -> str:
         return line + ", smoke networks"
     if FLAGS.model_output_size == "256" and kinds == {True}:
         flops = sum(n * editor.sampler(options, True).num_steps
-                    * analytic_flops_per_sample_step("real", options.aug_num) for options, _, n in runs)
+                    * cost.guided_step_flops(options.aug_num) for options, _, n in runs)
         line += (f": about {flops / 1e15:.1f} PFLOP by the analytic count "
                  f"({flops / samples / 1e12:.0f} TFLOP per sample)")
         if device.platform == "cpu":

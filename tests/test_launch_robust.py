@@ -674,3 +674,22 @@ def test_launch_programs_say_what_runs_where_and_where_compiles_are_kept(program
     bar.close()
     assert capsys.readouterr().err.count(f"compiling (first run only, cached in {tmp_path / 'xla'})\n") == 1
     assert took >= 0.6 > bars[0].final["elapsed"]
+
+
+def test_the_real_networks_line_gives_the_analytic_count_and_on_a_cpu_its_time(program_flags):
+    """For the real 256x256 networks the line before compiling adds the analytic FLOP count
+    (bdjax/cost.py) and, on a CPU, the time it takes at the throughput measured there."""
+    from bdjax import cost
+    from bdjax.options import EditOptions
+    from launch import runtime
+
+    program_flags.unparse_flags()
+    program_flags(["edit", "--config=real"])
+    editor = types.SimpleNamespace(sampler=lambda options, guided: types.SimpleNamespace(num_steps=75))
+    line = runtime.describe_run(editor, [(EditOptions(), True, 32)])
+    per_sample = 75 * cost.guided_step_flops(8)
+    assert round(per_sample / 1e12) == 565
+    hours = 32 * per_sample / (runtime.CPU_TFLOPS_MEASURED * 1e12) / 3600
+    assert line == (f"running 32 samples (75 guided steps each) on {jax.device_count()} x cpu, fp32: about "
+                    f"{32 * per_sample / 1e15:.1f} PFLOP by the analytic count (565 TFLOP per sample), roughly "
+                    f"{hours:.0f} h at the 0.05 TFLOP/s measured on a 2-core CPU")
