@@ -167,7 +167,8 @@ def ensure_writable(directory: str, name: str, overwrite: bool) -> None:
             raise IsADirectoryError(f"{p} is a directory where the converted file goes: remove it or "
                                     "choose another output directory")
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); replace them with overwrite=True "
+                              "(the converters' --overwrite)")
     try:
         check_writable(directory)
     except NotADirectoryError as e:

@@ -242,7 +242,7 @@ def clear_for_run(output_dir: str, patterns=EDIT_OUTPUTS, *, overwrite: bool) ->
     old = own_outputs(output_dir, patterns)
     if old and not overwrite:
         raise FileExistsError(f"{output_dir} already holds results ({len(old)} files, e.g. {old[0]}); "
-                              "choose another output directory or pass --overwrite")
+                              "choose another output directory or pass overwrite=True (--overwrite)")
     remove_outputs(output_dir, old)
     return removed + old
 
