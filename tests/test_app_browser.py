@@ -6,8 +6,9 @@ A user uploads examples/coffee.png, paints a stroke over the cup, types a prompt
 samples and runs: 2 ranked results appear with their distances, and the mask used covers the
 stroke and nothing far from it. An empty mask then gives its one-line message, and the server
 still serves further requests: one is cancelled after a batch while another user's waits in the
-queue, its position shown, then runs. The server is stopped by
-its PID. Set BDJAX_APP_SCREENSHOT=path to keep the screenshot taken after the first run.
+queue, its position shown, then runs, compiling its new configuration first (a stage the page
+shows). The server is stopped by its PID. Set BDJAX_APP_SCREENSHOT=path to keep the screenshot
+taken after the first run.
 """
 
 import io
@@ -152,6 +153,16 @@ def wait_status(page, pattern: str, timeout: float = 240) -> str:
         page.wait_for_timeout(250)
 
 
+def record_status(page) -> None:
+    """Keep every text the status element shows, in window.statusLog (a stage may be brief)."""
+    page.evaluate("""() => {
+        const status = document.querySelector("#status");
+        window.statusLog = [];
+        new MutationObserver(() => window.statusLog.push(status.innerText))
+            .observe(status, {subtree: true, childList: true, characterData: true});
+    }""")
+
+
 def captions(page) -> list[str]:
     return [c.inner_text() for c in page.locator("#results .caption-label").all()]
 
@@ -219,6 +230,9 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
             paint(page, upload_photo(page))
             other = open_page(browser, server.url)
             paint(other, upload_photo(other))
+            other.locator("#advanced").click()  # an option the app has not compiled for
+            other.locator("#option-aug_num input").fill("3")
+            record_status(other)
             run_edit(page, "a cup of green tea", 6)
             wait_status(page, r"sampling 6 samples")
             run_edit(other, "a cup of coffee", 2)
@@ -230,6 +244,8 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
             assert finished, status
             assert len(captions(page)) == int(finished.group(1))
             assert wait_status(other, r"results ranked|error").startswith("2 results ranked")
+            # Its new configuration compiled first, and the page said so.
+            assert any("compiling, first run only" in text for text in other.evaluate("window.statusLog"))
         finally:
             browser.close()
 
