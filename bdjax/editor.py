@@ -314,8 +314,8 @@ class BlendedDiffusion:
         return local, keep, tuple(parallel.put_batch(gather(a, local, dtype), self.mesh, global_batch)
                                   for a, dtype in zip(inputs, dtypes))
 
-    def warm_up(self, options: EditOptions | None = None, *, guided: bool = True, num_samples: int | None = None,
-                progress: bool = False) -> None:
+    def warm_up(self, options: EditOptions | None = None, *, guided: bool = True,
+                num_samples: int | None = None) -> None:
         """Compile now what an edit with `options` (default: this editor's defaults) and
         `num_samples` samples (default: a full batch) will run, without sampling: the text encoder
         and the sampler for that batch shape (inside `on_compile`). A server calls it at start-up

@@ -50,15 +50,21 @@ def coverage(layer, size: tuple[int, int]) -> np.ndarray:
     return covered
 
 
-def painted_mask(background, layers: Sequence, *, invert_hint: bool = False) -> np.ndarray:
-    """[H, W] uint8 {0, 255}: 255 where any of `layers` is painted, at the size of `background`.
-    InputError when nothing is painted (`invert_hint` words the fix for an inverted mask)."""
+def painted_region(background, layers: Sequence) -> np.ndarray:
+    """[H, W] bool: where any of `layers` is painted, at the size of `background`."""
     image = _array(background, "image")
     size = (image.shape[1], image.shape[0])
     covered = np.zeros(size[::-1], bool)
     for layer in layers:
         if layer is not None:
             covered |= coverage(layer, size)
+    return covered
+
+
+def painted_mask(background, layers: Sequence, *, invert_hint: bool = False) -> np.ndarray:
+    """[H, W] uint8 {0, 255}: 255 where any of `layers` is painted, at the size of `background`.
+    InputError when nothing is painted (`invert_hint` words the fix for an inverted mask)."""
+    covered = painted_region(background, layers)
     if not covered.any():
         what = "what to keep" if invert_hint else "the region to change"
         raise image_io.InputError(f"the mask is empty: paint over {what} with the brush, or upload a mask file")
@@ -74,16 +80,10 @@ def from_editor(value: Mapping | None, uploaded_mask=None, *, invert_mask: bool 
     background = None if value is None else value.get("background")
     if background is None:
         raise image_io.InputError("no image: upload a photo to edit first")
-    layers = [] if value is None else [layer for layer in value.get("layers") or [] if layer is not None]
-    if uploaded_mask is not None:
-        if any(_covers(layer) for layer in layers):
-            raise image_io.InputError("a mask was both painted and uploaded: clear the painting or remove the "
-                                      "uploaded mask")
-        return Painting(image=background, mask=uploaded_mask)
-    return Painting(image=background, mask=painted_mask(background, layers, invert_hint=invert_mask))
-
-
-def _covers(layer) -> bool:
-    """Whether anything is painted on `layer`, at its own size."""
-    array = _array(layer, "painted layer")
-    return bool(coverage(array, (array.shape[1], array.shape[0])).any())
+    layers = value.get("layers") or []
+    if uploaded_mask is None:
+        return Painting(image=background, mask=painted_mask(background, layers, invert_hint=invert_mask))
+    if painted_region(background, layers).any():
+        raise image_io.InputError("a mask was both painted and uploaded: clear the painting or remove the "
+                                  "uploaded mask")
+    return Painting(image=background, mask=uploaded_mask)

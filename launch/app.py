@@ -18,7 +18,6 @@ The app has no authentication: it listens on 127.0.0.1 unless --host says otherw
 """
 
 import atexit
-import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -112,6 +111,12 @@ class Studio:
         self.cancelled[session] = time.monotonic()
         return True
 
+    def show_compiling(self) -> None:
+        """Say on the running request's page that its configuration compiles (a request with new
+        advanced options, say), as a stage of its progress."""
+        if self.progress is not None:
+            self.progress(0, desc="compiling, first run only")
+
     def is_cancelled(self, run: Run) -> bool:
         return self.cancelled.get(run.session, float("-inf")) >= run.submitted
 
@@ -175,7 +180,9 @@ def _int(value):
 def caption(rank: int, distance: float, seed: int, sample_id: int, label: str) -> str:
     """A result's caption: rank (0 is best), CLIP distance, seed and sample index (the sample is
     reproduced by the same seed and index), and the smoke preset's mark."""
-    text = f"#{rank} d={distance:.4f} seed {seed} sample {sample_id}"
+    from bdjax import outputs
+
+    text = f"{outputs.tile_caption(rank, distance)} seed {seed} sample {sample_id}"
     return f"{text} (smoke)" if label else text
 
 
@@ -328,16 +335,6 @@ def build_page(studio: Studio):
     return page
 
 
-def on_compile_for(studio: Studio, line: str):
-    """The editor's `on_compile`: say on the page, and `line` in the log, that a configuration
-    compiles (the first request with new advanced options, say)."""
-    @contextlib.contextmanager
-    def compiling():
-        print(line, file=sys.stderr, flush=True)
-        if studio.progress is not None:
-            studio.progress(0, desc="compiling, first run only")
-        yield
-    return compiling
 
 
 def main(argv):
@@ -385,7 +382,7 @@ def main(argv):
                                   or _lpips_available())
     studio = Studio(editor, options, output_dir, label=label, load_s=time.perf_counter() - start,
                     max_samples=FLAGS.max_samples)
-    editor.on_compile = on_compile_for(studio, runtime.compiling_line())
+    runtime.announce_compiles(editor, show=studio.show_compiling)
     runtime.announce_run(editor, [(editor.options(**options), True, FLAGS.num_samples)])
     editor.warm_up(editor.options(**options), num_samples=FLAGS.num_samples)
     page = build_page(studio)

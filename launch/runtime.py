@@ -355,10 +355,11 @@ def announce_run(editor, runs) -> None:
         print(describe_run(editor, runs), file=sys.stderr, flush=True)
 
 
-def announce_compiles(editor, bar=None) -> None:
+def announce_compiles(editor, bar=None, show=None) -> None:
     """Have `editor` say `compiling_line()` on process 0's stderr each time it compiles a
-    sampler, and keep the compiles off the clock of `bar` (a tqdm bar of the program's own), so
-    that its rate and ETA are those of sampling."""
+    sampler (and call `show()`, a program's own way of saying it: the web app's page), and keep
+    the compiles off the clock of `bar` (a tqdm bar of the program's own), so that its rate and
+    ETA are those of sampling."""
     import jax
     from tqdm.auto import tqdm
 
@@ -366,6 +367,8 @@ def announce_compiles(editor, bar=None) -> None:
     def compiling():
         if jax.process_index() == 0:
             tqdm.write(compiling_line(), file=sys.stderr)
+        if show is not None:
+            show()
         yield
         if bar is not None:
             bar.unpause()

@@ -137,11 +137,19 @@ def test_cancel_applies_to_the_sessions_pending_requests_only():
     assert not studio.is_cancelled(later)
 
 
-def test_compiling_is_shown_as_a_stage_of_the_progress(capsys):
+def test_compiling_is_shown_as_a_stage_of_the_progress():
     calls = []
     studio = app.Studio(None, {}, "")
+    studio.show_compiling()  # no request running: nothing to show it on
     studio.progress = lambda value, desc=None: calls.append((value, desc))
-    with app.on_compile_for(studio, "compiling (first run only, cached in /x)")():
-        pass
+    studio.show_compiling()
     assert calls == [(0, "compiling, first run only")]
-    assert capsys.readouterr().err == "compiling (first run only, cached in /x)\n"
+
+
+def test_without_gradio_the_app_names_the_extra_to_install():
+    code = ("import runpy, sys; sys.modules['gradio'] = None; sys.argv = ['launch.app', '--config=smoke']; "
+            "runpy.run_module('launch.app', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: the web app needs Gradio: pip install -e '.[app]'"
