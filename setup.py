@@ -25,7 +25,7 @@ setup(
     extras_require={
         "cuda": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],
-        "tpu": ["jax[tpu]"],  # also what launch.compile_report needs on a machine without TPUs
+        "tpu": ["jax[tpu]"],  # also what bench.compile_report needs on a machine without TPUs
         "convert": ["torch", "lpips"],  # lpips ships the v0.1 linear heads the LPIPS converter reads
         "app": ["gradio>=6,<7"],  # the web app (python -m launch.app)
         "test": [

@@ -4,7 +4,7 @@ for estimates before a run and for model FLOP utilisation.
 ADM 256's forward costs 2.24 TFLOP per sample and CLIP ViT-B/16's image forward 33.7 GFLOP per
 crop. By the usual convention a backward counts as two forwards, so a guided step is 3 forwards of
 each: about 7.5 TFLOP per sample-step with 8 crops. (The guidance needs no weight gradients, so
-the work actually done is less; XLA's own count, which launch.benchmark reports, shows it.)
+the work actually done is less; XLA's own count, which bench.benchmark reports, shows it.)
 """
 
 ADM256_FORWARD_FLOPS = 2.24e12

@@ -18,7 +18,7 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-from bdjax.options import OptionError
+from bdjax.errors import OptionError
 
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
 

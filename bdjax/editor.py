@@ -34,17 +34,23 @@ PROGRESS = "blended diffusion"  # the progress bar's description
 
 @dataclasses.dataclass
 class EditResult:
-    """Edited images ranked best first (lowest CLIP distance)."""
-    images: np.ndarray        # [N, H, W, 3] uint8
+    """Edited images ranked best first (lowest CLIP distance).
+
+    In window mode (the default) `images` are the photo at its own size with the edit pasted
+    in, and `crops` the model-size edits CLIP ranked; with fit="stretch" both are the model-size
+    edits of the stretched image, as the reference returns them."""
+    images: np.ndarray        # [N, H, W, 3 or 4] uint8: the results (4 channels: the input's alpha kept)
     distances: np.ndarray     # [N] float, the reference's ranking distance
     sample_ids: np.ndarray    # [N] int: sample k of `seed` (reproduce it with the same seed and k)
     seed: int
-    source: np.ndarray        # [H, W, 3] uint8, the resized input
+    source: np.ndarray        # [H, W, 3] uint8: the input the results replace (full size, or stretched)
     mask: np.ndarray          # [H, W] uint8 {0, 255}, after invert_mask
     prompt: str
     options: EditOptions
     # Sample ids whose image or distance came out NaN or infinite: left out of the above.
     failed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    crops: np.ndarray | None = None  # [N, S, S, 3] uint8: the model-size edits (None: the same as images)
+    framing: dict = dataclasses.field(default_factory=dict)  # the window (Inputs.framing); {} with stretch
 
     def pil_images(self) -> list[Image.Image]:
         return [Image.fromarray(im) for im in self.images]
@@ -54,9 +60,10 @@ class EditResult:
 class EditBatch:
     """One finished batch of an edit, in sample order (on several hosts: this process's share)."""
     sample_ids: np.ndarray    # [n] int
-    images: np.ndarray        # [n, H, W, 3] uint8; all black where not finite
+    images: np.ndarray        # [n, H, W, 3 or 4] uint8: the results (Inputs.compose); black edits where not finite
     distances: np.ndarray     # [n] float
     finite: np.ndarray        # [n] bool: False where the image or the distance is NaN or infinite
+    crops: np.ndarray | None = None  # [n, S, S, 3] uint8: the model-size edits (None: the same as images)
 
 
 @dataclasses.dataclass
@@ -171,11 +178,17 @@ class BlendedDiffusion:
     def prepare(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
                 invert_mask: bool = False, **options) -> Request:
         """The edit `edit` runs, checked and prepared once (bdjax/request.py): the image and mask
-        decoded at this UNet's size, the prompt tokenized for this CLIP, `options` over this
-        editor's defaults. Pass it to `edit` or `edit_batches` to run it (as often as wanted)."""
+        decoded and framed for this UNet's size, the prompt tokenized for this CLIP, `options` over
+        this editor's defaults. Pass it to `edit` or `edit_batches` to run it (as often as wanted).
+
+        Besides EditOptions' fields, `options` may hold the framing (request.prepare_inputs):
+        `fit` ("window", the default: edit a window around the mask and paste it back into the
+        photo at full size; "stretch": the reference's whole image at the model size), `context`
+        and `feather`."""
+        framing = {name: options.pop(name) for name in request_lib.FRAMING if name in options}
         return request_lib.prepare(image, mask, prompt, num_samples=num_samples, seed=seed, invert_mask=invert_mask,
                                    options=self.options(**options), image_size=self.image_size,
-                                   context_length=self.models.clip.context_length)
+                                   context_length=self.models.clip.context_length, **framing)
 
     def edit(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
              invert_mask: bool = False, progress: bool = True, **options) -> EditResult:
@@ -196,9 +209,13 @@ class BlendedDiffusion:
         ids, images, distances, finite = (np.concatenate([getattr(b, key) for b in batches])
                                           for key in ("sample_ids", "images", "distances", "finite"))
         order = np.argsort(distances[finite], kind="stable")
+        crops = None
+        if stream.inputs.photo is not None:
+            crops = np.concatenate([b.crops for b in batches])[finite][order]
         return EditResult(images=images[finite][order], distances=distances[finite][order],
-                          sample_ids=ids[finite][order], seed=stream.seed, source=stream.source, mask=stream.mask,
-                          prompt=stream.prompt, options=stream.options, failed=np.sort(ids[~finite]))
+                          sample_ids=ids[finite][order], seed=stream.seed, source=stream.full_source,
+                          mask=stream.full_mask, prompt=stream.prompt, options=stream.options,
+                          failed=np.sort(ids[~finite]), crops=crops, framing=stream.inputs.framing())
 
     def edit_batches(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
                      invert_mask: bool = False, progress: bool = True, **options) -> EditStream:
@@ -225,8 +242,10 @@ class BlendedDiffusion:
             for out in self.sample_batches(opts, request.prompt != "", rows(request.init), rows(request.region),
                                            rows(text_embed), range(n), rows(np.int32(request.seed)[None]),
                                            progress=progress, batch_rows=min(opts.batch_size, n)):
-                yield EditBatch(sample_ids=out["rows"], images=to_uint8(out["images"], out["finite"]),
-                                distances=out["distances"], finite=out["finite"])
+                edits = to_uint8(out["images"], out["finite"])
+                crops = None if request.inputs.photo is None else edits
+                yield EditBatch(sample_ids=out["rows"], images=request.inputs.compose(edits),
+                                distances=out["distances"], finite=out["finite"], crops=crops)
 
         return EditStream(request=request, batches=batches())
 

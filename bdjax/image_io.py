@@ -157,7 +157,7 @@ def to_rgb(img: Image.Image, what: str = "image") -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
-def _label(src, what: str) -> str:
+def label_of(src, what: str) -> str:
     """`what` and the file it came from, where known."""
     name = src if isinstance(src, (str, os.PathLike)) else getattr(src, "filename", "")
     return f"{what} {name}" if name else what
@@ -165,42 +165,59 @@ def _label(src, what: str) -> str:
 
 def load_image(src, size: int) -> np.ndarray:
     """[size, size, 3] float32 in [-1, 1]."""
-    img = to_rgb(to_pil(src, "image"), _label(src, "image"))
+    img = to_rgb(to_pil(src, "image"), label_of(src, "image"))
     img = img.resize((size, size), Image.LANCZOS)
     return np.asarray(img, np.float32) / 255.0 * 2 - 1
+
+
+def read_mask(img: Image.Image, label: str = "mask") -> np.ndarray:
+    """[h, w] bool at the mask image's own size, True where it selects (`load_mask`'s
+    rules): 16-bit, 32-bit-integer and float masks select every non-zero value (NaN refused with
+    InputError); any other mode is converted by to_rgb and its first channel
+    read, non-zero selects."""
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):  # non-zero at full depth, not the top 8 bits
+        values = np.asarray(img)
+        if np.isnan(values).any():
+            raise InputError(f"{label} holds NaN values: save it with 0 where the image is kept and "
+                                      "non-zero where it is edited")
+        return values != 0
+    if img.mode == "L":  # to_rgb's first channel is L itself; skip the 3-channel copy
+        return np.asarray(img) > 0
+    return np.asarray(to_rgb(img, label))[..., 0] > 0
+
+
+def check_selection(mask: np.ndarray, *, invert_mask: bool, given: bool) -> None:
+    """Refuse a mask (bool or {0, 1}, after invert_mask) that selects nothing; warn when a given
+    mask selects everything."""
+    if not mask.any():
+        raise InputError("the mask selects no pixel to edit" + (" after invert_mask" if invert_mask else "")
+                         + ": paint the region to edit with non-zero values")
+    if mask.all() and given:
+        warnings.warn("the mask selects the whole image: nothing of the background is preserved")
+
+
+def warn_mask_size(mask_size, image_size) -> None:
+    warnings.warn(f"mask size {tuple(mask_size)} differs from image size {tuple(image_size)}; it is resized with "
+                  "nearest neighbour, check that it still covers the right region")
 
 
 def load_mask(src, size: int, *, image_size: tuple[int, int] | None = None, invert_mask: bool = False) -> np.ndarray:
     """[size, size, 1] float32 in {0, 1}, 1 = region to edit. `src=None` edits everything.
 
-    The mask is converted as images are (`to_rgb`: alpha dropped) and its first channel is read;
-    a 16-bit, 32-bit or float mask selects every non-zero value (NaN is refused).
-    `image_size` (width, height) of the upright source image, to warn when the mask was drawn at
-    another size.
+    The mask is read by `read_mask` and resized with nearest neighbour. `image_size` (width,
+    height) of the upright source image, to warn when the mask was drawn at another size.
     """
     if src is None:
         mask = np.ones((size, size, 1), np.float32)
     else:
         img = to_pil(src, "mask")
         if image_size is not None and img.size != tuple(image_size):
-            warnings.warn(f"mask size {img.size} differs from image size {tuple(image_size)}; "
-                          "it is resized with nearest neighbour, check that it still covers the right region")
-        label = _label(src, "mask")
-        if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):  # non-zero at full depth, not in the top 8 bits
-            values = np.asarray(img)
-            if np.isnan(values).any():
-                raise InputError(f"{label} holds NaN values: save it with 0 where the image is kept and "
-                                 "non-zero where it is edited")
-            img = Image.fromarray(np.where(values != 0, 255, 0).astype(np.uint8))
-        img = to_rgb(img, label)
+            warn_mask_size(img.size, image_size)
+        img = Image.fromarray(read_mask(img, label_of(src, "mask")).astype(np.uint8) * 255)
         if img.size != (size, size):
             img = img.resize((size, size), Image.NEAREST)
-        mask = (np.asarray(img)[..., :1] > 0).astype(np.float32)
+        mask = (np.asarray(img)[..., None] > 0).astype(np.float32)
     if invert_mask:
         mask = 1 - mask
-    if not mask.any():
-        raise InputError("the mask selects no pixel to edit" + (" after invert_mask" if invert_mask else "")
-                         + ": paint the region to edit with non-zero values")
-    if mask.all() and src is not None:
-        warnings.warn("the mask selects the whole image: nothing of the background is preserved")
+    check_selection(mask, invert_mask=invert_mask, given=src is not None)
     return mask

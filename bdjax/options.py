@@ -15,21 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from bdjax.errors import OptionError  # also bdjax.options.OptionError, as before
+
 # The values each option type accepts: ints are floats too; bools are nothing else.
 _ACCEPTED = {"bool": (bool, np.bool_), "int": (int, np.integer), "float": (int, float, np.integer, np.floating),
              "str": (str,)}
 
 # The most samples one edit (one run, one manifest job) may ask for.
 MAX_NUM_SAMPLES = 100_000
-
-
-class OptionError(ValueError):
-    """A value an edit cannot run with; the message opens with "name=value", and `name` is the
-    option or request field at fault (so a program can name its own flag or field for it)."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.name = name
 
 
 def option(default, help: str, reference: str | None = None) -> Any:

@@ -29,6 +29,8 @@ from bdjax.files import atomic_write, file_mode, remove_stale_temporaries
 
 RANKED_DIR = "ranked"
 SAMPLES_DIR = "samples"
+CROPS_DIR = "crops"  # window mode: the model-size edits CLIP ranked
+GRID_TILE = 256  # grid tiles wider than this (and than the model size) are shown downscaled
 GRID = "grid.png"
 REPORT = "report.json"
 
@@ -201,7 +203,7 @@ def grid(source: np.ndarray, mask: np.ndarray, images, distances, heading: str, 
 # match are ever counted as a previous run's results or removed by --overwrite: anything else a
 # user keeps there (notes.png in ranked/, say) is left alone.
 EDIT_OUTPUTS = (re.escape(GRID), re.escape(REPORT), rf"{RANKED_DIR}/\d{{3,}}_(-?\d+\.\d{{4}}|-?inf|nan)\.png",
-                rf"{SAMPLES_DIR}/sample_\d+\.(png|json)")
+                rf"{SAMPLES_DIR}/sample_\d+\.(png|json)", rf"{CROPS_DIR}/sample_\d+\.png")
 
 
 def own_outputs(output_dir: str, patterns=EDIT_OUTPUTS) -> list[str]:
@@ -268,12 +270,22 @@ def read_png(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def at_most(image: np.ndarray, width: int) -> np.ndarray:
+    """`image` downscaled with Lanczos to `width` pixels wide (aspect kept) if it is wider."""
+    if image.shape[1] <= width:
+        return image
+    height = max(1, round(image.shape[0] * width / image.shape[1]))
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
+
+
 class EditWriter:
     """Writes an edit to disk as its batches finish, then ranks it from disk.
 
     `add(batch)` writes each finished sample k at once, as samples/sample_<k>.png with its entry
-    samples/sample_<k>.json ({sample_id, seed, distance, file}); a sample whose image or distance
-    is not finite gets only its entry, with distance null and the reason in "failed". So a run
+    samples/sample_<k>.json ({sample_id, seed, distance, file}) and, in window mode (where the
+    results are the full-size photo), the model-size edit CLIP ranked as crops/sample_<k>.png; a
+    sample whose image or distance is not finite gets only its entry, with distance null and the
+    reason in "failed". So a run
     that stops early leaves every finished sample on disk. Only (sample id, distance) pairs stay
     in memory. `finish` then writes ranked/NNN_<distance>.png best first (links to the sample
     files), grid.png from the best `grid_size` read back, and report.json, whose "failed" lists
@@ -288,17 +300,24 @@ class EditWriter:
         self.provenance = {**(provenance or {}), "seed": int(seed)}
         self.done: list[tuple[float, int]] = []      # (distance, sample id) of the finite samples
         self.failed: list[tuple[int, str]] = []      # (sample id, reason)
+        self.model_size = 0                          # the edits' width, for the grid's tiles
 
     def add(self, batch) -> list[tuple[int, str]]:
         """Write one EditBatch; returns its failed samples as (sample id, reason)."""
         failed = []
-        for k, image, distance, finite in zip(batch.sample_ids, batch.images, batch.distances, batch.finite):
+        crops = getattr(batch, "crops", None)
+        self.model_size = (batch.images if crops is None else crops).shape[2]
+        for i, (k, image, distance, finite) in enumerate(zip(batch.sample_ids, batch.images, batch.distances,
+                                                            batch.finite)):
             k, distance = int(k), float(distance)
             entry = {"sample_id": k, "seed": int(self.seed), "distance": finite_or_none(distance)}
             if finite:
+                about = {**self.provenance, "sample_id": k, "distance": distance}
+                if crops is not None:
+                    entry["crop"] = f"{CROPS_DIR}/{sample_name(k)}"
+                    save_png(os.path.join(self.output_dir, entry["crop"]), crops[i], {"kind": "crop", **about})
                 entry["file"] = f"{SAMPLES_DIR}/{sample_name(k)}"
-                save_png(os.path.join(self.output_dir, entry["file"]), image,
-                         {"kind": "sample", **self.provenance, "sample_id": k, "distance": distance})
+                save_png(os.path.join(self.output_dir, entry["file"]), image, {"kind": "sample", **about})
                 self.done.append((distance, k))
             else:
                 reason = (f"its CLIP distance is {distance}" if not np.isfinite(distance)
@@ -326,8 +345,11 @@ class EditWriter:
         if label:
             heading = f"{label}\n{heading}"
         tiles = [{k: s[k] for k in ("rank", "sample_id", "distance")} for s in shown]
+        # Full-size results (window mode) are shown downscaled; model-size ones as they are.
+        width = max(GRID_TILE, self.model_size)
         save_png(os.path.join(self.output_dir, GRID),
-                 grid(source, mask, [read_png(p) for p in ranked[:grid_size]], [s["distance"] for s in shown],
+                 grid(at_most(source, width), at_most(mask, width),
+                      [at_most(read_png(p), width) for p in ranked[:grid_size]], [s["distance"] for s in shown],
                       heading),
                  {"kind": "grid", "prompt": prompt, **self.provenance, "tiles": tiles})
         failed = [{"sample_id": k, "reason": reason} for k, reason in sorted(self.failed)]

@@ -1,11 +1,20 @@
 """The image and mask of an edit painted in an image editor (the web app's, or any other).
 
 An image editor hands back the photo (its background) and the layers painted over it: RGBA
-images of the photo's size, transparent where nothing was painted and where strokes were erased.
-The region to edit is every pixel that any layer covers (alpha above 0, whatever the colour); a
-layer without alpha covers its non-zero pixels. A mask file may be uploaded instead of painting;
-it is read as `--mask` is (non-zero pixels edited). Inverting (edit the unpainted pixels, to
-replace a background) is left to `request.prepare(..., invert_mask=True)`, as for a mask file.
+images, transparent where nothing was painted and where strokes were erased. The region to edit is
+every pixel that any layer covers (alpha above 0, whatever the colour); a layer without alpha
+covers its non-zero pixels.
+
+The photo is passed on at its full resolution, as the editor gives it: window mode
+(bdjax/window.py) edits it at its own size. The mask is made at that same size: a layer drawn
+at another size (an editor that paints on a downscaled canvas) is resized to the photo's with
+nearest neighbour, so a stroke maps to the same region of the full-size photo. An editor's
+canvas is always RGBA: a fully opaque alpha channel is dropped, so that the results are RGB as
+the uploaded photo was (a photo with transparency keeps it, and window mode writes it back).
+
+A mask file may be uploaded instead of painting; it is read as `--mask` is (non-zero pixels
+edited). Inverting (edit the unpainted pixels, to replace a background) is left to
+`request.prepare(..., invert_mask=True)`, as for a mask file.
 """
 
 from __future__ import annotations
@@ -82,8 +91,23 @@ def from_editor(value: Mapping | None, uploaded_mask=None, *, invert_mask: bool 
         raise image_io.InputError("no image: upload a photo to edit first")
     layers = value.get("layers") or []
     if uploaded_mask is None:
-        return Painting(image=background, mask=painted_mask(background, layers, invert_hint=invert_mask))
+        return Painting(image=opaque_as_rgb(background),
+                        mask=painted_mask(background, layers, invert_hint=invert_mask))
     if painted_region(background, layers).any():
         raise image_io.InputError("a mask was both painted and uploaded: clear the painting or remove the "
                                   "uploaded mask")
-    return Painting(image=background, mask=uploaded_mask)
+    return Painting(image=opaque_as_rgb(background), mask=uploaded_mask)
+
+
+def opaque_as_rgb(image):
+    """`image` (an array, a PIL image or a path) at its full size, without its alpha channel when
+    that is fully opaque (RGBA -> RGB, LA -> L); anything else as it is (a path is read by the
+    decoder)."""
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA") and image.getchannel("A").getextrema() == (255, 255):
+            return image.convert(image.mode[:-1])
+        return image
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] in (2, 4) \
+            and image.dtype == np.uint8 and (image[..., -1] == 255).all():
+        return image[..., 0] if image.shape[-1] == 2 else image[..., :3]
+    return image

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from bdjax.absl_flags import USAGE_ERROR, parse_flags
+
 
 class ConversionError(Exception):
     """A problem with the user's input that deserves a one-line message, not a traceback."""
@@ -102,27 +104,6 @@ def dense_kernel(w: np.ndarray) -> np.ndarray:
     return np.transpose(w)
 
 
-USAGE_ERROR = 2  # exit status for bad command-line flags, as for any other bad input
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parser for `app.run(..., flags_parser=parse_flags)`: a bad flag (unknown, a
-    value of the wrong type, not one of the choices, missing) ends the program with one line on
-    stderr and exit status 2, instead of absl's usage text and status 1. Used by every program
-    of launch/ and checkpoints_convert/."""
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = " ".join(str(e).split())
-        for python, plain in (("invalid literal for int() with base 10", "not an integer"),
-                              ("could not convert string to float", "not a number")):
-            message = message.replace(python, plain)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(USAGE_ERROR)
-
-
 def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wrap an absl `main` so user errors print one line to stderr and exit with status 2.
 
@@ -143,3 +124,12 @@ def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             sys.exit(USAGE_ERROR)
 
     return wrapped
+
+
+def run_program(define_flags: Callable[[], None], main: Callable[[list[str]], None]) -> None:
+    """A converter's `if __name__ == "__main__":` block: its flags defined, parsed with one-line
+    errors (`parse_flags`), and `main` run under `cli`."""
+    from absl import app
+
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -112,7 +112,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from checkpoints_convert.common import parse_flags
+    from checkpoints_convert.common import run_program
 
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    run_program(define_flags, main)

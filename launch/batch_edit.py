@@ -1,11 +1,13 @@
 """Run a manifest of edits: python -m launch.batch_edit --manifest=jobs.jsonl --output_dir=out
 
-One JSON object per line: image, prompt, num_samples, seed (required), mask, invert_mask, name
-and any EditOptions name (skip_timesteps, local_clip_guided_diffusion, ...) (optional); relative
-paths are relative to the manifest. Writes OUTPUT_DIR/<name>/sample_<k>.png and .json per
-sample, OUTPUT_DIR/<name>/ranked.json and grid.png per finished job, OUTPUT_DIR/report.json.
+One JSON object per line: image, prompt, num_samples, seed (required), mask, invert_mask, name,
+fit, context, feather (--fit, --context and --feather by default) and any EditOptions name
+(skip_timesteps, local_clip_guided_diffusion, ...) (optional); relative paths are relative to the
+manifest. Writes OUTPUT_DIR/<name>/sample_<k>.png (in window mode the photo at its own size, the
+model-size edit in OUTPUT_DIR/<name>/crops/sample_<k>.png) and .json per sample,
+OUTPUT_DIR/<name>/ranked.json and grid.png per finished job, OUTPUT_DIR/report.json.
 Rerunning the same command finishes what is missing: finished samples are found on disk.
-Runs unchanged on several processes (--distributed, or a TPU pod): see bdjax/batch.py.
+Runs unchanged on several processes (--distributed, or a TPU pod): see bdjax/batch/.
 
 A run locks OUTPUT_DIR (a second run on it refuses at once). Exit status: 0 when every sample of
 the valid jobs is on disk (bad manifest lines and jobs that cannot be written are reported and
@@ -25,7 +27,7 @@ import warnings
 
 from absl import app, flags
 
-from launch import runtime
+from launch import cli, runtime
 
 FLAGS = flags.FLAGS
 
@@ -34,7 +36,9 @@ def define_flags():
     runtime.define_flags()
     # Every edit option is a flag too: the run's value for every job, which a job's field overrides.
     runtime.define_option_flags()
+    cli.define_framing_flags()  # --fit, --context, --feather: every job's, which its fields override
     flags.adopt_module_key_flags(runtime)  # --help lists them too
+    flags.adopt_module_key_flags(cli)
     flags.DEFINE_string("manifest", None, "JSON-lines file, one job per line.")
     flags.DEFINE_string("output_dir", None, "Where each job's directory is written.")
     flags.DEFINE_bool("strict", False, "Stop at the first bad manifest line instead of skipping it.")
@@ -48,13 +52,28 @@ def base_options():
     return EditOptions.from_fields(runtime.options_from_flags())
 
 
+def framing():
+    """The run's framing for every job (--fit, --context, --feather); a job's own fields override
+    it. FlagError naming the flag when it cannot be used."""
+    from bdjax import request
+    from bdjax.errors import OptionError
+
+    framing = cli.framing_from_flags()
+    try:
+        request.check_framing(**framing)
+    except OptionError as e:  # "context=-1.0 must be ..." said of the flag
+        raise cli.FlagError(f"--{e}") from None
+    return framing
+
+
 def main(argv):
     if len(argv) > 1:
-        raise runtime.FlagError(f"unexpected arguments: {argv[1:]}")
+        raise cli.FlagError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.manifest or not FLAGS.output_dir:
-        raise runtime.FlagError("--manifest and --output_dir are required")
+        raise cli.FlagError("--manifest and --output_dir are required")
     if FLAGS.batch_size < 1:
-        raise runtime.FlagError(f"--batch_size={FLAGS.batch_size} must be at least 1")
+        raise cli.FlagError(f"--batch_size={FLAGS.batch_size} must be at least 1")
+    run_framing = framing()
     runtime.setup()
     import jax
 
@@ -66,9 +85,10 @@ def main(argv):
         warnings.simplefilter("ignore")
     image_size = smoke.IMAGE_SIZE if FLAGS.config == "smoke" else int(FLAGS.model_output_size)
     start = time.perf_counter()
-    with runtime.user_errors():
+    with cli.user_errors():
         jobs, errors = batch.read_manifest(FLAGS.manifest, image_size, base_options(),
-                                           label=f"--manifest={FLAGS.manifest}", output_dir_label="--output_dir")
+                                           label=f"--manifest={FLAGS.manifest}", output_dir_label="--output_dir",
+                                           framing=run_framing)
         if errors and FLAGS.strict:
             raise errors[0]
         if not jobs:  # nothing to run: say why now, before any network is built
@@ -136,7 +156,7 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
         done = time.perf_counter()
         report = run_report(jobs, skipped_lines + conflicts, stats, label,
                             {"load": loaded - start, "sample": stats.sample_s, "total": done - start,
-                             "per_sample": stats.sample_s / max(1, stats.computed)})
+                             "per_sample": stats.sample_s / max(1, stats.computed)}, image_size)
         try:
             outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
         except OSError as e:  # e.g. the disk filled up: the samples on disk stay valid
@@ -150,18 +170,18 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     return missing + len(stats.job_errors)
 
 
-def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
+def run_report(jobs, errors, stats, label: str, timings: dict, image_size: int | None = None) -> dict:
     """The run's report, with every job's samples (written by any process) and what failed. The
     edit options appear as they ran: the run's for every job under "options" (the smoke preset's
-    where its flags were unset) and each job's own in its result."""
+    where its flags were unset) and each job's own in its result; so does the framing (--fit,
+    --context, --feather under "flags"; a window-mode job's window, scale, context and feather
+    under "framing" in its result)."""
     from bdjax import batch
-    from launch import edit
-
-    results = batch.job_results(jobs, stats)
+    results = batch.job_results(jobs, stats, image_size)
     done = sum(len(samples) for samples in stats.finished)
     return {
         "manifest": os.path.abspath(FLAGS.manifest),
-        "flags": edit.reported_flags(sys.modules[__name__]),
+        "flags": cli.reported_flags(sys.modules[__name__]),
         "options": dataclasses.asdict(base_options()),
         "label": label or None,
         "jobs": {"valid": len(jobs), "skipped_lines": [{"line": e.line, "error": e.reason} for e in errors]},
@@ -169,10 +189,10 @@ def run_report(jobs, errors, stats, label: str, timings: dict) -> dict:
                   "failed": stats.total - done, "summaries_written": stats.summaries},
         "results": results,
         "timings_s": timings,
-        **runtime.environment(),
+        **cli.environment(),
     }
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(runtime.program(main), flags_parser=runtime.parse_flags)
+    app.run(cli.program(main), flags_parser=cli.parse_flags)

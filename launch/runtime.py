@@ -1,23 +1,20 @@
-"""What the launch programs share: model and runtime flags, multi-process start, the editor,
-compilation cache, and one-line errors."""
+"""What the launch programs share to run the model: the model and runtime flags, the edit
+options as flags, multi-process start, the compilation cache, the editor, and the lines said
+before a run. The command-line plumbing (errors, exit statuses, checks, reports) is launch/cli.py."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import os
 import sys
-import traceback
 import warnings
 
 from absl import flags
 
 from bdjax import weights
-from checkpoints_convert import common
+from launch import cli
 
 FLAGS = flags.FLAGS
-parse_flags = common.parse_flags  # app.run(..., flags_parser=runtime.parse_flags): one line, status 2
 
 
 def define_config_flag(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -50,30 +47,6 @@ def define_flags():
     flags.DEFINE_integer("process_id", _env_int("BDJAX_PROCESS_ID"), "This process's index (env BDJAX_PROCESS_ID).")
     flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts as "
                          "dead and the others stop with an error instead of waiting forever.")
-
-
-def flag_values(module) -> dict:
-    """The flags of a launch program (its own and the shared ones) with their values, for reports."""
-    found = FLAGS.get_key_flags_for_module(module) + FLAGS.get_key_flags_for_module(sys.modules[__name__])
-    return {f.name: f.value for f in found}
-
-
-def environment() -> dict:
-    """Versions and devices, for reports."""
-    import platform
-
-    import flax
-    import jax
-
-    import bdjax
-
-    device = jax.devices()[0]
-    return {
-        "versions": {"bdjax": bdjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-                     "python": platform.python_version()},
-        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
-                   "processes": jax.process_count(), "process_index": jax.process_index()},
-    }
 
 
 def _env_int(name):
@@ -121,7 +94,7 @@ def check_device() -> None:
     import jax
 
     if FLAGS.config == "real" and jax.default_backend() == "cpu" and not FLAGS.allow_cpu:
-        raise FlagError("JAX sees only a CPU, where the real networks take hours per sample: try --config=smoke "
+        raise cli.FlagError("JAX sees only a CPU, where the real networks take hours per sample: try --config=smoke "
                         "(seconds, random networks), install JAX for your accelerator (pip install -e '.[cuda]' "
                         "or '.[tpu]'), or pass --allow_cpu to run anyway")
 
@@ -163,120 +136,6 @@ def _on_tpu_pod() -> bool:
     return len([h for h in hosts.split(",") if h]) > 1
 
 
-USER_ERROR = 2  # exit status for a problem with the user's inputs (1 stays for crashes)
-
-
-class FlagError(ValueError):
-    """Missing or contradictory flags."""
-
-
-LOST_PEER = 3  # exit status when another process of a multi-process run died
-
-
-def program(main):
-    """An absl main whose user errors, wherever raised, end as one line and exit status 2, and
-    which stops cleanly (status 3, naming the lost process) when a peer process dies."""
-    @functools.wraps(main)
-    def wrapped(argv):
-        import jax
-
-        try:
-            with user_errors():
-                return main(argv)
-        except (MemoryError, jax.errors.JaxRuntimeError) as e:
-            if _out_of_memory(e):
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                print(f"error: out of memory ({first}); lower --batch_size or --aug_num, or pass --remat=blocks",
-                      file=sys.stderr, flush=True)
-                sys.exit(USER_ERROR)
-            if jax.process_count() == 1:
-                raise
-            lost = _lost_processes()
-            who = f"process(es) {lost}" if lost else "another process"
-            print(f"error: {who} of this {jax.process_count()}-process run stopped ({str(e).splitlines()[0][:200]}); "
-                  "finished items are on disk: rerun the same command on every process to resume",
-                  file=sys.stderr, flush=True)
-            # Skip JAX's exit-time shutdown barrier: it cannot succeed without the lost peer.
-            os._exit(LOST_PEER)
-    return wrapped
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Host memory (numpy) or device memory (XLA's RESOURCE_EXHAUSTED) ran out."""
-    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e).split("\n", 1)[0]
-
-
-def _lost_processes() -> list[int]:
-    """The processes the coordination service no longer hears from, waiting up to the heartbeat
-    timeout for it to notice (the peer that closed a connection may not be flagged yet)."""
-    import time
-
-    import jax
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    if client is None:
-        return []
-    everyone = list(range(jax.process_count()))
-    deadline = time.monotonic() + FLAGS.heartbeat_timeout + 5
-    while time.monotonic() < deadline:
-        try:
-            live = client.get_live_nodes(everyone)
-        except Exception:  # the service itself may be gone with process 0
-            return [0] if jax.process_index() != 0 else []
-        lost = sorted(set(everyone) - set(live))
-        if lost:
-            return lost
-        time.sleep(0.5)
-    return []
-
-
-# Plain OSErrors that a user fixes (a full or read-only disk, a name too long) rather than bugs.
-_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
-_USER_OS_ERRORS = (FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
-
-
-def _raised_in_library(e: BaseException) -> bool:
-    """Whether the innermost frame of `e` is inside JAX or Flax (tracing, compiling), apart from
-    jax.distributed's checks on the multi-process flags."""
-    roots = [os.path.dirname(m.__file__) + os.sep for m in (sys.modules.get(n) for n in ("jax", "jaxlib", "flax"))
-             if m is not None and getattr(m, "__file__", None)]
-    frames = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
-    return (bool(frames) and any(frames[-1].filename.startswith(root) for root in roots)
-            and os.path.basename(frames[-1].filename) != "distributed.py")
-
-
-def is_user_error(e: BaseException) -> bool:
-    """Whether `e` is a problem with the user's inputs or environment (one line, status 2),
-    rather than a crash that needs its traceback. The project's checks raise ValueError (or a
-    subclass, as json.JSONDecodeError and UnicodeDecodeError are); a ValueError that JAX or Flax
-    raised while tracing is a bug, and so is a NaN reaching a JSON report."""
-    from bdjax.outputs import NonFiniteJSONError
-    from checkpoints_convert.common import ConversionError
-
-    if isinstance(e, NonFiniteJSONError):
-        return False
-    if isinstance(e, (ConversionError, *_USER_OS_ERRORS)):
-        return True
-    if isinstance(e, OSError):
-        return e.errno in _USER_ERRNOS
-    return isinstance(e, ValueError) and not _raised_in_library(e)
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn problems with the user's inputs (`is_user_error`) into one line on stderr and exit
-    status 2; anything else keeps its traceback."""
-    try:
-        yield
-    except Exception as e:
-        if not is_user_error(e):
-            raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(USER_ERROR)
-
-
 def define_option_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """One flag per edit option, from its declaration (bdjax/options.py): name, type, default, help."""
     from bdjax.options import EditOptions
@@ -299,7 +158,7 @@ def options_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict:
     return options
 
 
-# Throughput of the guided step measured on this project's 2-core CPU (launch/benchmark.py, the
+# Throughput of the guided step measured on this project's 2-core CPU (bench/benchmark.py, the
 # README's Performance section): the one basis for a time before a CPU run starts.
 CPU_TFLOPS_MEASURED = 0.05
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import bdjax
+from bdjax import request as request_lib
 from bdjax import smoke
 from launch import app
 
@@ -32,6 +34,8 @@ def start(*flags, env=None):
     (["--skip_timesteps=30"], "error: --skip_timesteps=30 must be in [0, 25) for timestep_respacing='25'"),
     (["--port=70000"], "error: --port=70000 must be in [1, 65535]"),
     (["--port=0"], "error: --port=0 must be in [1, 65535]"),
+    (["--context=-1"], "error: --context=-1.0 must be a number in [0, 10]"),
+    (["--feather=65"], "error: --feather=65 must be an integer in [0, 64]"),
     (["extra"], "error: unexpected arguments: ['extra']"),
 ])
 def test_bad_flags_stop_before_anything_loads(flags, message):
@@ -76,13 +80,54 @@ def prepare(studio, value=None, mask_file=None, invert=False, prompt="a cup of t
                           {**studio.defaults, **options})
 
 
-def test_a_good_request_is_prepared_at_the_model_size(studio):
-    request, notes = prepare(studio, num_samples=2.0, seed=7.0)  # Gradio's numbers may come as floats
+def photo_rgb() -> np.ndarray:
+    with Image.open(COFFEE) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def box_mask(box, shape=(320, 480)) -> np.ndarray:
+    top, bottom, left, right = box
+    mask = np.zeros(shape, np.uint8)
+    mask[top:bottom, left:right] = 255
+    return mask
+
+
+SMALL = (100, 140, 200, 260)  # 60 x 40 pixels: a window of 120, upscaled under 2x at the smoke size
+
+
+def test_a_good_request_is_prepared_in_window_mode(studio):
+    """The default framing: the photo and the painted mask at full size, a window around the
+    mask at the model size; invert_mask edits exactly the unpainted pixels of the photo."""
+    request, notes = prepare(studio, value=painted(SMALL), num_samples=2.0, seed=7.0)  # Gradio's numbers may be floats
     assert (request.num_samples, request.seed, request.prompt) == (2, 7, "a cup of tea")
     assert request.mask.shape == (smoke.IMAGE_SIZE, smoke.IMAGE_SIZE) and 0 < (request.mask > 0).mean() < 0.5
+    np.testing.assert_array_equal(request.full_source, photo_rgb())  # the photo's RGB, opaque alpha dropped
+    assert request.inputs.photo.alpha is None
+    np.testing.assert_array_equal(request.full_mask, box_mask(SMALL))
+    left, top, right, bottom = request.inputs.window.box
+    assert left <= 200 and right >= 260 and top <= 100 and bottom >= 140 and right - left == 120
+    assert request.inputs.framing()["fit"] == "window"
     assert notes == []
-    inverted, _ = prepare(studio, invert=True)
-    np.testing.assert_array_equal(inverted.mask, 255 - request.mask)
+    inverted, _ = prepare(studio, value=painted(SMALL), invert=True)
+    np.testing.assert_array_equal(inverted.full_mask, 255 - request.full_mask)
+
+
+def test_the_framing_options_reach_the_request(studio):
+    request, _ = prepare(studio, value=painted(SMALL), context=0.0, feather=2.0)
+    assert (request.inputs.context, request.inputs.feather) == (0.0, 2)
+    assert request.inputs.window.side == smoke.IMAGE_SIZE  # a 60-pixel mask with no context: the model size
+    stretched, notes = prepare(studio, value=painted(SMALL), fit="stretch")
+    assert stretched.inputs.photo is None and notes == []
+    assert stretched.full_source.shape == (smoke.IMAGE_SIZE, smoke.IMAGE_SIZE, 3)  # results at the model size
+    direct = np.asarray(Image.fromarray(box_mask(SMALL)).resize((smoke.IMAGE_SIZE,) * 2, Image.NEAREST))
+    np.testing.assert_array_equal(stretched.mask, direct)
+
+
+def test_a_window_upscaled_over_4x_is_a_note(studio):
+    request, notes = prepare(studio)  # 150 x 100 pixels: a window of 300, at 64 pixels
+    assert request.inputs.window.side == 300
+    assert notes == ["the edit window spans 300 px: the edit is made at 64 px and upscaled 4.7x; mask a smaller "
+                     "region, or use model_output_size=512"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -99,6 +144,12 @@ def test_a_good_request_is_prepared_at_the_model_size(studio):
     (dict(num_samples=None), "num_samples=None should be an integer"),
     (dict(seed=-1), "seed=-1 must be in [0, 2**31)"),
     (dict(seed=1.5), "seed=1.5 should be an integer"),
+    (dict(fit="crop"), "fit='crop' must be one of window, stretch"),
+    (dict(fit=None), "fit=None must be one of window, stretch"),
+    (dict(context=-0.5), "context=-0.5 must be a number in [0, 10]"),
+    (dict(context=None), "context=None must be a number in [0, 10]"),
+    (dict(feather=2.5), "feather=2.5 must be an integer in [0, 64]"),
+    (dict(feather=65.0), "feather=65 must be an integer in [0, 64]"),
 ])
 def test_bad_inputs_are_one_line_messages(studio, change, message):
     with pytest.raises((ValueError, TypeError)) as e:
@@ -109,8 +160,57 @@ def test_bad_inputs_are_one_line_messages(studio, change, message):
 
 
 def test_whole_image_masks_are_a_note_not_an_error(studio):
-    _, notes = prepare(studio, value=painted((0, 320, 0, 480)))
-    assert notes == ["the mask selects the whole image: nothing of the background is preserved"]
+    request, notes = prepare(studio, value=painted((0, 320, 0, 480)))
+    # The window is then the whole photo (480 pixels, centred), upscaled from 64: a second note.
+    assert request.inputs.window.box == (0, -80, 480, 400)
+    assert notes == ["the mask selects the whole image: nothing of the background is preserved",
+                     "the edit window spans 480 px: the edit is made at 64 px and upscaled 7.5x; mask a smaller "
+                     "region, or use model_output_size=512"]
+
+
+def test_a_runs_inputs_are_written_at_full_size_with_the_window_drawn(studio, tmp_path):
+    from bdjax import outputs
+
+    request, _ = prepare(studio, value=painted(SMALL))
+    app.write_inputs(request.inputs, str(tmp_path), {"prompt": "a cup of tea"})
+    np.testing.assert_array_equal(outputs.read_png(str(tmp_path / app.SOURCE)), photo_rgb())
+    with Image.open(tmp_path / app.MASK) as im:
+        np.testing.assert_array_equal(np.asarray(im), box_mask(SMALL))
+    for name, shape in zip(app.MODEL_INPUTS, [(smoke.IMAGE_SIZE,) * 2 + (3,), (smoke.IMAGE_SIZE,) * 2]):
+        with Image.open(tmp_path / name) as im:
+            assert np.asarray(im).shape == shape
+    assert outputs.read_provenance(str(tmp_path / app.WINDOW)) == {"kind": "window", "prompt": "a cup of tea",
+                                                                   "bdjax_version": bdjax.__version__}
+
+    # The window, drawn as a yellow frame on the photo: its corners are yellow or black, the
+    # pixels well inside and outside it the photo's.
+    preview = outputs.read_png(str(tmp_path / app.WINDOW))
+    assert preview.shape == (320, 480, 3)  # not wider than PREVIEW_WIDTH: as it is
+    left, top, right, bottom = request.inputs.window.inside
+    frame = np.zeros((320, 480), bool)
+    frame[top:bottom, left:right] = True
+    line = app.frame_line((480, 320))
+    assert line == 4
+    frame[top + 2 * line:bottom - 2 * line, left + 2 * line:right - 2 * line] = False  # black, then yellow
+    drawn = (preview != photo_rgb()).any(axis=-1)
+    assert drawn[frame].mean() > 0.95 and not drawn[~frame].any()
+    np.testing.assert_array_equal(preview[top + line - 1, left + 1:right - 1], [[0, 0, 0]] * (right - left - 2))
+    assert (preview[top + line:bottom - line, left + line] == (255, 214, 0)).all()
+
+    # A large photo's preview is downscaled; the window is drawn where it is in the photo.
+    large = np.asarray(Image.fromarray(photo_rgb()).resize((3000, 2000)))
+    mask = np.zeros((2000, 3000), bool)
+    mask[1000:1200, 2000:2300] = True
+    inputs = request_lib.prepare_inputs(large, mask, image_size=smoke.IMAGE_SIZE)
+    preview = app.window_preview(inputs)
+    assert preview.shape[1] == 1024 and abs(preview.shape[0] - 2000 * 1024 / 3000) <= 1
+    yellow = np.argwhere((preview == (255, 214, 0)).all(axis=-1))
+    (y0, x0), (y1, x1) = yellow.min(axis=0), yellow.max(axis=0)
+    scale = 1024 / 3000
+    box = np.array(inputs.window.inside) * scale
+    line = app.frame_line(preview.shape[1::-1])
+    assert abs(x0 - box[0]) <= line + 2 and abs(y0 - box[1]) <= line + 2  # the yellow line is inside the black
+    assert abs(x1 - box[2]) <= line + 2 and abs(y1 - box[3]) <= line + 2
 
 
 def test_captions_and_messages():

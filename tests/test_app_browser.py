@@ -3,15 +3,19 @@ Playwright in headless Chromium from Debian's packages (`apt-get install chromiu
 own browser download cannot work offline).
 
 A user uploads examples/coffee.png, paints a stroke over the cup, types a prompt, asks for 2
-samples and runs: 2 ranked results appear with their distances, and the mask used covers the
-stroke and nothing far from it. An empty mask then gives its one-line message, and the server
+samples and runs: 2 ranked results appear with their distances, the status states the edit window
+and its scale, and the mask used, at the photo's size, covers the stroke and nothing far from it.
+A large photo of another shape (the coffee photo enlarged to 1600 x 900) is edited at its own size:
+the best result, downloaded from the page, is 1600 x 900 and equal to the upload farther than the
+feather from the mask. An empty mask then gives its one-line message, and the server
 still serves further requests: one is cancelled after a batch while another user's waits in the
 queue, its position shown, then runs, compiling its new configuration first (a stage the page
 shows). The server is stopped by its PID. Set BDJAX_APP_SCREENSHOT=path to keep the screenshot
-taken after the first run.
+taken after the large photo's run (docs/app.png).
 """
 
 import io
+import json
 import os
 import re
 import shutil
@@ -34,6 +38,8 @@ COFFEE = os.path.join(ROOT, "examples", "coffee.png")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STROKE = ((180, 110), (280, 110))  # over the cup, in the photo's pixels (480 x 320)
+BIG = (1600, 900)  # the coffee photo enlarged to a large photo of another shape
+BIG_STROKE = ((600, 310), (930, 310))  # over the cup, in its pixels
 
 
 def chromium() -> str:
@@ -110,16 +116,20 @@ def open_page(browser, url: str):
     return page
 
 
-def upload_photo(page) -> dict:
-    """Upload the coffee photo; returns where its pixels are on the screen (scale, left, top)."""
-    page.locator("#photo input[type=file]").set_input_files(COFFEE)
+def upload_photo(page, path=COFFEE) -> dict:
+    """Upload the photo at `path`; returns where its pixels are on the screen (scale, left, top)."""
+    page.locator("#photo input[type=file]").set_input_files(str(path))
     zoom = page.locator("#photo").get_by_text(re.compile(r"^\d+%$"))
     zoom.wait_for(timeout=30_000)
     page.wait_for_timeout(500)  # the canvas settles on its zoom
-    scale = int(zoom.inner_text()[:-1]) / 100
     box = page.locator("#photo canvas").first.bounding_box()
-    with Image.open(COFFEE) as photo:
+    with Image.open(path) as photo:
         width, height = photo.size
+    # The zoom shown is rounded to a percent: the photo's width on the canvas is more exact when it
+    # fills it (a large photo, shown zoomed out).
+    scale = int(zoom.inner_text()[:-1]) / 100
+    if abs(width * scale - box["width"]) <= width * 0.005 + 1:
+        scale = box["width"] / width
     # The editor shows the photo centred in its canvas at the zoom it shows.
     return {"scale": scale, "left": box["x"] + (box["width"] - width * scale) / 2,
             "top": box["y"] + (box["height"] - height * scale) / 2}
@@ -167,11 +177,30 @@ def captions(page) -> list[str]:
     return [c.inner_text() for c in page.locator("#results .caption-label").all()]
 
 
+def fetch(page, url: str, mode: str = "RGB") -> np.ndarray:
+    response = page.request.get(url)
+    assert response.ok, url
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert(mode))
+
+
 def fetch_png(page, selector: str) -> np.ndarray:
-    src = page.locator(f"{selector} img").first.get_attribute("src")
-    response = page.request.get(src)
-    assert response.ok, src
-    return np.asarray(Image.open(io.BytesIO(response.body())).convert("L"))
+    return fetch(page, page.locator(f"{selector} img").first.get_attribute("src"), "L")
+
+
+def downloads(page) -> dict:
+    """The download links' file names and URLs, in the order shown."""
+    hrefs = [link.get_attribute("href") for link in page.locator("#downloads a[href]").all()]
+    return {os.path.basename(href): href for href in hrefs}
+
+
+def check_mask_near(mask: np.ndarray, stroke, radius: float) -> None:
+    """`mask` ([H, W] bool, in photo pixels) covers the `stroke`'s centre line and nothing
+    farther than `radius` from it."""
+    ys, xs = np.nonzero(mask)
+    assert distance_to_stroke(np.stack([xs + 0.5, ys + 0.5], axis=1), stroke).max() < radius
+    (x0, y), (x1, _) = stroke
+    assert mask[int(y), int(x0) + 1:int(x1)].all()
+    assert mask.mean() < 0.2
 
 
 def distance_to_stroke(points: np.ndarray, stroke=STROKE) -> np.ndarray:
@@ -199,18 +228,48 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
                          for c in shown]
             assert [c[:2] for c in shown] == ["#0", "#1"] and distances == sorted(distances)
 
-            # The mask used, at the model size: the stroke is in it, and nothing far from the stroke.
+            # The window and its scale are stated, the run's inputs shown: the photo with the
+            # window drawn, and the mask used at the photo's size.
+            assert re.search(r"editing a \d+x\d+ window at \(-?\d+, -?\d+\) of the 480x320 photo at 64 px", status)
+            assert fetch_png(page, "#source-used").shape == (320, 480)
+            # The mask used, at the photo's size: the stroke is in it, and nothing far from it.
             mask = fetch_png(page, "#mask-used") > 0
-            assert mask.shape == (smoke.IMAGE_SIZE, smoke.IMAGE_SIZE)
+            assert mask.shape == (320, 480)
+            check_mask_near(mask, STROKE, 60)  # photo pixels: the brush's radius and a margin
+
+            # A large photo (1600 x 900, shown zoomed out): the results come back at its size,
+            # unchanged far from the stroke; the best one downloaded from the page.
+            big = tmp_path / "big.png"
             with Image.open(COFFEE) as photo:
-                sx, sy = photo.size[0] / mask.shape[1], photo.size[1] / mask.shape[0]
+                photo.convert("RGB").resize(BIG, Image.LANCZOS).save(big)
+            uploaded = np.asarray(Image.open(big).convert("RGB"))
+            page = open_page(browser, server.url)
+            paint(page, upload_photo(page, big), BIG_STROKE, steps=5)  # fewer redraws of the large canvas
+            run_edit(page, "a cup of green tea", 2)
+            status = wait_status(page, r"results ranked|error")
+            assert status.startswith("2 results ranked"), status
+            assert re.search(r"editing a (\d+)x\1 window at \(-?\d+, -?\d+\) of the 1600x900 photo at 64 px, "
+                             r"upscaled \d+\.\dx back \(context 0\.5, feather 4\)", status), status
+            assert "note: the edit window spans" in status  # a 64-pixel model for a window of hundreds
+            files = downloads(page)
+            ranked = [name for name in files if re.fullmatch(r"\d{3}_\d+\.\d{4}\.png", name)]
+            assert len(ranked) == 2 and ranked[0].startswith("000_"), files
+            assert {"source.png", "mask.png", "grid.png", "report.json"} <= set(files), files
+            best = fetch(page, files[ranked[0]])
+            assert best.shape == (900, 1600, 3)
+            np.testing.assert_array_equal(fetch(page, files["source.png"]), uploaded)
+            mask = fetch(page, files["mask.png"], "L") > 0
+            assert mask.shape == (900, 1600)
+            check_mask_near(mask, BIG_STROKE, 60 * BIG[0] / 480)
+            # Farther than the feather (4 pixels) from the mask, every pixel is the uploaded photo's;
+            # inside, the edit.
             ys, xs = np.nonzero(mask)
-            centres = np.stack([(xs + 0.5) * sx, (ys + 0.5) * sy], axis=1)
-            assert distance_to_stroke(centres).max() < 60  # photo pixels: the brush's radius and a margin
-            (x0, y), (x1, _) = STROKE
-            row = int(y / sy)
-            assert mask[row, int(x0 / sx) + 1:int(x1 / sx)].all()  # the stroke's centre line is covered
-            assert mask.mean() < 0.2
+            near = np.zeros_like(mask)
+            near[max(ys.min() - 6, 0):ys.max() + 7, max(xs.min() - 6, 0):xs.max() + 7] = True
+            np.testing.assert_array_equal(best[~near], uploaded[~near])
+            assert (best[mask] != uploaded[mask]).any(axis=-1).mean() > 0.5
+            shown = fetch_png(page, "#results")  # the gallery's images: the results at full size
+            assert shown.shape == (900, 1600)
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
             if os.environ.get("BDJAX_APP_SCREENSHOT"):
                 shutil.copyfile(tmp_path / "app.png", os.environ["BDJAX_APP_SCREENSHOT"])
@@ -232,6 +291,8 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
             paint(other, upload_photo(other))
             other.locator("#advanced").click()  # an option the app has not compiled for
             other.locator("#option-aug_num input").fill("3")
+            other.locator("#option-context input").fill("0.25")  # the framing: no new compile
+            other.locator("#option-feather input").fill("0")
             record_status(other)
             run_edit(page, "a cup of green tea", 6)
             wait_status(page, r"sampling 6 samples")
@@ -253,8 +314,15 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
     assert "Traceback" not in server.log, server.log[-3000:]
     # Everything it wrote is in --output_dir: one folder per run that sampled, nothing in HOME or
     # in the directory it ran in.
-    assert sorted(os.listdir(server.out)) == ["run_0001", "run_0002", "run_0003"]
-    for name in ("grid.png", "report.json", "source.png", "mask.png"):
-        assert (server.out / "run_0001" / name).is_file()
+    assert sorted(os.listdir(server.out)) == ["run_0001", "run_0002", "run_0003", "run_0004"]
+    for name in ("grid.png", "report.json", "source.png", "mask.png", "window.png", "source_model.png",
+                 "mask_model.png"):
+        assert (server.out / "run_0002" / name).is_file()
+    with Image.open(server.out / "run_0002" / "ranked" / os.listdir(server.out / "run_0002" / "ranked")[0]) as im:
+        assert im.size == BIG and im.mode == "RGB"
+    report = json.loads((server.out / "run_0002" / "report.json").read_text())
+    assert report["fit"] == "window" and report["window"]["photo_size"] == list(BIG)
+    report = json.loads((server.out / "run_0004" / "report.json").read_text())  # the other user's
+    assert (report["options"]["aug_num"], report["context"], report["feather"]) == (3, 0.25, 0)
     assert os.listdir(server.workdir) == []
     assert [os.path.join(d, f) for d, _, fs in os.walk(server.home) for f in fs] == []

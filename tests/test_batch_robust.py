@@ -1,6 +1,7 @@
-"""Batch jobs against hostile inputs and faults: job identity by content and run, unwritable job
-directories and output directories, the run lock, stale temporaries, odd manifests, samples that
-turn non-finite, write failures mid-run, reserved job names.
+"""Batch jobs against hostile inputs and faults: job identity by content, framing and run,
+unwritable job directories and output directories, the run lock, stale temporaries, odd manifests
+and framing fields, samples that turn non-finite, write failures mid-run, missing crops, reserved
+job names.
 
 Most checks run in-process on a fake editor (no networks); the subprocess runs are the ones whose
 exit status and stderr matter: failures before any network is built (a few seconds each) and one
@@ -24,9 +25,11 @@ from bdjax import batch, outputs, request
 from bdjax.options import EditOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(ROOT, ".jax_cache")
+CACHE = os.path.abspath(os.environ.get("BDJAX_TEST_JAX_CACHE", os.path.join(ROOT, ".jax_cache")))
 FAST = {"skip_timesteps": 20}  # as tests/test_batch_edit.py: the compilation cache serves both
 IDENTITY = batch.run_identity("fp32", "smoke", 8, "fake-weights")
+# The fake editor's 8-pixel model upscales every window a lot, which window mode warns about.
+pytestmark = pytest.mark.filterwarnings(r"ignore:manifest line \d+. the edit window spans:UserWarning")
 
 
 def launch(*args, timeout=600):
@@ -97,8 +100,8 @@ class FakeEditor:
         return {"rows": np.arange(n), "images": images, "distances": distances, "finite": finite}
 
 
-def jobs_of(manifest, identity=IDENTITY, batch_size=1):
-    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions(batch_size=batch_size))
+def jobs_of(manifest, identity=IDENTITY, batch_size=1, framing=None):
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions(batch_size=batch_size), framing=framing)
     assert not errors, errors
     return batch.with_run(jobs, identity)
 
@@ -179,13 +182,97 @@ def test_each_input_file_is_hashed_once_per_manifest(fake_tree, monkeypatch):
             opened.append(path)
         return real_sha(path, cache)
 
-    monkeypatch.setattr(batch, "file_sha256", sha)
+    monkeypatch.setattr(batch.manifest, "file_sha256", sha)  # where parse_job looks it up
     monkeypatch.setattr(request, "prepare_inputs", lambda *a, **k: decoded.append(a) or real_prepare(*a, **k))
     jobs = jobs_of(manifest)
     assert len(jobs) == 5 and len({j.image_sha256 for j in jobs}) == 1
     assert sorted(opened) == sorted([str(root / "img.png"), str(root / "mask.png")]) and len(decoded) == 1
     _, stats, _, _ = run_fake(root / "out", jobs)  # the run and the jobs' summaries decode nothing again
     assert stats.computed == 5 and stats.summaries == 5 and len(decoded) == 1
+
+
+STRETCH_SPEC = {"image_sha256", "mask_sha256", "prompt", "seed", "invert_mask", "options", "run"}
+STRETCH_ENTRY = {"name", "line", "sample_id", "seed", "distance", "file", "image", "mask", "job", "process_index"}
+FRAMING_KEYS = {"fit", "window", "scale", "context", "feather", "note"}
+
+
+def test_stretch_jobs_write_what_they_always_did_and_window_mode_refuses_them(fake_tree):
+    """fit="stretch": the model-size edit, no crops, and an identity, report entry and provenance
+    without framing (as before window mode). Rerun in window mode (the default), or with another
+    context or feather, a job's directory is refused, never mixed; a stretched job ignores both."""
+    root, manifest = fake_tree
+    out = root / "out"
+    jobs, stats, _, _ = run_fake(out, jobs_of(manifest, framing={"fit": "stretch"}))
+    assert stats.computed == 5 and [j.fit for j in jobs] == ["stretch", "stretch"]
+    for name in ("a", "b"):
+        assert not (out / name / "crops").exists()
+        entry = json.loads((out / name / "sample_1.json").read_text())
+        assert set(entry) == STRETCH_ENTRY and set(entry["job"]) == STRETCH_SPEC
+        sample = np.asarray(Image.open(out / name / "sample_1.png"))
+        assert sample.shape == (8, 8, 3) and (sample == round(0.1 * 255)).all()  # FakeEditor's sample 1, as is
+        assert not set(outputs.read_provenance(str(out / name / "sample_1.png"))) & FRAMING_KEYS
+        assert not set(outputs.read_provenance(str(out / name / "grid.png"))) & FRAMING_KEYS
+        assert set(json.loads((out / name / "ranked.json").read_text())) == {
+            "name", "line", "num_samples", "job", "label", "samples"}
+        assert np.asarray(Image.open(out / name / "grid.png")).shape[1] == 4 * 8 + (name == "a") * 8
+    assert not [r for r in batch.job_results(jobs, stats) if "framing" in r]
+    _, items, conflicts, _ = batch.pending_items(str(out), jobs_of(manifest, framing={
+        "fit": "stretch", "context": 2.0, "feather": 0}))
+    assert items == [] and conflicts == []  # context and feather do not touch a stretched image
+
+    kept, items, conflicts, _ = batch.pending_items(str(out), jobs_of(manifest))  # window mode
+    assert kept == [] and [c.line for c in conflicts] == [1, 2]
+    assert "holds sample 0 of a different job" in conflicts[0].reason and "framing" in conflicts[0].reason
+
+    window = root / "window"
+    run_fake(window, jobs_of(manifest))
+    for change in ({"context": 1.0}, {"feather": 0}, {"fit": "stretch"}):
+        kept, items, conflicts, _ = batch.pending_items(str(window), jobs_of(manifest, framing=change))
+        assert kept == [] and [c.line for c in conflicts] == [1, 2], change
+    _, items, conflicts, _ = batch.pending_items(str(window), jobs_of(manifest, framing={"context": 0.5}))
+    assert items == [] and conflicts == []
+
+
+def test_window_results_are_the_photo_at_its_own_size_composed_one_row_at_a_time(tmp_path, monkeypatch):
+    """An RGBA photo in window mode: every sample is the photo (alpha kept) with the model-size
+    edit pasted in, that edit is the crop; the batch pastes one row at a time; the grid, ranked.json,
+    entries, provenance and results all say where the window lies."""
+    rng = np.random.RandomState(1)
+    photo = rng.randint(0, 256, (30, 40, 4), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    mask = np.zeros((30, 40), np.uint8)
+    mask[10:20, 15:25] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [
+        {"name": "w", "image": "photo.png", "mask": "mask.png", "prompt": "x", "num_samples": 3, "seed": 1,
+         "feather": 2, "context": 1}])
+    composed, compose = [], request.Inputs.compose
+    monkeypatch.setattr(request.Inputs, "compose",
+                        lambda self, edits: composed.append(len(edits)) or compose(self, edits))
+    out = tmp_path / "out"
+    jobs, stats, _, _ = run_fake(out, jobs_of(manifest, batch_size=3))
+    assert stats.computed == 3 and composed == [1, 1, 1]  # never a whole batch of full-size results
+    far = np.ones((30, 40), bool)
+    far[10 - 2:20 + 2, 15 - 2:25 + 2] = False  # within the feather (2) of the mask, or in it
+    inputs = jobs[0].inputs(8)
+    framing = inputs.framing()
+    assert (framing["context"], framing["feather"]) == (1.0, 2)
+    for k in range(3):
+        sample = np.asarray(Image.open(out / "w" / f"sample_{k}.png"))
+        crop = np.asarray(Image.open(out / "w" / "crops" / f"sample_{k}.png"))
+        assert sample.shape == (30, 40, 4) and crop.shape == (8, 8, 3)
+        assert (crop == round(k / 10 * 255)).all()  # FakeEditor's sample k at the model size
+        assert np.array_equal(sample[far], photo[far]) and np.array_equal(sample[..., 3], photo[..., 3])
+        assert np.array_equal(sample, inputs.compose(crop[None])[0])
+        entry = json.loads((out / "w" / f"sample_{k}.json").read_text())
+        assert entry["crop"] == f"crops/sample_{k}.png" and entry["framing"] == framing
+        about = outputs.read_provenance(str(out / "w" / f"sample_{k}.png"))
+        assert {key: about[key] for key in framing} == framing
+        assert outputs.read_provenance(str(out / "w" / "crops" / f"sample_{k}.png")) == {**about, "kind": "crop"}
+    assert json.loads((out / "w" / "ranked.json").read_text())["framing"] == framing
+    assert batch.job_results(jobs, stats)[0]["framing"] == framing
+    # The grid: source, mask and the 3 results at the photo's size (narrower than outputs.GRID_TILE).
+    assert np.asarray(Image.open(out / "w" / "grid.png")).shape[1] == 5 * 40
 
 
 # -- the output directory ---------------------------------------------------------------------
@@ -202,8 +289,26 @@ def test_unwritable_job_directory_is_skipped_before_compute(fake_tree):
         assert sorted(os.listdir(out)) == [batch.LOCK, "a"]  # probing left nothing behind
         run_fake(out, jobs)
     assert (out / "a").read_text() == "a user's file" and sorted(os.listdir(out / "b")) == [
-        "grid.png", "ranked.json", "sample_0.json", "sample_0.png", "sample_1.json", "sample_1.png"]
+        "crops", "grid.png", "ranked.json", "sample_0.json", "sample_0.png", "sample_1.json", "sample_1.png"]
+    assert sorted(os.listdir(out / "b" / "crops")) == ["sample_0.png", "sample_1.png"]
     assert not (out / batch.LOCK).exists()
+
+
+def test_a_file_in_the_way_of_crops_skips_the_job_and_crops_temporaries_are_removed(fake_tree):
+    root, manifest = fake_tree
+    out = root / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "crops").write_text("a user's file")
+    (out / "b" / "crops").mkdir(parents=True)
+    (out / "b" / "crops" / ".tmp-killed.png").write_bytes(b"partial")
+    with batch.claim_output_dir(str(out), jobs_of(manifest)) as (jobs, skipped, removed):
+        assert [j.name for j in jobs] == ["b"] and [e.line for e in skipped] == [1]
+        assert f"{out / 'a' / 'crops'} exists and is not a directory" in skipped[0].reason
+        assert removed == [str(out / "b" / "crops" / ".tmp-killed.png")]
+    assert sorted(tree(out)) == ["a", "a/crops", "b", "b/crops"]  # probing left nothing behind
+    with batch.claim_output_dir(str(root / "new"), jobs_of(manifest)) as (jobs, skipped, _):
+        assert len(jobs) == 2 and not skipped
+        assert os.listdir(root / "new") == [batch.LOCK]  # the directories made to probe are removed
 
 
 def test_lock_refuses_a_second_run_and_is_released(fake_tree):
@@ -248,7 +353,7 @@ def test_processes_after_the_first_neither_lock_nor_probe(fake_tree, monkeypatch
     (out / "a").write_text("a user's file")
     with batch.claim_output_dir(str(out), []):  # process 0 of the run holds the lock
         (out / ".tmp-abc.png").write_bytes(b"x")  # a temporary of process 0, being written
-        monkeypatch.setattr(batch.jax, "process_index", lambda: 1)
+        monkeypatch.setattr(batch.store.jax, "process_index", lambda: 1)
         with batch.claim_output_dir(str(out), jobs_of(manifest)) as (jobs, skipped, removed):
             assert [j.name for j in jobs] == ["a", "b"] and skipped == [] and removed == []
     assert sorted(os.listdir(out)) == [".tmp-abc.png", "a"]
@@ -347,7 +452,9 @@ def test_a_manifest_without_a_valid_job_or_a_bad_batch_size_flag_stops_before_ne
     manifest = write_manifest(tmp_path / "jobs.jsonl", [{**good, "aug_num": 0}, {**good, "clip_guidance_lambda": 1e999}])
     cases = [([f"--manifest={manifest}"], f"error: {manifest} has no valid job: manifest line 1: aug_num=0 must be at "
                                           "least 1 (and 1 more bad line(s))"),
-             ([f"--manifest={manifest}", "--batch_size=0"], "error: --batch_size=0 must be at least 1")]
+             ([f"--manifest={manifest}", "--batch_size=0"], "error: --batch_size=0 must be at least 1"),
+             ([f"--manifest={manifest}", "--feather=-1"], "error: --feather=-1 must be an integer in [0, 64] (photo "
+                                                         "pixels of soft edge; 0 pastes hard)")]
     before = tree(tmp_path)
     for args, message in cases:
         proc = launch(*args, f"--output_dir={out}")
@@ -363,6 +470,57 @@ def test_a_field_given_twice_is_refused(tmp_path):
     jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions())
     assert [j.line for j in jobs] == [2]
     assert [(e.line, e.reason) for e in errors] == [(1, "field 'image' is given twice; keep one")]
+
+
+def test_bad_framing_fields_are_one_line_each_naming_the_field(tmp_path):
+    images(tmp_path)
+    good = {"image": "img.png", "mask": "mask.png", "prompt": "x", "num_samples": 1, "seed": 1}
+    bad = [("fit", "crop"), ("fit", None), ("fit", ["window"]), ("context", -1), ("context", "0.5"),
+           ("context", float("inf")), ("context", 11), ("feather", 2.5), ("feather", True), ("feather", 65),
+           ("feather", -1)]
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [{**good, field: value} for field, value in bad] + [
+        {**good, "name": "ok", "fit": "stretch", "context": 3, "feather": 0}, {**good, "name": "default"}])
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions())
+    assert [(j.name, j.framing()) for j in jobs] == [
+        ("ok", {"fit": "stretch", "context": 3.0, "feather": 0}),
+        ("default", {"fit": "window", "context": 0.5, "feather": 4})]
+    assert [e.line for e in errors] == list(range(1, len(bad) + 1))
+    for e, (field, value) in zip(errors, bad):
+        assert str(e).startswith(f"manifest line {e.line}: {field}=") and "\n" not in str(e), str(e)
+    assert "must be one of window, stretch" in errors[0].reason
+    assert "must be a number in [0, 10]" in errors[3].reason and "must be an integer in [0, 64]" in errors[7].reason
+
+
+def test_the_runs_framing_is_every_jobs_unless_its_fields_say_otherwise(tmp_path):
+    images(tmp_path)
+    good = {"image": "img.png", "mask": "mask.png", "prompt": "x", "num_samples": 1, "seed": 1}
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [
+        {**good, "name": "run"}, {**good, "name": "own", "fit": "window", "feather": 1}])
+    jobs, _ = batch.read_manifest(str(manifest), 8, EditOptions(), framing={"fit": "stretch", "context": 2.0})
+    assert [j.framing() for j in jobs] == [{"fit": "stretch", "context": 2.0, "feather": 4},
+                                           {"fit": "window", "context": 2.0, "feather": 1}]
+    assert jobs[1].inputs(8).window.side == 40 and jobs[0].inputs(8).photo is None
+    with pytest.raises(ValueError, match=r"^feather=-1 must be an integer") as caught:
+        batch.read_manifest(str(manifest), 8, EditOptions(), framing={"feather": -1})
+    assert caught.value.name == "feather"
+
+
+def test_input_cache_counts_the_full_size_photo_and_keys_on_the_framing(fake_tree):
+    root, _ = fake_tree
+    cache = batch.InputCache()
+    window = cache.get(str(root / "img.png"), str(root / "mask.png"), False, 8)
+    assert cache.nbytes == window.nbytes == 8 * 8 * 4 + 30 * 40 * 4  # the crop and the photo with its mask
+    assert cache.get(str(root / "img.png"), str(root / "mask.png"), False, 8) is window
+    assert cache.get(str(root / "img.png"), str(root / "mask.png"), False, 8, feather=0) is not window
+    stretch = cache.get(str(root / "img.png"), str(root / "mask.png"), False, 8, fit="stretch")
+    assert stretch.photo is None and cache.get(str(root / "img.png"), str(root / "mask.png"), False, 8, fit="stretch",
+                                               context=3.0, feather=0) is stretch
+    small = batch.InputCache(max_bytes=window.nbytes)  # room for one photo: the older one is dropped
+    first = small.get(str(root / "img.png"), str(root / "mask.png"), False, 8)
+    small.get(str(root / "other.png"), str(root / "mask.png"), False, 8)
+    assert small.nbytes == first.nbytes and small.get(str(root / "img.png"), str(root / "mask.png"), False, 8) \
+        is not first
+    assert small.framing(str(root / "other.png"), str(root / "mask.png"), False, 8) == window.framing()
 
 
 def test_job_names_say_what_is_wrong():
@@ -415,7 +573,7 @@ def test_write_failure_skips_that_job_and_the_others_complete(fake_tree, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device", path)
         save_png(path, *args)
 
-    monkeypatch.setattr(batch.outputs, "save_png", full_disk)
+    monkeypatch.setattr(batch.store.outputs, "save_png", full_disk)
     jobs, stats, _, editor = run_fake(out, jobs_of(manifest, batch_size=1))
     assert list(stats.job_errors) == [0] and "No space left on device" in stats.job_errors[0]
     assert "a rerun retries them" in stats.job_errors[0]
@@ -425,9 +583,28 @@ def test_write_failure_skips_that_job_and_the_others_complete(fake_tree, monkeyp
     err = capsys.readouterr().err
     assert err.count("failed: job 'a' (manifest line 1): cannot write") == 1
 
-    monkeypatch.setattr(batch.outputs, "save_png", save_png)
+    monkeypatch.setattr(batch.store.outputs, "save_png", save_png)
     _, stats, _, editor = run_fake(out, jobs_of(manifest, batch_size=1))  # the rerun is not blocked
     assert editor.computed == [(1, 0), (1, 1), (1, 2)] and stats.job_errors == {}
+
+
+def test_a_missing_crop_is_computed_again_with_its_sample(fake_tree):
+    """Killed between a crop and its sample's JSON (the JSON is written last), or a crop removed
+    afterwards: the sample counts as missing and comes back, crop and all, byte for byte."""
+    root, manifest = fake_tree
+    out = root / "out"
+    run_fake(out, jobs_of(manifest))
+    before = tree(out)
+    os.remove(out / "a" / "crops" / "sample_1.png")
+    os.remove(out / "a" / "sample_1.json")
+    _, stats, _, editor = run_fake(out, jobs_of(manifest))
+    assert editor.computed == [(1, 1)] and stats.computed == 1 and tree(out) == before
+
+    os.remove(out / "a" / "crops" / "sample_2.png")  # the crop alone
+    _, items, conflicts, finished = batch.pending_items(str(out), jobs_of(manifest))
+    assert items == [(0, 2)] and conflicts == [] and sorted(finished[0]) == [0, 1]
+    _, stats, _, editor = run_fake(out, jobs_of(manifest))
+    assert editor.computed == [(1, 2)] and tree(out) == before
 
 
 def test_run_reads_no_sample_files_per_batch(fake_tree, monkeypatch):
@@ -435,8 +612,8 @@ def test_run_reads_no_sample_files_per_batch(fake_tree, monkeypatch):
     out = root / "out"
     jobs, items, _, finished = batch.pending_items(str(out), jobs_of(manifest, batch_size=1))
     reads = []
-    monkeypatch.setattr(batch, "_read_json", lambda path: reads.append(path) or None)
-    monkeypatch.setattr(batch, "read_finished", lambda *a: pytest.fail("a batch re-read the disk"))
+    monkeypatch.setattr(batch.store, "_read_json", lambda path: reads.append(path) or None)
+    monkeypatch.setattr(batch.run_module, "read_finished", lambda *a: pytest.fail("a batch re-read the disk"))
     stats = batch.run(FakeEditor(), jobs, str(out), items, finished=finished)
     # Per batch nothing is read; a completed job's summary compares with the one on disk once.
     assert stats.computed == 5 and sorted(reads) == [str(out / "a" / "ranked.json"), str(out / "b" / "ranked.json")]
@@ -478,7 +655,10 @@ def test_smoke_run_skips_the_blocked_job_and_cleans_up(smoke_run):
     assert (out / "blocked").read_text() == "not a directory"
     assert sorted(tree(out)) == sorted(["blocked", "report.json", "first", "second"] + [
         f"{job}/{f}" for job, n in (("first", 2), ("second", 1))
-        for f in ["grid.png", "ranked.json"] + [f"sample_{k}.{e}" for k in range(n) for e in ("png", "json")]])
+        for f in ["grid.png", "ranked.json", "crops"] + [f"sample_{k}.{e}" for k in range(n) for e in ("png", "json")]
+        + [f"crops/sample_{k}.png" for k in range(n)]])
+    assert np.asarray(Image.open(out / "first" / "sample_0.png")).shape == (30, 40, 3)  # the photo's size
+    assert np.asarray(Image.open(out / "first" / "crops" / "sample_0.png")).shape == (64, 64, 3)
     identity = json.loads((out / "first" / "sample_0.json").read_text())["job"]["run"]
     assert identity["precision"] == "fp32" and identity["config"] == "smoke" and identity["image_size"] == 64
     assert isinstance(identity["weights"], str) and identity["weights"]

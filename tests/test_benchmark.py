@@ -1,4 +1,4 @@
-"""launch/benchmark.py end to end on the smoke networks: bdjax's step and the PyTorch reference step
+"""bench/benchmark.py end to end on the smoke networks: bdjax's step and the PyTorch reference step
 run, and the JSON holds every field with a sane value; flags that cannot run stop before any network.
 Speed is never asserted here."""
 
@@ -25,7 +25,7 @@ REFERENCE_FIELDS = {"reference_device", "reference_precision", "reference_step_s
 def run_benchmark(tmp_path, *flags):
     output = tmp_path / "bench.json"
     cache = jax.config.jax_compilation_cache_dir  # conftest's cache, so the second run skips compiling
-    command = [sys.executable, "-m", "launch.benchmark", "--config=smoke", f"--batch_size={BATCH}",
+    command = [sys.executable, "-m", "bench.benchmark", "--config=smoke", f"--batch_size={BATCH}",
                f"--aug_num={AUG_NUM}", "--iters=2", "--warmup=1", f"--output={output}", *flags]
     if cache:
         command.append(f"--compilation_cache_dir={cache}")
@@ -90,7 +90,7 @@ def test_benchmark_without_reference_or_peak(tmp_path):
 
 def test_analytic_flops_of_the_real_networks():
     """The analytic count: about 7.5 TFLOP per sample-step at the real sizes with 8 augmentations."""
-    code = ("from launch.benchmark import analytic_flops_per_sample_step as f; "
+    code = ("from bench.benchmark import analytic_flops_per_sample_step as f; "
             "print(f('real', 8), f('reduced', 8))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -105,7 +105,7 @@ def test_analytic_flops_of_the_real_networks():
 ])
 def test_flags_that_cannot_run_stop_before_any_network(flags, message, tmp_path):
     output = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "launch.benchmark", f"--output={output}", *flags], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "bench.benchmark", f"--output={output}", *flags], cwd=REPO,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip()

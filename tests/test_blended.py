@@ -1,10 +1,10 @@
-"""Behaviour of the Blended Diffusion sampler and the editor API.
+"""Behaviour of the Blended Diffusion sampler (bdjax/blended.py): blending, guidance, the step.
 
 Analytic models stand in for the networks where behaviour (not parity) is tested: the UNet is
 the exact denoiser for Gaussian data x0 ~ N(MU, S^2 I) (its eps prediction is E[eps | x_t]),
 and CLIP is a differentiable colour target: an image's embedding is its mean colour minus grey,
 the "text" embedding a fixed colour direction. Parity with the PyTorch reference is in
-test_blended_parity.py.
+test_blended_parity.py; the editor API around the sampler (bdjax/editor.py) in test_editor.py.
 """
 
 import flax.linen as nn
@@ -17,8 +17,6 @@ import pytest
 from bdjax import blended, diffusion, smoke
 from bdjax.blended import Models
 from bdjax.options import EditOptions
-from bdjax.editor import BlendedDiffusion
-from bdjax.models import clip as clip_lib
 from bdjax.models import unet as unet_lib
 
 SIZE = 32
@@ -195,73 +193,6 @@ def count_convolutions(jaxpr) -> int:
     return n
 
 
-# The editor API on tiny random networks of the real architectures.
-
-@pytest.fixture(scope="module")
-def editor():
-    config = dict(unet_lib.preset("adm256_uncond"), image_size=SIZE, model_channels=32, channel_mult=(1, 2),
-                  num_res_blocks=1, attention_resolutions=(2,), num_head_channels=16)
-    unet = unet_lib.UNetModel(**config)
-    unet_params = unet.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), jnp.zeros((1,)))["params"]
-    clip = clip_lib.CLIP(embed_dim=32, image_resolution=224, vision_layers=1, vision_width=64, vision_patch_size=32,
-                         vision_heads=2, context_length=77, vocab_size=49408, transformer_width=32,
-                         transformer_heads=2, transformer_layers=1)
-    clip_params = clip.init(jax.random.key(1), jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32))["params"]
-    return BlendedDiffusion((unet, unet_params), (clip, clip_params))
-
-
-@pytest.fixture(scope="module")
-def photo_and_mask():
-    rng = np.random.RandomState(5)
-    photo = rng.randint(0, 256, (40, 40, 3), dtype=np.uint8)
-    mask = np.zeros((40, 40), np.uint8)
-    mask[10:30, 5:25] = 255
-    return photo, mask
-
-
-FAST = dict(skip_timesteps=96, aug_num=3)
-
-
-def test_same_seed_same_results_and_batch_independence(editor, photo_and_mask):
-    photo, mask = photo_and_mask
-    batch8 = editor.edit(photo, mask, "a red ball", num_samples=8, batch_size=8, seed=11, progress=False, **FAST)
-    again = editor.edit(photo, mask, "a red ball", num_samples=8, batch_size=8, seed=11, progress=False, **FAST)
-    np.testing.assert_array_equal(batch8.images, again.images)
-    compiled = editor.sampler(EditOptions(batch_size=8, **FAST), True)
-    for program in (compiled.begin, compiled.advance, compiled.end):
-        assert program._cache_size() == 1  # each compiled once, for both runs and all chunks
-
-    # Ranked best first, and every sample id once.
-    assert (np.diff(batch8.distances) >= 0).all()
-    assert sorted(batch8.sample_ids) == list(range(8))
-    # Sample k alone (batch_size 1, so a different compiled program) equals sample k in the batch of 8.
-    alone = editor.edit(photo, mask, "a red ball", num_samples=3, batch_size=1, seed=11, progress=False, **FAST)
-    for k in range(3):
-        np.testing.assert_array_equal(alone.images[list(alone.sample_ids).index(k)],
-                                      batch8.images[list(batch8.sample_ids).index(k)])
-    other = editor.edit(photo, mask, "a red ball", num_samples=1, batch_size=8, seed=12, progress=False, **FAST)
-    assert np.abs(other.images[0].astype(int) - batch8.images[list(batch8.sample_ids).index(0)]).max() > 0
-    # Outside the mask every result is the (resized) source.
-    keep = batch8.mask == 0
-    for image in batch8.images:
-        assert np.abs(image[keep].astype(int) - batch8.source[keep]).max() <= 1
-
-
-def test_editor_rejects_bad_requests(editor, photo_and_mask):
-    photo, mask = photo_and_mask
-    with pytest.raises(ValueError, match="tokens long"):
-        editor.edit(photo, mask, "word " * 80, progress=False)
-    with pytest.raises(TypeError, match="unknown option"):
-        editor.edit(photo, mask, "a cat", progress=False, skip_timestep=3)
-    with pytest.raises(ValueError, match="skip_timesteps"):
-        editor.edit(photo, mask, "a cat", progress=False, skip_timesteps=100)
-    with pytest.raises(ValueError, match="LPIPS"):
-        editor.edit(photo, mask, "a cat", progress=False, local_clip_guided_diffusion=True,
-                    background_preservation_loss=True)
-    with pytest.raises(ValueError, match="selects no pixel"):
-        editor.edit(photo, np.zeros((40, 40), np.uint8), "a cat", progress=False)
-
-
 def test_bfloat16_step_within_tolerance_of_float32():
     """One guided step of the smoke networks with bfloat16 activations and parameters against
     float32, same inputs and draws. Tolerance: max abs error <= 5e-2 x max |float32| for x_{i-1},
@@ -320,34 +251,6 @@ def test_class_conditional_model_gets_a_fresh_random_class_per_sample_and_step(s
     assert out["sample"].shape == (2, SIZE, SIZE, 3)
 
 
-def test_from_pretrained_reads_converted_directories(tmp_path):
-    """Weights written in the converters' format load into an editor: UNet and CLIP from one
-    directory (LPIPS only if present), a separate UNet directory for the 512 model, bf16 params."""
-    from bdjax import checkpoint, smoke
-
-    nets = smoke.networks()
-    unet, unet_params = nets["unet"]
-    checkpoint.save(str(tmp_path), "unet", checkpoint.flatten(unet_params), unet_lib.config_to_json(smoke.unet_config()),
-                    model="unet")
-    checkpoint.save(str(tmp_path), "clip", checkpoint.flatten(nets["clip"][1]), smoke.CLIP_CONFIG, model="clip")
-    editor = BlendedDiffusion.from_pretrained(str(tmp_path))
-    assert editor.models.lpips is None and editor.image_size == 64
-    for got, want in zip(jax.tree_util.tree_leaves(editor.params["unet"]), jax.tree_util.tree_leaves(unet_params)):
-        np.testing.assert_array_equal(got, want)
-    with pytest.raises(ValueError, match="LPIPS"):
-        editor.options(local_clip_guided_diffusion=True, background_preservation_loss=True)
-
-    from bdjax.models import lpips as lpips_lib
-    checkpoint.save(str(tmp_path), "lpips", checkpoint.flatten(nets["lpips"][1]), lpips_lib.CONFIG, model="lpips")
-    other = tmp_path / "adm512"
-    checkpoint.save(str(other), "unet", checkpoint.flatten(unet_params), unet_lib.config_to_json(smoke.unet_config()),
-                    model="unet")
-    editor = BlendedDiffusion.from_pretrained(str(tmp_path), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                              unet_dir=str(other), remat="dots")
-    assert editor.models.lpips is not None and editor.models.unet.remat == "dots"
-    assert jax.tree_util.tree_leaves(editor.params["clip"])[0].dtype == jnp.bfloat16
-
-
 def test_background_loss_computes_the_init_images_lpips_features_once(scene):
     """Algorithm 1 with the LPIPS background loss: the VGG trunk runs on the unchanging init image
     once, before the scan over timesteps; inside it only the sample's background goes through the
@@ -385,18 +288,3 @@ def test_background_loss_computes_the_init_images_lpips_features_once(scene):
     assert np.isfinite(given["terms"]["lpips_loss"]) and float(given["terms"]["lpips_loss"]) != 0
     np.testing.assert_allclose(given["grad"], itself["grad"], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(given["terms"]["lpips_loss"], itself["terms"]["lpips_loss"], rtol=1e-6)
-
-
-def test_smoke_editor_defaults_to_the_smoke_schedule_and_options_override_it():
-    """bdjax.smoke.editor() edits with --config=smoke's short schedule unless told otherwise; other
-    editors keep the reference's defaults."""
-    editor = smoke.editor(with_lpips=False)
-    assert editor.options() == EditOptions(**smoke.OPTIONS)
-    assert editor.options().timestep_respacing == "25" and editor.options().skip_timesteps == 15
-    assert editor.options(skip_timesteps=5).skip_timesteps == 5
-    assert editor.options(skip_timesteps=5).aug_num == smoke.OPTIONS["aug_num"]
-    nets = smoke.networks(with_lpips=False)
-    plain = BlendedDiffusion(nets["unet"], nets["clip"])
-    assert plain.options() == EditOptions()
-    with pytest.raises(TypeError, match="unknown option"):
-        BlendedDiffusion(nets["unet"], nets["clip"], defaults={"steps": 3})

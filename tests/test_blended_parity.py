@@ -1,7 +1,7 @@
 """One step of Blended Diffusion against the same step assembled from the PyTorch references.
 
 Reference: the authors' step (omriav/blended-diffusion, ImageEditor.cond_fn + postprocess_fn)
-as checkpoints_convert.reference rebuilds it from guided_diffusion's UNetModel and SpacedDiffusion
+as bench.reference rebuilds it from guided_diffusion's UNetModel and SpacedDiffusion
 (rescale_timesteps=True, as the authors configure it), clip-anytorch's CLIP, lpips.LPIPS(net="vgg")
 and kornia's warp_affine / warp_perspective. The augmentations are made deterministic by injecting the same transform
 matrices and apply-flags into both, and the step noise and background noise are shared.
@@ -29,7 +29,7 @@ from bdjax.models import lpips as lpips_lib
 from bdjax.models import unet as unet_lib
 from checkpoints_convert import clip as convert_clip
 from checkpoints_convert import lpips as convert_lpips
-from checkpoints_convert import reference
+from bench import reference
 from checkpoints_convert import unet as convert_unet
 from checkpoints_convert.common import read_torch_state_dict
 from test_unet import randomize_
@@ -128,7 +128,7 @@ def jax_augment(case):
 
 
 def torch_step(nets, case, options: EditOptions):
-    """The authors' step (checkpoints_convert.reference) on the case's inputs, transforms and noise."""
+    """The authors' step (bench.reference) on the case's inputs, transforms and noise."""
     augment = reference.image_augmentations(CLIP["image_resolution"], AUG, reference.warp_augmentations(
         case["affine"], case["perspective"], case["apply_affine"], case["apply_perspective"]))
     out = reference.guided_step(reference.spaced_diffusion(options.timestep_respacing), nets["torch"], options,

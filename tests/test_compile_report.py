@@ -1,4 +1,4 @@
-"""launch/compile_report.py: bdjax's sampler compiled for TPU chips by libtpu on this CPU machine
+"""bench/compile_report.py: bdjax's sampler compiled for TPU chips by libtpu on this CPU machine
 (no TPU). The smoke configuration's report is complete and shows a purely data-parallel loop; the
 HLO op counting and the batch search are checked on small cases whose answers are known."""
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from launch import compile_report
+from bench import compile_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,7 @@ def test_largest_finds_the_boundary_by_doubling_and_bisection():
 
 
 def run(*flags):
-    return subprocess.run([sys.executable, "-m", "launch.compile_report", *flags], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bench.compile_report", *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=1500, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 

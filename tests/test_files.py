@@ -37,3 +37,15 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     (tmp_path / "keep.png").write_text("x")
     assert files.remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / f"{files.TMP_PREFIX}abc.png")]
     assert os.listdir(tmp_path) == ["keep.png"]
+
+
+def test_remove_stale_temporaries_removes_only_temporaries(tmp_path):
+    (tmp_path / ".tmp-abc.png").write_bytes(b"half")
+    (tmp_path / ".tmp-def.json").write_text("{")
+    (tmp_path / "keep.png").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".tmp-x.png").write_bytes(b"x")  # not recursive
+    removed = files.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in removed) == [".tmp-abc.png", ".tmp-def.json"]
+    assert sorted(os.listdir(tmp_path)) == ["keep.png", "sub"] and os.listdir(tmp_path / "sub") == [".tmp-x.png"]
+    assert files.remove_stale_temporaries(str(tmp_path / "missing")) == []

@@ -1,4 +1,4 @@
-"""launch/gpu_proof.py (and its shell entry) on the CPU: the smoke dry run fills every field of the JSON
+"""bench/gpu_proof.py (and its shell entry) on the CPU: the smoke dry run fills every field of the JSON
 with sane values; the budget skips phases with notes; an overrunning phase is stopped and its partial
 JSON kept; bad flags give one line and exit status 2. Speed is never asserted here."""
 
@@ -13,7 +13,7 @@ import time
 import jax
 import pytest
 
-from launch import gpu_proof
+from bench import gpu_proof
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fields that stay null in the CPU dry run: the analytic FLOP count is for the real models only; a CPU has no
@@ -57,7 +57,7 @@ def leaves(tree, prefix=""):
 
 
 def proof_command(output, *flags):
-    command = [sys.executable, "-m", "launch.gpu_proof", "--config=smoke", f"--output={output}", *flags]
+    command = [sys.executable, "-m", "bench.gpu_proof", "--config=smoke", f"--output={output}", *flags]
     cache = jax.config.jax_compilation_cache_dir  # conftest's cache: later runs skip compiling
     if cache:
         command.append(f"--compilation_cache_dir={cache}")
@@ -190,7 +190,7 @@ def test_sigterm_stops_the_child_and_writes_the_json(tmp_path):
 @pytest.mark.parametrize("flag", ["--budget_s=abc", "--bogus", "--config=huge", "--num_samples=0",
                                   "--phases=sampler", "--phases=warp", "--budget_s=-5", "stray"])
 def test_bad_flags_one_line_status_2(tmp_path, flag):
-    proc = subprocess.run([sys.executable, "-m", "launch.gpu_proof", f"--output={tmp_path / 'x.json'}", flag],
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_proof", f"--output={tmp_path / 'x.json'}", flag],
                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
@@ -198,11 +198,11 @@ def test_bad_flags_one_line_status_2(tmp_path, flag):
 
 
 def test_shell_entry_without_wheels(tmp_path):
-    """launch/gpu_proof.sh with an empty wheel directory: runs the proof from the checkout, JSON and log in OUT."""
+    """bench/gpu_proof.sh with an empty wheel directory: runs the proof from the checkout, JSON and log in OUT."""
     wheels, out = tmp_path / "wheels", tmp_path / "out"
     wheels.mkdir()
     env = cpu_env(PYTHON=sys.executable, GPU_PROOF_WHEELS=str(wheels), GPU_PROOF_SITE=str(tmp_path / "site"))
-    proc = subprocess.run(["bash", "launch/gpu_proof.sh", str(out), "--config=smoke", "--budget_s=1",
+    proc = subprocess.run(["bash", "bench/gpu_proof.sh", str(out), "--config=smoke", "--budget_s=1",
                            "--phases=step_bf16"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "gpu_proof.json") as f:
@@ -210,7 +210,7 @@ def test_shell_entry_without_wheels(tmp_path):
     assert result["config"] == "smoke" and result["summary"]
     log = (out / "gpu_proof.log").read_text()
     assert "no wheels in" in log and "wrote" in log and "bdjax GPU proof" in log
-    usage = subprocess.run(["bash", "launch/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+    usage = subprocess.run(["bash", "bench/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=60)
     assert usage.returncode == 2 and usage.stderr.startswith("usage:")
 

@@ -180,7 +180,7 @@ def test_num_samples_is_bounded_and_requests_are_typed():
     check_request(MAX_NUM_SAMPLES, 0)
     check_request(np.int64(3), np.int32(5))
     with pytest.raises(ValueError, match=rf"^num_samples=1000000000 is more than {MAX_NUM_SAMPLES:,}.*several runs"):
-        check_request(10 ** 9, 0)  # the launch programs name it as the flag (test_launch_robust)
+        check_request(10 ** 9, 0)  # the launch programs name it as the flag (test_launch_edit)
     with pytest.raises(ValueError, match="num_samples=100001 is more than"):
         check_request(MAX_NUM_SAMPLES + 1, 0)
     for num_samples, seed in ((2.0, 0), (True, 0), ("4", 0), (4, 1.5), (4, False)):

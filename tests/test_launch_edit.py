@@ -1,5 +1,7 @@
 """launch/edit.py end to end, as a user runs it: the smoke preset (tiny random networks, no
-weights), the outputs it writes, and its one-line errors."""
+weights), the outputs it writes, and its one-line errors. Then its faults in-process, on a
+stand-in sampler: results streamed to disk batch by batch, non-finite samples reported (never
+written as images), strict JSON, safe --overwrite, and every check made before any work."""
 
 import json
 import os
@@ -14,6 +16,7 @@ from PIL import Image
 import bdjax
 from bdjax import outputs, smoke
 from bdjax.options import EditOptions
+from launch_helpers import SIZE, FakeRun, photo, run_program, snapshot, strict_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,10 +75,13 @@ def test_smoke_run_writes_ranked_results_grid_and_report(smoke_run):
     assert not set(report["flags"]) & set(EditOptions.names()) and report["flags"]["config"] == "smoke"
     assert report["timings_s"]["edit"] > 0 and report["versions"]["jax"]
     grid = Image.open(out / "grid.png")
-    assert grid.size[0] == 5 * 64  # source, mask and three results
+    assert grid.size[0] == 5 * 120  # source, mask and three results, at the photo's size (120x90)
     for n in names:
         image = np.asarray(Image.open(out / "ranked" / n))
-        assert image.shape == (64, 64, 3)
+        assert image.shape == (90, 120, 3)
+    # The model-size edits CLIP ranked are kept beside the full-size results.
+    assert sorted(os.listdir(out / "crops")) == [f"sample_{k}.png" for k in range(3)]
+    assert np.asarray(Image.open(out / "crops" / "sample_0.png")).shape == (64, 64, 3)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 
 
@@ -205,3 +211,138 @@ def test_real_networks_on_a_cpu_stop_before_loading_weights(inputs, tmp_path):
     assert not out.exists() and not (tmp_path / "cache").exists()  # nothing fetched, nothing written
     proc = run("--prompt=a cat", f"--init_image={inputs / 'missing.png'}", f"--output_dir={out}")
     assert proc.returncode == 2 and "no such file" in proc.stderr  # a bad input is still named first
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process, on a stand-in sampler (tests/launch_helpers.py: no networks, nothing compiled): results
+# streamed to disk batch by batch, non-finite samples reported (never written as images), strict
+# JSON, safe --overwrite, and the checks made before any work.
+
+def test_edit_writes_each_batch_as_it_finishes(program_flags, monkeypatch, image_file, tmp_path):
+    """A run that dies after its first batch keeps that batch's samples, complete, on disk."""
+    out = tmp_path / "out"
+
+    class DiesInSecondBatch(FakeRun):
+        def __call__(self, *args, **kwargs):
+            if self.batches:
+                raise RuntimeError("device lost")
+            return super().__call__(*args, **kwargs)
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                         "--num_samples=4", "--batch_size=2", f"--output_dir={out}"],
+                    DiesInSecondBatch())
+    assert sorted(os.listdir(out)) == ["crops", "samples"]
+    assert sorted(os.listdir(out / "samples")) == ["sample_0.json", "sample_0.png", "sample_1.json", "sample_1.png"]
+    assert sorted(os.listdir(out / "crops")) == ["sample_0.png", "sample_1.png"]
+    entry = strict_json(out / "samples" / "sample_1.json")
+    assert entry["sample_id"] == 1 and entry["file"] == "samples/sample_1.png"
+    assert entry["distance"] == pytest.approx(0.5)
+    assert np.asarray(Image.open(out / "samples" / "sample_1.png")).mean() == round(0.01 * 255)
+
+
+def test_edit_ranks_from_disk_and_reports_non_finite_samples(program_flags, monkeypatch, image_file, tmp_path,
+                                                            capsys):
+    out = tmp_path / "out"
+    run = FakeRun(nan=[1], inf=[2])
+    status = run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                              "--num_samples=5", "--batch_size=2",
+                                                              f"--output_dir={out}"], run)
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "sample(s) 1 turned non-finite" in err and "sample(s) 2 turned non-finite" in err
+    assert {b["init"][0] for b in run.batches} == {2}
+    # Ranked best first (sample k's distance is 1 / (k + 1)); the failed ones are nowhere.
+    assert sorted(os.listdir(out / "ranked")) == ["000_0.2000.png", "001_0.2500.png", "002_1.0000.png"]
+    assert not (out / "samples" / "sample_1.png").exists() and not (out / "samples" / "sample_2.png").exists()
+    assert os.path.samefile(out / "ranked" / "000_0.2000.png", out / "samples" / "sample_4.png")
+    report = strict_json(out / "report.json")
+    assert [s["sample_id"] for s in report["samples"]] == [4, 3, 0]
+    assert [(f["sample_id"], "NaN" in f["reason"] or "inf" in f["reason"]) for f in report["failed"]] == [
+        (1, True), (2, True)]
+    failed = strict_json(out / "samples" / "sample_2.json")
+    assert failed["distance"] is None and "inf" in failed["failed"]
+    assert Image.open(out / "grid.png").size[0] == 5 * photo().shape[1]  # source, mask, three results (photo size)
+
+
+def test_edit_with_every_sample_non_finite_fails_with_one_line(program_flags, monkeypatch, image_file, tmp_path,
+                                                               capsys):
+    out = tmp_path / "out"
+    status = run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                              "--num_samples=2", "--batch_size=2",
+                                                              f"--output_dir={out}"], FakeRun(nan=[0, 1]))
+    assert status == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: all 2 samples turned non-finite")
+    assert not (out / "ranked").exists() or not os.listdir(out / "ranked")
+    assert [f["sample_id"] for f in strict_json(out / "report.json")["failed"]] == [0, 1]
+
+
+def test_edit_overwrite_removes_only_its_own_files_after_the_checks(program_flags, monkeypatch, image_file,
+                                                                     tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--prompt=a cat", "--batch_size=2", f"--output_dir={out}"]
+    assert run_program(program_flags, monkeypatch, "edit", [*common, f"--init_image={image_file}",
+                                                            "--num_samples=4"]) == 0
+    (out / "ranked" / "notes.png").write_bytes(b"mine")
+    (out / "ranked" / "000_my_favourite.png").write_bytes(b"mine too")
+    (out / "todo.txt").write_text("mine")
+    capsys.readouterr()
+    before = snapshot(out)
+    # A typo in the image: refused before anything is touched, --overwrite or not.
+    for extra in ([], ["--overwrite"]):
+        status = run_program(program_flags, monkeypatch, "edit", [*common, f"--init_image={tmp_path / 'im.png'}",
+                                                                  "--num_samples=2", *extra])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and len(err.splitlines()) == 1 and "no such file" in err, err
+        assert snapshot(out) == before
+    # Without --overwrite a good run is refused too, naming the flag.
+    status = run_program(program_flags, monkeypatch, "edit", [*common, f"--init_image={image_file}", "--num_samples=2"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "--overwrite" in err and snapshot(out) == before
+    # A killed write's temporaries go; the new run replaces bdjax's files and keeps the user's.
+    (out / ".tmp-k1x2.json").write_text("{")
+    (out / "ranked" / ".tmp-9zz.png").write_bytes(b"half")
+    assert run_program(program_flags, monkeypatch, "edit", [*common, f"--init_image={image_file}", "--num_samples=2",
+                                                            "--overwrite"]) == 0
+    assert sorted(os.listdir(out / "ranked")) == ["000_0.5000.png", "000_my_favourite.png", "001_1.0000.png",
+                                                  "notes.png"]
+    assert sorted(os.listdir(out / "samples")) == ["sample_0.json", "sample_0.png", "sample_1.json", "sample_1.png"]
+    assert sorted(os.listdir(out)) == ["crops", "grid.png", "ranked", "report.json", "samples", "todo.txt"]
+    assert (out / "ranked" / "notes.png").read_bytes() == b"mine"
+
+
+def test_edit_refuses_names_it_could_not_write_before_any_work(program_flags, monkeypatch, image_file, tmp_path,
+                                                               capsys):
+    """ranked/ as a file, report.json as a directory: found by the preflight, not after compute."""
+    for blocker, make, message in (("ranked", lambda p: p.write_text("x"), "is a file"),
+                                   ("report.json", lambda p: p.mkdir(), "a directory has that name")):
+        out = tmp_path / blocker / "out"
+        out.mkdir(parents=True)
+        make(out / blocker)
+        before = snapshot(out)
+        run = FakeRun()
+        status = run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                                  "--num_samples=2", f"--output_dir={out}"], run)
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and len(err.splitlines()) == 1 and message in err, err
+        assert run.batches == [] and snapshot(out) == before and sorted(os.listdir(out)) == [blocker]
+
+
+def test_edit_bounds_num_samples_before_any_work(program_flags, monkeypatch, image_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    run = FakeRun()
+    status = run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                              "--num_samples=1000000000", f"--output_dir={out}"], run)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "--num_samples=1000000000 is more than" in err, err
+    assert run.batches == [] and not out.exists()
+
+
+def test_edit_refuses_an_empty_output_dir(program_flags, monkeypatch, image_file, capsys):
+    run = FakeRun()
+    status = run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                              "--output_dir="], run)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err == "error: output directory '' is empty: name a directory", err
+    assert run.batches == []

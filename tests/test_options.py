@@ -1,5 +1,5 @@
 """The edit options are declared once (bdjax/options.py); flags, manifest fields, API keywords,
-validation and the README's flag table must all follow that declaration."""
+validation and the flag table (docs/flags.md) must all follow that declaration."""
 
 import dataclasses
 import os
@@ -70,10 +70,10 @@ def test_reference_names():
 
 
 def test_readme_flag_table_lists_every_option_with_its_default():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8") as f:
         rows = dict(re.findall(r"^\| `--(\w+)` \| ([^|]+) \|", f.read(), flags=re.M))
     for field in EditOptions.declaration():
-        assert field.name in rows, f"README's flag table has no row for --{field.name}"
+        assert field.name in rows, f"docs/flags.md's flag table has no row for --{field.name}"
         shown = rows[field.name].strip().strip("`")
         expected = {True: "true", False: "false"}.get(field.default, field.default) if field.type == "bool" \
             else field.default

@@ -1,7 +1,13 @@
 """bdjax/outputs.py: provenance in PNG text chunks, captions that wrap instead of being cut, the
-captioned grid. The launch programs' files are checked in their own tests."""
+captioned grid, strict JSON (non-finite numbers refused) and files that follow the umask. The
+launch programs' files are checked in their own tests."""
+
+import json
+import os
+import stat
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import bdjax
@@ -80,3 +86,24 @@ def test_sheet_places_tiles_of_different_widths_at_their_offsets():
     assert image.shape == (2 * cell, 64, 3)
     assert np.array_equal(image[:64, 16:48], narrow) and (image[:64, :16] == 255).all()
     assert np.array_equal(image[cell:cell + 64], wide)
+
+
+def test_save_json_refuses_non_finite_numbers(tmp_path):
+    for bad in (float("nan"), float("inf"), np.float32("nan"), np.array([1.0, -np.inf])):
+        with pytest.raises(outputs.NonFiniteJSONError, match="non-finite"):
+            outputs.save_json(str(tmp_path / "r.json"), {"x": [1, {"y": bad}]})
+    assert os.listdir(tmp_path) == []  # neither the file nor a temporary
+    outputs.save_json(str(tmp_path / "r.json"), outputs.finite_or_none({"x": [np.nan, np.float32(0.5)]}))
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": [None, 0.5]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        outputs.save_png(str(tmp_path / "a.png"), np.zeros((2, 2, 3), np.uint8))
+        outputs.save_json(str(tmp_path / "a.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    for name in ("a.png", "a.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name

@@ -42,8 +42,47 @@ def expected(boxes=(), erased=()) -> np.ndarray:
 def test_the_painted_pixels_are_the_mask_at_the_photos_size():
     value = {"background": photo(), "layers": [layer([(5, 15, 10, 30)])], "composite": None}
     painted = painting.from_editor(value)
-    assert painted.image is value["background"]
+    np.testing.assert_array_equal(painted.image, value["background"][..., :3])  # opaque: its alpha dropped
     np.testing.assert_array_equal(painted.mask, expected([(5, 15, 10, 30)]))
+
+
+def test_the_photo_is_passed_on_at_full_size_keeping_real_transparency():
+    see_through = photo()
+    see_through[:5, :5, 3] = 0
+    for background in (see_through, Image.fromarray(see_through), Image.fromarray(photo()[..., :3])):
+        assert painting.from_editor({"background": background, "layers": [layer([(0, 5, 0, 5)])]}).image \
+            is background
+    opaque = painting.from_editor({"background": Image.fromarray(photo()), "layers": [layer([(0, 5, 0, 5)])]})
+    assert opaque.image.mode == "RGB" and opaque.image.size == (W, H)
+    np.testing.assert_array_equal(np.asarray(opaque.image), photo()[..., :3])
+    grey = np.stack([photo()[..., 0], np.full((H, W), 255, np.uint8)], axis=-1)  # LA
+    np.testing.assert_array_equal(painting.opaque_as_rgb(grey), photo()[..., 0])
+
+
+def test_a_large_photo_painted_on_a_downscaled_canvas_is_edited_at_full_size():
+    """An editor that paints at half the photo's size (1600 x 900 shown as 800 x 450): the mask is
+    at the photo's full size, the stroke where it was drawn, and window mode gets the photo at full
+    resolution: the window is cut around the stroke's place in the full-size photo."""
+    big = np.zeros((900, 1600, 4), np.uint8)
+    big[..., 0] = np.arange(1600) % 256
+    big[..., 1] = (np.arange(900) % 256)[:, None]
+    big[..., 3] = 255
+    small = np.zeros((450, 800, 4), np.uint8)
+    small[100:150, 200:300] = (255, 0, 160, 153)  # rows 200-300, columns 400-600 of the photo
+    painted = painting.from_editor({"background": big, "layers": [small], "composite": None})
+    assert painted.image.shape == (900, 1600, 3)
+    full = np.zeros((900, 1600), np.uint8)
+    full[200:300, 400:600] = 255
+    np.testing.assert_array_equal(painted.mask, full)
+
+    prepared = request.prepare(painted.image, painted.mask, "a cat", num_samples=1, seed=0,
+                               options=EditOptions(timestep_respacing="25", skip_timesteps=15), image_size=256)
+    np.testing.assert_array_equal(prepared.full_source, big[..., :3])
+    np.testing.assert_array_equal(prepared.full_mask, full)
+    window = prepared.inputs.window
+    assert window.side == 400 and window.box == (300, 50, 700, 450)  # 200 pixels and half of that each side
+    # What the model sees: the window's crop of the full-size photo (the gradient's values there).
+    assert abs(int(prepared.source[0, 0, 0]) - 300 % 256) <= 8 and abs(int(prepared.source[0, 0, 1]) - 50) <= 8
 
 
 def test_any_alpha_counts_as_painted_and_colour_does_not_matter():
@@ -99,25 +138,35 @@ def test_an_uploaded_mask_is_used_instead_of_painting(tmp_path):
         painting.from_editor({"background": photo(), "layers": [layer([(0, 5, 0, 5)])]}, str(path))
 
 
+@pytest.mark.parametrize("fit", ["window", "stretch"])
 @pytest.mark.parametrize("invert", [False, True])
-def test_prepared_as_the_app_prepares_it(tmp_path, invert):
-    """The painting and an uploaded file of the same mask give the same mask at the model size;
-    invert_mask edits exactly the unpainted pixels."""
+def test_prepared_as_the_app_prepares_it(tmp_path, invert, fit):
+    """The painting and an uploaded file of the same mask give the same request: in window mode
+    the same mask at the photo's size (and the same window), with fit=stretch the same mask at
+    the model size; invert_mask edits exactly the unpainted pixels."""
     boxes = [(4, 20, 8, 32)]
     path = tmp_path / "mask.png"
     Image.fromarray(expected(boxes)).save(path)
     options = EditOptions(timestep_respacing="25", skip_timesteps=15)
-    masks = []
+    prepared = []
     for value, upload in (({"background": photo(), "layers": [layer(boxes)]}, None),
                           ({"background": photo(), "layers": []}, str(path))):
         painted = painting.from_editor(value, upload, invert_mask=invert)
-        prepared = request.prepare(painted.image, painted.mask, "a cat", num_samples=1, seed=0, invert_mask=invert,
-                                   options=options, image_size=16)
-        masks.append(prepared.mask)
-    np.testing.assert_array_equal(masks[0], masks[1])
-    direct = np.asarray(Image.fromarray(expected(boxes)).resize((16, 16), Image.NEAREST)) > 0
-    np.testing.assert_array_equal(masks[0] > 0, ~direct if invert else direct)
-    assert masks[0].dtype == np.uint8 and set(np.unique(masks[0])) <= {0, 255}
+        prepared.append(request.prepare(painted.image, painted.mask, "a cat", num_samples=1, seed=0,
+                                        invert_mask=invert, options=options, image_size=16, fit=fit))
+    painted_request, uploaded_request = prepared
+    np.testing.assert_array_equal(painted_request.mask, uploaded_request.mask)
+    np.testing.assert_array_equal(painted_request.full_mask, uploaded_request.full_mask)
+    mask = painted_request.mask
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    if fit == "window":
+        assert painted_request.inputs.window == uploaded_request.inputs.window
+        np.testing.assert_array_equal(painted_request.full_source, photo()[..., :3])
+        full = expected(boxes) > 0
+        np.testing.assert_array_equal(painted_request.full_mask > 0, ~full if invert else full)
+    else:
+        direct = np.asarray(Image.fromarray(expected(boxes)).resize((16, 16), Image.NEAREST)) > 0
+        np.testing.assert_array_equal(mask > 0, ~direct if invert else direct)
 
 
 def test_gradio_image_editor_values(tmp_path):

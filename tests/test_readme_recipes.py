@@ -90,15 +90,22 @@ def test_recipe_runs_as_written_at_the_smoke_config(command, workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert smoke.LABEL in proc.stdout  # every smoke run says what its images are
     out = workdir / output_dir(args)
+    given = dict(a[2:].split("=", 1) for a in args if "=" in a)
+    if "init_image" in given:
+        with Image.open(workdir / given["init_image"]) as image:
+            photo_size = image.size
     if program == "launch.edit":
         ranked = sorted(os.listdir(out / "ranked"))
         assert len(ranked) == 2 and (out / "grid.png").is_file()
+        with Image.open(out / "ranked" / ranked[0]) as image:
+            assert image.size == photo_size  # window mode: the photo comes back at its own size
         options = json.loads((out / "report.json").read_text())["options"]
         assert options["timestep_respacing"] == smoke.OPTIONS["timestep_respacing"] and options["skip_timesteps"] == 20
     elif program == "launch.extrapolate":
-        repeats, strip = int(dict(a[2:].split("=", 1) for a in args if "=" in a)["repeats"]), smoke.IMAGE_SIZE // 4
+        width, height = photo_size
+        repeats, strip = int(given["repeats"]), height // 4  # the default strip: a quarter of the photo's height
         with Image.open(out / "extrapolated.png") as image:
-            assert image.size == (smoke.IMAGE_SIZE + 2 * strip * repeats, smoke.IMAGE_SIZE)
+            assert image.size == (width + 2 * strip * repeats, height)
     else:
         report = json.loads((out / "report.json").read_text())
         with open(os.path.join(ROOT, "examples", "jobs.jsonl"), encoding="utf-8") as f:

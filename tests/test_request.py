@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdjax import batch, extrapolate, image_io, outputs, request, smoke, tokenizer
+from bdjax import batch, extrapolate, image_io, outputs, request, smoke, tokenizer, window
 from bdjax.editor import EditBatch
 from bdjax.options import EditOptions
 
@@ -41,9 +41,10 @@ def counting(monkeypatch, module, name: str) -> list:
 
 
 def test_inputs_are_what_the_image_loader_returns_bit_for_bit(files):
+    """fit="stretch", the reference's framing: the image loader's stretched image and mask."""
     for invert in (False, True):
         inputs = request.prepare_inputs(str(files / "img.png"), str(files / "mask.png"), invert_mask=invert,
-                                        image_size=16)
+                                        image_size=16, fit="stretch")
         init = image_io.load_image(str(files / "img.png"), 16)
         region = image_io.load_mask(str(files / "mask.png"), 16, invert_mask=invert)
         assert inputs.source.dtype == np.uint8 and inputs.mask.dtype == np.uint8 and inputs.invert_mask == invert
@@ -51,7 +52,7 @@ def test_inputs_are_what_the_image_loader_returns_bit_for_bit(files):
         assert inputs.region.dtype == np.float32 and np.array_equal(inputs.region, region)
         assert set(np.unique(inputs.mask)) == {0, 255} and inputs.size == 16
     every_level = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, axis=2)
-    inputs = request.prepare_inputs(every_level, image_size=16)
+    inputs = request.prepare_inputs(every_level, image_size=16, fit="stretch")
     assert np.array_equal(inputs.source, every_level)
     assert np.array_equal(inputs.init, image_io.load_image(every_level, 16)) and inputs.mask.min() == 255
 
@@ -83,27 +84,27 @@ def test_warnings_are_held_and_shown_once_after_every_check(files):
 def test_launch_preflight_and_editor_decode_tokenize_and_validate_once(editor, files, monkeypatch):
     from absl import flags
 
-    from launch import edit, runtime
+    from launch import cli, runtime
     from launch import extrapolate as extrapolate_program
 
-    if "strip" not in flags.FLAGS:  # as tests/test_launch_robust.py: the flags of every edit program, once
+    if "strip" not in flags.FLAGS:  # as tests/conftest.py's program_flags: the flags of every edit program, once
         extrapolate_program.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["edit", "--config=smoke", f"--init_image={files / 'img.png'}", f"--mask={files / 'mask.png'}",
                  "--prompt=a cat", "--num_samples=3", "--seed=5", "--skip_timesteps=20",
                  f"--output_dir={files / 'out'}"])
     try:
-        loads = [counting(monkeypatch, image_io, name) for name in ("_open", "load_image", "load_mask")]
+        loads = [counting(monkeypatch, image_io, "_open"), counting(monkeypatch, window, "decode")]
         tokenized = counting(monkeypatch, tokenizer, "tokenize")
         validated = counting(monkeypatch, EditOptions, "validate")
-        [prepared] = edit.preflight(runtime.options_from_flags(), [flags.FLAGS.prompt], str(files / "out"),
+        [prepared] = cli.preflight(runtime.options_from_flags(), [flags.FLAGS.prompt], str(files / "out"),
                                     outputs.EDIT_OUTPUTS)
         stream = editor.edit_batches(prepared, progress=False)
         assert len(validated) == 1 and stream.request is prepared
         batches = list(stream)
     finally:
         flags.FLAGS.unparse_flags()
-    assert [len(calls) for calls in loads] == [2, 1, 1] and len(tokenized) == 1  # each file opened once
+    assert [len(calls) for calls in loads] == [2, 1] and len(tokenized) == 1  # each file opened once
     assert sorted(np.concatenate([b.sample_ids for b in batches]).tolist()) == [0, 1, 2]
     assert prepared.seed == 5 and prepared.options.skip_timesteps == 20 and prepared.size == editor.image_size
 
@@ -144,7 +145,7 @@ def test_a_batch_run_decodes_each_input_and_tokenizes_each_job_once(files, monke
              {"name": "b", "image": "img.png", "mask": "mask.png", "prompt": "y", "num_samples": 2, "seed": 2},
              {"name": "c", "image": "other.png", "prompt": "x", "num_samples": 1, "seed": 3}]
     (files / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    loaded = counting(monkeypatch, image_io, "load_image")
+    loaded = counting(monkeypatch, window, "decode")  # window mode: each photo decoded at full size, once
     tokenized = counting(monkeypatch, tokenizer, "tokenize")
     jobs, errors = batch.read_manifest(str(files / "jobs.jsonl"), 8, EditOptions(batch_size=2))
     assert errors == [] and len(loaded) == 2 and len(tokenized) == 3
@@ -156,10 +157,12 @@ def test_a_batch_run_decodes_each_input_and_tokenizes_each_job_once(files, monke
 
 
 def test_the_input_cache_is_bounded(files, monkeypatch):
-    prepared = counting(monkeypatch, request, "prepare_inputs")
-    one = 8 * 8 * 4  # bytes of one image and mask at 8 pixels
-    cache = batch.InputCache(max_bytes=2 * one)
     paths = [str(files / name) for name in ("img.png", "other.png", "animated.gif")]
+    # bytes of one image and mask at 8 pixels and of the full-size photo and mask (30x40) window mode keeps
+    one = request.prepare_inputs(paths[0], image_size=8).nbytes
+    assert one == 8 * 8 * 4 + 30 * 40 * 4
+    prepared = counting(monkeypatch, request, "prepare_inputs")
+    cache = batch.InputCache(max_bytes=2 * one)
     for path in paths + paths[-2:]:
         cache.get(path, None, False, 8)
     assert len(prepared) == 3  # the last two were kept

@@ -3,7 +3,7 @@
 On a bare machine with one GPU (written for one H200), on random networks of the real shapes (ADM 256
 unconditional + CLIP ViT-B/16), it measures and writes to --output as JSON, most important first:
 
-  step_bf16   bdjax's guided step (launch/benchmark.py's BdjaxStep) in bf16 at batch 16: compile time,
+  step_bf16   bdjax's guided step (bench/benchmark.py's BdjaxStep) in bf16 at batch 16: compile time,
               median step time, samples/s, XLA's FLOP count, MFU against the MEASURED peak (and the
               analytic MFU, a backward counted as two forwards), peak memory, whether two runs are
               byte-identical, and the largest batch XLA's memory analysis predicts to fit;
@@ -13,7 +13,7 @@ unconditional + CLIP ViT-B/16), it measures and writes to --output as JSON, most
               reference's defaults (respacing "100", skip 25 -> 75 steps, aug_num 8) in bf16, run cold
               (compilation included) and warm on the same inputs: "64 ranked edits in N s", and whether
               the two runs are byte-identical;
-  reference   the authors' step rebuilt in PyTorch (launch/benchmark.py's prepare_reference: fp16
+  reference   the authors' step rebuilt in PyTorch (bench/benchmark.py's prepare_reference: fp16
               convolutions as their use_fp16, fp16 CLIP) at the same batch: samples/s, and the ratio to
               step_bf16's;
   determinism when the step or the sampler was not byte-identical (GPU scatter-adds use atomics): again in
@@ -23,9 +23,9 @@ unconditional + CLIP ViT-B/16), it measures and writes to --output as JSON, most
   max_batch   the largest bf16 batch of the step that runs, doubling from the largest batch already
               seen running, up to 256.
 
-    bash launch/gpu_proof.sh OUT_DIR                             # on the GPU machine, with .whl/ carried
-    python -m launch.gpu_proof --output=proof.json               # where the references are installed
-    python -m launch.gpu_proof --config=smoke --output=dry.json  # the CPU dry run: every phase, tiny
+    bash bench/gpu_proof.sh OUT_DIR                             # on the GPU machine, with .whl/ carried
+    python -m bench.gpu_proof --output=proof.json               # where the references are installed
+    python -m bench.gpu_proof --config=smoke --output=dry.json  # the CPU dry run: every phase, tiny
 
 The phases run in four processes, one after the other, so that no process holds GPU memory while
 another runs (JAX keeps what it has grown into) and a crash in one loses only its own phases: "main"
@@ -99,7 +99,7 @@ CONFIGS = {
 
 
 def define_flags() -> None:
-    """The command line (defined when this module runs as the program, as launch/benchmark.py does)."""
+    """The command line (defined when this module runs as the program, as bench/benchmark.py does)."""
     flags.DEFINE_enum("config", "real", sorted(CONFIGS),
                       "real: ADM 256 uncond + CLIP ViT-B/16 at their real sizes (a GPU); smoke: the CPU dry run "
                       "on the smoke networks.")
@@ -400,7 +400,7 @@ def device_bytes_limit() -> int | None:
 
 
 def timed_step_figures(run, batch: int, iters: int) -> dict:
-    from launch import benchmark
+    from bench import benchmark
 
     times = benchmark.time_steps({"bdjax": run}, iters, interleave=False)["bdjax"]
     step_s = statistics.median(times)
@@ -408,7 +408,7 @@ def timed_step_figures(run, batch: int, iters: int) -> dict:
 
 
 def step_section(s: dict, precision: str, batch: int, bench_figures: dict, timing: dict, prepare_s: float) -> dict:
-    from launch import benchmark
+    from bench import benchmark
 
     analytic = benchmark.analytic_flops_per_sample_step(s["config"], s["aug_num"])
     out = {"precision": precision, "batch_size": batch, "aug_num": s["aug_num"], "step_index": s["step_index"],
@@ -489,7 +489,7 @@ def child_main(rec: Record, budget: Budget, s: dict) -> None:
     state: dict = {"t_start": time.perf_counter()}
     import jax
 
-    from launch import benchmark
+    from bench import benchmark
 
     setup_jax(rec)
     configs = benchmark.model_configs(s["config"])
@@ -589,7 +589,7 @@ def reference_need_s(data: dict, s: dict) -> float:
 def child_reference(rec: Record, budget: Budget, s: dict) -> None:
     """The authors' step in PyTorch, alone in its process (no JAX on the GPU beside it); bdjax's side
     of the ratio is step_bf16's figures, taken in the main process on the same GPU."""
-    from launch import benchmark
+    from bench import benchmark
 
     configs = benchmark.model_configs(s["config"])
 
@@ -618,7 +618,7 @@ def child_reference(rec: Record, budget: Budget, s: dict) -> None:
 
 
 def child_deterministic(rec: Record, budget: Budget, s: dict) -> None:
-    from launch import benchmark
+    from bench import benchmark
 
     setup_jax(rec)
     configs = benchmark.model_configs(s["config"])
@@ -656,7 +656,7 @@ def child_deterministic(rec: Record, budget: Budget, s: dict) -> None:
 def child_extras(rec: Record, budget: Budget, s: dict) -> None:
     import gc
 
-    from launch import benchmark
+    from bench import benchmark
 
     setup_jax(rec)
     configs = benchmark.model_configs(s["config"])
@@ -756,7 +756,7 @@ def run_child(rec: Record, budget: Budget, role: str, env_extra: dict | None = N
               grace_s: float = 10.0) -> tuple[int | None, str]:
     """Run this program as `role` until it ends or the budget (+ grace) is spent; (returncode, stderr tail).
     A child past its time is stopped (SIGTERM to its process group, then SIGKILL)."""
-    command = [sys.executable, "-m", "launch.gpu_proof", *sys.argv[1:], f"--internal_role={role}",
+    command = [sys.executable, "-m", "bench.gpu_proof", *sys.argv[1:], f"--internal_role={role}",
                f"--internal_deadline={budget.deadline!r}"]
     env = dict(os.environ, **(env_extra or {}))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch shares the GPU in the main process
@@ -824,7 +824,7 @@ def orchestrate(s: dict) -> int:
     budget = Budget(start + FLAGS.budget_s)
     rec = Record(FLAGS.output)
     rec.data = {
-        "command": " ".join(["python -m launch.gpu_proof", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.gpu_proof", *sys.argv[1:]]),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
         "started_unix": start,
         "config": s["config"],
@@ -1026,7 +1026,7 @@ def run(argv) -> int:
 
 
 if __name__ == "__main__":
-    from checkpoints_convert.common import parse_flags  # bad flags: one line, exit status 2
+    from bdjax.absl_flags import parse_flags  # bad flags: one line, exit status 2
 
     define_flags()
     app.run(run, flags_parser=parse_flags)

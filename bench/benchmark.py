@@ -4,15 +4,15 @@ In one process and one run, on random networks of the chosen size:
   (a) bdjax's step (`blended.step_draws` + `blended.make_step`, one UNet forward and one vjp),
       jit-compiled once: compile time, median time per step, samples/s, XLA's FLOP count of the
       compiled step, MFU against --peak_tflops, peak memory;
-  (b) the authors' step as checkpoints_convert.reference rebuilds it: guided_diffusion's `p_sample`
+  (b) the authors' step as bench.reference rebuilds it: guided_diffusion's `p_sample`
       with their `cond_fn` (a no-grad `p_mean_variance`, then a second UNet forward with grad for
       the CLIP loss through kornia's augmentations, `autograd.grad`), then the background blend;
       fp32 on CPU, the authors' fp16 (`convert_to_fp16`, CLIP's `convert_weights`) on CUDA;
   (c) the ratio of the two, written to --output as JSON with the machine and the command.
 
-    python -m launch.benchmark --reduced --batch_size=2 --output=bench.json
-    python -m launch.benchmark --precision=bf16 --peak_tflops=989 --output=h100.json
-    python -m launch.benchmark --config=smoke --batch_size=2 --output=smoke.json
+    python -m bench.benchmark --reduced --batch_size=2 --output=bench.json
+    python -m bench.benchmark --precision=bf16 --peak_tflops=989 --output=h100.json
+    python -m bench.benchmark --config=smoke --batch_size=2 --output=smoke.json
 
 The networks follow the shared flags: --config=real is ADM 256 unconditional + CLIP ViT-B/16 at
 their real sizes (--reduced: the same UNet topology at a smaller width and image size, for CPUs),
@@ -44,14 +44,14 @@ from typing import Any
 
 from absl import app, flags
 
-from launch import runtime
+from launch import cli, runtime
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """The command line: the shared runtime flags and the benchmark's own, defined only when this
-    module runs as the program, so that other programs (launch/gpu_proof.py) can import its pieces
+    module runs as the program, so that other programs (bench/gpu_proof.py) can import its pieces
     without clashing flag names."""
     runtime.define_flags()
     FLAGS.set_default("compilation_cache", False)  # compile_s should time a compile, not a cache read
@@ -82,11 +82,11 @@ NETWORKS = ("real", "reduced", "smoke")
 def networks_from_flags() -> str:
     """Which of NETWORKS the flags ask for."""
     if FLAGS.model_output_size != "256":
-        raise runtime.FlagError(f"--model_output_size={FLAGS.model_output_size}: the benchmark times the 256x256 "
+        raise cli.FlagError(f"--model_output_size={FLAGS.model_output_size}: the benchmark times the 256x256 "
                                 "unconditional model only")
     if FLAGS.config == "smoke":
         if FLAGS.reduced:
-            raise runtime.FlagError("--reduced applies to --config=real, not to --config=smoke")
+            raise cli.FlagError("--reduced applies to --config=real, not to --config=smoke")
         return "smoke"
     return "reduced" if FLAGS.reduced else "real"
 
@@ -365,14 +365,14 @@ def max_batch_search(bench: BdjaxStep, start: int, limit: int, *, allow_cpu: boo
 
 def prepare_reference(configs: dict, *, batch_size: int, aug_num: int, step_index: int, seed: int,
                       warmup: int) -> dict:
-    """The authors' step (checkpoints_convert.reference) at the same configuration, batch and step
+    """The authors' step (bench.reference) at the same configuration, batch and step
     index, warmed up: {"run": synchronised step, "reference_*": description}, or only a
     "reference_note" when it does not fit on the GPU. Its memory is freed once `run` is dropped
     (see release_torch_memory)."""
     import torch
 
     from bdjax.blended import EditOptions
-    from checkpoints_convert import reference
+    from bench import reference
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -451,16 +451,16 @@ def summary(r: dict) -> str:
     return "\n".join(lines)
 
 
-@runtime.program
+@cli.program
 def main(argv):
     if len(argv) > 1:
-        raise runtime.FlagError(f"unexpected arguments: {argv[1:]}")
+        raise cli.FlagError(f"unexpected arguments: {argv[1:]}")
     networks = networks_from_flags()
     for name in ("batch_size", "aug_num", "iters"):
         if getattr(FLAGS, name) < 1:
-            raise runtime.FlagError(f"--{name} must be at least 1")
+            raise cli.FlagError(f"--{name} must be at least 1")
     if FLAGS.peak_tflops is not None and FLAGS.peak_tflops <= 0:
-        raise runtime.FlagError("--peak_tflops must be positive")
+        raise cli.FlagError("--peak_tflops must be positive")
     if FLAGS.checkpoint_dir:
         warnings.warn(f"--checkpoint_dir={FLAGS.checkpoint_dir} is not used: the benchmark runs random networks")
     if FLAGS.reference:
@@ -475,7 +475,7 @@ def main(argv):
 
     configs = model_configs(networks)
     result = {
-        "command": " ".join(["python -m launch.benchmark", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.benchmark", *sys.argv[1:]]),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_description(),
         "config": FLAGS.config,
@@ -554,4 +554,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=runtime.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -4,7 +4,7 @@ The formulas are those of the authors' published code (omriav/blended-diffusion:
 cond_fn and postprocess_fn, ImageAugmentations, d_clip_loss, range_loss) on the packages it runs:
 guided_diffusion's SpacedDiffusion (rescale_timesteps=True, as the authors configure it) and
 UNetModel, clip-anytorch's CLIP, lpips.LPIPS and kornia. tests/test_blended_parity.py compares
-bdjax's step with it and launch/benchmark.py times it. It imports torch, so bdjax never imports it.
+bdjax's step with it and bench/benchmark.py times it. It imports torch, so bdjax never imports it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Compile bdjax's sampler for a TPU topology on a machine without TPUs, and report what XLA says.
 
-    python -m launch.compile_report --topology=v5e:2x2 --config=smoke --output=report.json
-    python -m launch.compile_report --topology=v5e:16x16 --config=real --precision=bf16 \\
+    python -m bench.compile_report --topology=v5e:2x2 --config=smoke --output=report.json
+    python -m bench.compile_report --topology=v5e:16x16 --config=real --precision=bf16 \\
         --per_device_batch=16 --remat=blocks --output=v5e_256.json
-    python -m launch.compile_report --topology=v6e:2x2 --config=real --max_batch --output=v6e.json
+    python -m bench.compile_report --topology=v6e:2x2 --config=real --max_batch --output=v6e.json
 
 TPU topologies need libtpu (`pip install -e ".[tpu]"`), not a TPU; NVIDIA GPU targets (h100,
 h200, optionally with a GPU count: h200:8) need JAX's CUDA plugin (`pip install -e ".[cuda]"`), not
@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from launch import runtime
+from launch import cli, runtime
 
 FLAGS = flags.FLAGS
 
@@ -403,7 +403,7 @@ def main(argv):
         aug_num = FLAGS.aug_num or (smoke.OPTIONS["aug_num"] if FLAGS.config == "smoke" else 8)
         clip_resolution = model_fields(FLAGS.config)[1]["image_resolution"]
         part = augmentations_report(mesh, size, clip_resolution, aug_num, FLAGS.per_device_batch)
-        report = {"command": " ".join(["python -m launch.compile_report", *sys.argv[1:]]), "source": source,
+        report = {"command": " ".join(["python -m bench.compile_report", *sys.argv[1:]]), "source": source,
                   "jax_version": jax.__version__, "topology": FLAGS.topology, "devices": len(devices),
                   "device_kind": devices[0].device_kind, "part": "augmentations", "image_size": size,
                   "clip_resolution": clip_resolution, "aug_num": aug_num,
@@ -429,7 +429,7 @@ def main(argv):
     programs = compile_programs(sampler, params, size, embed_dim, batch, mesh)
     steps_per_call = sampler.chunks.shape[1]
     report = {
-        "command": " ".join(["python -m launch.compile_report", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.compile_report", *sys.argv[1:]]),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": source,
         "jax_version": jax.__version__,
@@ -505,4 +505,4 @@ def summary(r: dict) -> str:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(runtime.program(main), flags_parser=runtime.parse_flags)
+    app.run(cli.program(main), flags_parser=cli.parse_flags)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Prepare, where pip reaches PyPI, the wheels that launch/gpu_proof.sh installs on a GPU machine with no
+# Prepare, where pip reaches PyPI, the wheels that bench/gpu_proof.sh installs on a GPU machine with no
 # network: the PyTorch references and what they need beyond that machine's image (Python 3.12, x86-64
 # manylinux, with torch, torchvision, numpy, scipy, tqdm, regex, packaging already there).
 #
-#   bash launch/gpu_proof_wheels.sh [DEST]        # default DEST: .whl (git-ignored); replaces its wheels
+#   bash bench/gpu_proof_wheels.sh [DEST]        # default DEST: .whl (git-ignored); replaces its wheels
 #
 # Then carry DEST to the GPU machine (the device tool's carry: [".whl"]).
 set -euo pipefail

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU proof in one command, on a bare GPU machine whose python3 has jax (with its CUDA plugin), flax,
 # torch and transformers but not the PyTorch references: installs the wheels that
-# launch/gpu_proof_wheels.sh prepared in .whl/ (guided-diffusion-sdk, clip-anytorch, kornia, kornia_rs,
-# lpips, ftfy, wcwidth) into a private directory, then runs launch/gpu_proof.py from this checkout
+# bench/gpu_proof_wheels.sh prepared in .whl/ (guided-diffusion-sdk, clip-anytorch, kornia, kornia_rs,
+# lpips, ftfy, wcwidth) into a private directory, then runs bench/gpu_proof.py from this checkout
 # (no `pip install -e .`: the repository root goes on PYTHONPATH) and keeps a log.
 #
-#   bash launch/gpu_proof.sh OUT_DIR [launch.gpu_proof flags, e.g. --budget_s=450]
+#   bash bench/gpu_proof.sh OUT_DIR [bench.gpu_proof flags, e.g. --budget_s=450]
 #
 # Writes OUT_DIR/gpu_proof.json (after every phase) and OUT_DIR/gpu_proof.log; exits with the proof's status.
 # Environment: PYTHON (default python3), GPU_PROOF_WHEELS (default .whl), GPU_PROOF_SITE (where the
@@ -13,7 +13,7 @@
 set -uo pipefail
 
 if [ $# -lt 1 ] || [ -z "$1" ] || [ "${1#-}" != "$1" ]; then
-    echo "usage: bash launch/gpu_proof.sh OUT_DIR [launch.gpu_proof flags]" >&2
+    echo "usage: bash bench/gpu_proof.sh OUT_DIR [bench.gpu_proof flags]" >&2
     exit 2
 fi
 mkdir -p "$1" || exit 2
@@ -52,5 +52,5 @@ if [ ${#setuptools[@]} -gt 0 ] && ! "$python" -c "import pkg_resources" >/dev/nu
         "${setuptools[@]}" 2>&1 | tee -a "$log"
 fi
 
-"$python" -m launch.gpu_proof --output="$out/gpu_proof.json" "$@" 2>&1 | tee -a "$log"
+"$python" -m bench.gpu_proof --output="$out/gpu_proof.json" "$@" 2>&1 | tee -a "$log"
 exit "${PIPESTATUS[0]}"
