@@ -1,7 +1,9 @@
 """One edit, checked and prepared once: counts, options and prompt checked, image and mask decoded.
 
-`prepare` is where an edit's inputs are decoded (through bdjax/image_io.py) and its counts,
-options and prompt checked; the editor runs the `Request` it returns as it is. The launch programs
+`prepare` is where an edit's inputs are decoded (through bdjax/image_io.py) and framed (in window
+mode, the default, a square around the mask of the full-size photo: bdjax/window.py; with
+fit="stretch", the reference's whole image stretched to the model size), and its counts, options
+and prompt checked; the editor runs the `Request` it returns as it is. The launch programs
 prepare theirs before any network is built, batch jobs share the prepared `Inputs` of each
 distinct image and mask, and every extrapolation round prepares its window.
 """
@@ -75,7 +77,11 @@ class Inputs:
         farther than `feather` from the mask is the input's); with fit="stretch" the edits."""
         if self.photo is None:
             return edits
-        return np.stack([window_lib.paste(self.photo, self.window, e, feather=self.feather) for e in edits])
+        height, width = self.photo.rgb.shape[:2]
+        out = np.empty((len(edits), height, width, 3 if self.photo.alpha is None else 4), np.uint8)
+        for i, edit in enumerate(edits):  # one pasted photo alive at a time besides the output
+            out[i] = window_lib.paste(self.photo, self.window, edit, feather=self.feather)
+        return out
 
     def framing(self) -> dict:
         """How the edit maps onto the photo, for reports and provenance ({} with fit="stretch",
@@ -91,8 +97,12 @@ class Inputs:
             return f"the whole image stretched to {self.size}x{self.size} (fit=stretch)"
         (width, height), w = self.photo.size, self.window
         scale = w.scale(self.size)
-        how = (f"upscaled {scale:.1f}x" if scale > 1 else "downscaled {:.1f}x".format(1 / scale) if scale < 1
-               else "at its own scale")
+        if scale > 1:
+            how = f"upscaled {scale:.1f}x"
+        elif scale < 1:
+            how = f"downscaled {1 / scale:.1f}x"
+        else:
+            how = "at its own scale"
         return (f"editing a {w.side}x{w.side} window at ({w.left}, {w.top}) of the {width}x{height} photo at "
                 f"{self.size} px, {how} back (context {self.context:g}, feather {self.feather})")
 
