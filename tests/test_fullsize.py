@@ -147,15 +147,22 @@ def test_the_upscale_is_stated_and_warned_about():
     assert inputs.framing()["scale"] == 6.25
 
 
-def test_launch_edit_writes_full_size_results_and_crops(tmp_path):
-    photo, mask = scene(72, 120), masks(72, 120)["two blobs"]
+def edit_cli(tmp_path, photo: np.ndarray, mask: np.ndarray, *flags: str):
+    """launch.edit at the smoke config (2 samples, 5 steps) on `photo` and `mask`, into tmp_path/out;
+    returns the finished process."""
     Image.fromarray(photo).save(tmp_path / "p.png")
     Image.fromarray(mask).save(tmp_path / "m.png")
     proc = subprocess.run([sys.executable, "-m", "launch.edit", "--config=smoke", "--prompt=x", "--num_samples=2",
                            "--skip_timesteps=20", f"--init_image={tmp_path / 'p.png'}", f"--mask={tmp_path / 'm.png'}",
-                           f"--output_dir={tmp_path / 'out'}", "--feather=2"],
+                           f"--output_dir={tmp_path / 'out'}", *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_launch_edit_writes_full_size_results_and_crops(tmp_path):
+    photo, mask = scene(72, 120), masks(72, 120)["two blobs"]
+    proc = edit_cli(tmp_path, photo, mask, "--feather=2")
     assert "window at" in proc.stderr and "of the 120x72 photo at 64 px" in proc.stderr
     out = tmp_path / "out"
     ranked = sorted(os.listdir(out / "ranked"))
@@ -207,14 +214,7 @@ def test_a_24_megapixel_photo_edits_within_a_few_copies_of_it(tmp_path):
 def test_launch_edit_with_fit_stretch_writes_what_the_reference_does(tmp_path):
     """--fit=stretch: model-size results, no crops/, and no window in the report or the PNGs (their
     provenance reads as before window mode existed)."""
-    photo, mask = scene(72, 120), masks(72, 120)["left"]
-    Image.fromarray(photo).save(tmp_path / "p.png")
-    Image.fromarray(mask).save(tmp_path / "m.png")
-    proc = subprocess.run([sys.executable, "-m", "launch.edit", "--config=smoke", "--prompt=x", "--num_samples=2",
-                           "--skip_timesteps=20", f"--init_image={tmp_path / 'p.png'}", f"--mask={tmp_path / 'm.png'}",
-                           f"--output_dir={tmp_path / 'out'}", "--fit=stretch"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = edit_cli(tmp_path, scene(72, 120), masks(72, 120)["left"], "--fit=stretch")
     assert "stretched to 64x64 (fit=stretch)" in proc.stderr
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == ["grid.png", "ranked", "report.json", "samples"]
