@@ -5,16 +5,18 @@ the Flax parameters (keys are the Flax parameter paths joined with "/"), and
 `NAME.json` holds the module configuration, provenance and `tensors_sha256`, a
 digest of the tensors (see `digest`). Reading needs neither torch nor pickle.
 
-Every converter and every `load()` checks the parameters key by key and shape
-by shape against `jax.eval_shape` of the module, so a wrong or damaged
-checkpoint fails with the offending names instead of a shape error deep in a
+Every converter and every `load()` checks the parameters key by key, shape by
+shape and dtype by dtype against `jax.eval_shape` of the module, so a wrong or
+damaged checkpoint fails with the offending names instead of an error deep in a
 forward pass. Loading also verifies the digest (flipped bytes), refuses NaN or
-infinite weights and a config that cannot build the module, and reports each
-as one `CheckpointError` naming the file, the problem and how to reconvert.
+infinite weights, a NAME.json too large or too deeply nested to be one bdjax
+wrote, and a config that cannot build the module, and reports each as one
+`CheckpointError` naming the file, the problem and how to reconvert.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,22 +29,30 @@ from typing import Any
 
 import jax
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from bdjax.files import atomic_write, check_writable
+from bdjax.files import TMP_PREFIX, atomic_write, check_writable, file_mode
 
 FORMAT = "bdjax-converted-weights"
 SEP = "/"
 DIGEST_KEY = "tensors_sha256"
+# NAME.json, fetch's manifest.json and a Hugging Face config.json are a few KB and a few levels
+# deep: a larger file is refused unread, a deeper one as damaged (Python's JSON reader and writer
+# recurse once per level, and run out of stack near 1,000 levels).
+MAX_JSON_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64
 
 
 class CheckpointMismatchError(ValueError):
-    """Parameters do not match the module: lists missing, unexpected and mis-shaped keys."""
+    """Parameters do not match the module: lists missing, unexpected and mis-shaped keys, and
+    tensors of another dtype than the module's."""
 
-    def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), fix: str = ""):
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), fix: str = "", mistyped=()):
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.misshaped = sorted(misshaped)
+        self.mistyped = sorted(mistyped)
         parts = []
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
@@ -50,6 +60,9 @@ class CheckpointMismatchError(ValueError):
         if self.misshaped:
             shown = [f"{k} {tuple(got)} (expected {tuple(want)})" for k, got, want in self.misshaped]
             parts.append(f"{len(shown)} mis-shaped key(s): {_preview(shown)}")
+        if self.mistyped:
+            shown = [f"{k} {got} (expected {want})" for k, got, want in self.mistyped]
+            parts.append(f"{len(shown)} tensor(s) of the wrong dtype: {_preview(shown)}")
         super().__init__(f"{what} does not match the module: " + "; ".join(parts) + (f"; {fix}" if fix else ""))
 
 
@@ -60,6 +73,11 @@ class CheckpointError(ValueError):
     def __init__(self, path: str, problem: str, fix: str):
         self.path = path
         super().__init__(f"{path}: {problem}; {fix}")
+
+
+class JSONFileError(ValueError):
+    """A JSON file that is too large, too deeply nested or not JSON; the message says which, and
+    the caller adds the file and the fix."""
 
 
 class UnverifiedCheckpointWarning(UserWarning):
@@ -135,19 +153,30 @@ def non_finite(flat: Mapping[str, Any]) -> list[str]:
     return bad
 
 
+def _dtype(value) -> np.dtype:
+    return np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
+
+
 def check_params(flat: Mapping[str, Any], expected: Mapping, what: str = "checkpoint", fix: str = "") -> None:
-    """Raise CheckpointMismatchError unless `flat` has exactly the keys and shapes of `expected`.
+    """Raise CheckpointMismatchError unless `flat` has exactly the keys, shapes and dtypes of
+    `expected`.
 
     `expected` is a nested params tree of arrays or `jax.ShapeDtypeStruct`s
-    (typically `jax.eval_shape(module.init, ...)["params"]`).
+    (typically `jax.eval_shape(module.init, ...)["params"]`, all float32). The converters write
+    every tensor in the module's dtype, so any other dtype (int8, float16, complex, ...) is not
+    their output: casting it would run a network that differs from the converted one.
     """
-    want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
+    expected = flatten(expected)
+    want = {k: tuple(v.shape) for k, v in expected.items()}
     got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     missing = want.keys() - got.keys()
     unexpected = got.keys() - want.keys()
-    misshaped = [(k, got[k], want[k]) for k in want.keys() & got.keys() if got[k] != want[k]]
-    if missing or unexpected or misshaped:
-        raise CheckpointMismatchError(what, missing, unexpected, misshaped, fix)
+    common = want.keys() & got.keys()
+    misshaped = [(k, got[k], want[k]) for k in common if got[k] != want[k]]
+    mistyped = [(k, _dtype(flat[k]).name, _dtype(expected[k]).name) for k in common
+                if _dtype(flat[k]) != _dtype(expected[k])]
+    if missing or unexpected or misshaped or mistyped:
+        raise CheckpointMismatchError(what, missing, unexpected, misshaped, fix, mistyped)
 
 
 def paths(directory: str, name: str) -> tuple[str, str]:
@@ -193,15 +222,80 @@ def save(directory: str, name: str, flat: Mapping[str, np.ndarray], config: Mapp
                          f"values ({_preview(bad)}); the source weights are damaged")
     meta = {"format": FORMAT, "model": model, "source": source, "config": dict(config), DIGEST_KEY: digest(arrays)}
     os.makedirs(directory, exist_ok=True)
-    atomic_write(weights_path, lambda tmp: save_file(arrays, tmp, metadata={"format": FORMAT}))
-    atomic_write(config_path, lambda tmp: _write_json(tmp, meta))
+    with naming(weights_path):
+        atomic_write(weights_path, lambda tmp: _write_safetensors(tmp, arrays))
+    with naming(config_path):
+        atomic_write(config_path, lambda tmp: _write_json(tmp, meta))
     return weights_path, config_path
+
+
+@contextlib.contextmanager
+def naming(path: str):
+    """Re-raise an OSError that names no file, or only a temporary one, as one naming `path`.
+
+    A failed write (disk full, quota, read-only file system) names no file, and one-line errors
+    must say which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or (e.filename is not None and not os.path.basename(e.filename).startswith(TMP_PREFIX)):
+            raise
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def _write_safetensors(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """save_file, its I/O failures as the OSError they are, and the file with the umask's mode:
+    safetensors writes a private (0600) file of its own and renames it over `path`."""
+    try:
+        save_file(arrays, path, metadata={"format": FORMAT})
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
+    os.chmod(path, file_mode())
 
 
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def read_json(path: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value in `path`. Raises JSONFileError when the file is over `max_bytes` (judged
+    by its size, before reading), is not UTF-8 JSON, or nests deeper than MAX_JSON_DEPTH; OSError
+    when it cannot be read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(max_bytes + 1) if size <= max_bytes else b""
+    if max(size, len(data)) > max_bytes:  # a device or a pipe reports no size: read, bounded
+        raise JSONFileError(f"is larger than the {max_bytes:,} bytes such a JSON file can be")
+    too_deep = JSONFileError(f"is not valid JSON here (arrays or objects nested more than {MAX_JSON_DEPTH} "
+                             "levels deep)")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise JSONFileError(f"is not valid JSON (not UTF-8 text: {e})") from None
+    except json.JSONDecodeError as e:
+        raise JSONFileError(f"is not valid JSON ({e})") from None
+    except RecursionError:
+        raise too_deep from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
+
+
+def _depth(value) -> int:
+    """How many arrays and objects deep `value` nests (0 for a number or string), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _require_file(path: str, name: str) -> None:
@@ -219,10 +313,9 @@ def read_meta(directory: str, name: str, *, model: str) -> dict:
     _require_file(config_path, name)
     hint = reconvert_hint(name)
     try:
-        with open(config_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(config_path, f"is not valid JSON ({e})", hint) from None
+        meta = read_json(config_path)
+    except JSONFileError as e:
+        raise CheckpointError(config_path, str(e), hint) from None
     except OSError as e:
         raise CheckpointError(config_path, f"cannot be read ({e.strerror or e})", hint) from None
     if not isinstance(meta, dict):

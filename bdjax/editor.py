@@ -51,9 +51,32 @@ class EditResult:
     failed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     crops: np.ndarray | None = None  # [N, S, S, 3] uint8: the model-size edits (None: the same as images)
     framing: dict = dataclasses.field(default_factory=dict)  # the window (Inputs.framing); {} with stretch
+    # What every saved result records (outputs.edit_provenance: prompt, options, the networks, ...).
+    provenance: dict = dataclasses.field(default_factory=dict)
 
     def pil_images(self) -> list[Image.Image]:
+        """The results as PIL images, best first (their pixels only: `save` also writes where each
+        came from)."""
         return [Image.fromarray(im) for im in self.images]
+
+    def save(self, directory: str, *, overwrite: bool = False) -> list[str]:
+        """Write the results into `directory` best first as NNN_<distance>.png, the launch programs'
+        ranked names, each PNG carrying the same provenance as theirs (prompt, options, seed, sample
+        id, distance, the window, the networks' digest; outputs.read_provenance reads it back).
+        Files already there under those names are replaced only with `overwrite`. Returns the
+        paths."""
+        from bdjax import outputs
+
+        paths = [os.path.join(directory, outputs.ranked_name(rank, d)) for rank, d in enumerate(self.distances)]
+        there = [p for p in paths if os.path.lexists(p)]
+        if there and not overwrite:
+            raise FileExistsError(f"{there[0]} already exists ({len(there)} of the {len(paths)} files): save into "
+                                  "another directory or pass overwrite=True")
+        os.makedirs(directory, exist_ok=True)
+        about = {**self.provenance, "seed": int(self.seed)}
+        for path, image, k, distance in zip(paths, self.images, self.sample_ids, self.distances):
+            outputs.save_png(path, image, {"kind": "sample", **about, "sample_id": int(k), "distance": float(distance)})
+        return paths
 
 
 @dataclasses.dataclass
@@ -102,8 +125,9 @@ class BlendedDiffusion:
     on_compile: Callable[[], contextlib.AbstractContextManager] | None = None
 
     def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None,
-                 mesh=None, *, weights_digest: str | None = None, defaults: dict | None = None):
+                 mesh=None, *, weights_digest: str | None = None, defaults: dict | None = None, label: str = ""):
         """Each network as (module, params). Samples are split over `mesh` (default: every device).
+        `label` is said on every result's provenance (the smoke networks': their images are noise).
 
         `defaults` replace the reference's option values for this editor's edits (the smoke
         preset's shorter schedule, say); options passed to `edit` override them.
@@ -117,6 +141,8 @@ class BlendedDiffusion:
             weights_digest = checkpoint.weights_digest(
                 {name: checkpoint.digest(checkpoint.flatten(net[1])) for name, net in nets.items()})
         self.weights_digest: str = weights_digest
+        self.label = label
+        self.param_dtype = str(jax.tree_util.tree_leaves(unet[1])[0].dtype)
         EditOptions.from_fields(defaults or {})  # unknown names and wrong types fail here
         self.defaults: dict = dict(defaults or {})
         self.mesh = parallel.make_mesh() if mesh is None else mesh
@@ -212,10 +238,21 @@ class BlendedDiffusion:
         crops = None
         if stream.inputs.photo is not None:
             crops = np.concatenate([b.crops for b in batches])[finite][order]
+        framing = stream.inputs.framing()
         return EditResult(images=images[finite][order], distances=distances[finite][order],
                           sample_ids=ids[finite][order], seed=stream.seed, source=stream.full_source,
                           mask=stream.full_mask, prompt=stream.prompt, options=stream.options,
-                          failed=np.sort(ids[~finite]), crops=crops, framing=stream.inputs.framing())
+                          failed=np.sort(ids[~finite]), crops=crops, framing=framing,
+                          provenance=self.provenance(stream.options, prompt=stream.prompt, **framing))
+
+    def provenance(self, options: EditOptions, **fields) -> dict:
+        """What a result of this editor records (outputs.edit_provenance): `fields` (the prompt, the
+        window), the options as run, the networks (image size, parameter dtype, weights digest)
+        and this editor's label."""
+        from bdjax import outputs
+
+        run = {"image_size": self.image_size, "param_dtype": self.param_dtype, "weights": self.weights_digest}
+        return outputs.edit_provenance(options, self.label, run, **fields)
 
     def edit_batches(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
                      invert_mask: bool = False, progress: bool = True, **options) -> EditStream:
@@ -250,14 +287,18 @@ class BlendedDiffusion:
         return EditStream(request=request, batches=batches())
 
     def _check_prepared(self, request: Request) -> None:
-        """Refuse a request prepared for other networks (another image size or text length) or
-        whose options need a network this editor lacks."""
+        """Refuse a request prepared for other networks (another image size or text length), one
+        changed since (with dataclasses.replace) into one `prepare` would refuse, or one whose
+        options need a network this editor lacks."""
+        if not isinstance(request.inputs, request_lib.Inputs):
+            raise ValueError("the request's inputs are not prepared Inputs: make the request with editor.prepare")
         if request.size != self.image_size:
             raise ValueError(f"the request was prepared at {request.size}x{request.size} pixels; this editor's UNet "
                              f"works at {self.image_size}x{self.image_size}")
         if request.tokens.shape[-1] != self.models.clip.context_length:
             raise ValueError(f"the request's prompt was tokenized to {request.tokens.shape[-1]} tokens; this "
                              f"editor's CLIP reads {self.models.clip.context_length}")
+        request.checked(self.models.clip.context_length)
         self.options(**dataclasses.asdict(request.options))
 
     def options(self, **options) -> EditOptions:
@@ -357,7 +398,7 @@ class BlendedDiffusion:
         """Compile `run` for `args` ahead of sampling, inside `on_compile`; the bar says so meanwhile
         and its clock skips the compile, so that its rate and ETA are those of sampling alone."""
         if bar is not None:
-            bar.set_description_str(f"{PROGRESS} (compiling)")
+            bar.set_description_str(f"{PROGRESS} (preparing)")
         with self.on_compile() if self.on_compile is not None else contextlib.nullcontext():
             run.compile(self.params, *args)
         if bar is not None:

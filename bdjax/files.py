@@ -2,13 +2,20 @@
 
 A file is written under a temporary name in its directory and renamed into place, so a process
 killed at any moment leaves the old file, the new file, or nothing (plus, at worst, a `.tmp-*`
-file that `remove_stale_temporaries` clears on the next run).
+file that `remove_stale_temporaries` clears on the next run). A run writing into an output
+directory holds its lock (`output_lock`), so two runs never mix their results there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import json
 import os
+import socket
 import tempfile
+from collections.abc import Iterator
 
 TMP_PREFIX = ".tmp-"  # every temporary file bdjax writes starts with this
 
@@ -97,3 +104,72 @@ def check_writable(output_dir: str, dirs=(), files=()) -> None:
         for path in created:  # innermost first
             if os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)
+
+
+LOCK = ".bdjax-run.lock"  # held (flock) by the run writing into an output directory
+
+
+class OutputInUse(ValueError):
+    """The output directory is locked by another run."""
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as recorded in the lock file by `output_lock`."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a run that has not recorded itself yet"
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str, label: str | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on OUTPUT_DIR/.bdjax-run.lock; OutputInUse at once if another
+    process holds it (its message names the directory as `label`). The OS drops the lock when its
+    holder dies, so a crashed run never leaves the directory locked; the file records pid, host
+    and start time for the message, and is removed (while still locked) when the run ends."""
+    output_dir = os.path.abspath(output_dir)
+    label = f"output directory {output_dir}" if label is None else label
+    path = os.path.join(output_dir, LOCK)
+    created, parent = [], output_dir
+    while not os.path.lexists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    fd = None
+    try:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _holder(fd)
+                    os.close(fd)
+                    fd = None  # not ours: the file stays
+                    raise OutputInUse(f"{label} is in use by another run ({holder}): wait for "
+                                      "it to finish or choose another output directory") from None
+                try:  # the previous holder may have removed the file between our open and flock
+                    if os.path.samestat(os.fstat(fd), os.stat(path)):
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+                fd = None
+        except OSError as e:
+            check_writable(output_dir)  # its message says what is wrong, if it finds it
+            raise PermissionError(f"cannot lock {path} ({e.strerror or e}); choose another output directory") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            os.close(fd)
+        for directory in created:  # made only to hold the lock: leave the disk as it was
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+

@@ -126,18 +126,46 @@ def ranked_name(rank: int, distance: float) -> str:
     return f"{rank:03d}_{distance:.4f}.png"
 
 
-# Captions use Pillow's built-in font, so a grid looks the same wherever it is made.
-FONT = ImageFont.load_default()
+# Captions are drawn in the first of these that can be loaded: DejaVu Sans where the system has it
+# (Latin, Greek and Cyrillic, with visible spaces), Pillow's own scalable font (Latin) at a size
+# whose spaces show, or, where Pillow lacks FreeType, its bitmap font (Latin-1 only: other
+# characters are drawn as "?").
+FONT_SIZE = 11
+
+
+def caption_font(size: int = FONT_SIZE):
+    """The font captions are drawn in (see above)."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        pass
+    try:
+        return ImageFont.load_default(size=size + 1)
+    except ImportError:  # no FreeType
+        return ImageFont.load_default_imagefont()
+
+
+FONT = caption_font()
 LINE_SPACING = 2
+
+
+def drawable(text: str, font=None) -> str:
+    """`text` as `font` (default: FONT) can draw it: a bitmap font draws Latin-1 only, and the
+    rest as "?"."""
+    if isinstance(FONT if font is None else font, ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", errors="replace").decode("latin-1")
 PAD = 2
 
 
-def wrap(text: str, width: int, font=FONT) -> list[str]:
-    """`text` as lines no wider than `width` pixels in `font`: broken at spaces, inside a word
+def wrap(text: str, width: int, font=None) -> list[str]:
+    """`text` as lines no wider than `width` pixels in `font` (default: FONT): broken at spaces, inside a word
     only where the word alone is wider, and at every line break of `text`. Nothing is dropped:
     joining the lines with the breaks they replaced gives `text` back."""
+    font = FONT if font is None else font
+
     def fits(t: str) -> bool:
-        return font.getlength(t) <= width
+        return font.getlength(drawable(t, font)) <= width
 
     lines = []
     for paragraph in text.split("\n"):
@@ -157,8 +185,8 @@ def wrap(text: str, width: int, font=FONT) -> list[str]:
     return lines
 
 
-def _line_height(font=FONT) -> int:
-    return font.getbbox("Ag")[3] + LINE_SPACING
+def _line_height() -> int:
+    return FONT.getbbox("Ag")[3] + LINE_SPACING
 
 
 def sheet(tiles, captions, heading: str, columns: int = 8, offsets=None) -> np.ndarray:
@@ -179,12 +207,12 @@ def sheet(tiles, captions, heading: str, columns: int = 8, offsets=None) -> np.n
     canvas = Image.new("RGB", (columns * cell_w, head_h + rows * (cell_h + note_h)), "white")
     draw = ImageDraw.Draw(canvas)
     for i, text in enumerate(head):
-        draw.text((PAD, PAD + i * line), text, fill="black", font=FONT)
+        draw.text((PAD, PAD + i * line), drawable(text), fill="black", font=FONT)
     for i, (tile, x) in enumerate(zip(tiles, offsets)):
         left, top = (i % columns) * cell_w, head_h + (i // columns) * (cell_h + note_h)
         canvas.paste(Image.fromarray(np.asarray(tile, np.uint8)), (left + x, top))
         for n, text in enumerate(notes[i] if i < len(notes) else []):
-            draw.text((left + PAD, top + cell_h + n * line), text, fill="black", font=FONT)
+            draw.text((left + PAD, top + cell_h + n * line), drawable(text), fill="black", font=FONT)
     return np.asarray(canvas)
 
 

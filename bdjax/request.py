@@ -23,6 +23,9 @@ FITS = ("window", "stretch")
 FRAMING = ("fit", "context", "feather")  # how an edit maps onto the photo (`prepare_inputs`)
 # Above this many photo pixels per model pixel, the upscaled edit looks soft: a warning says so.
 MAX_UPSCALE = 4.0
+# Prompts are refused above this many characters before tokenizing (CLIP reads 77 tokens, about
+# 300 characters of English), so that a huge prompt costs no time.
+MAX_PROMPT_CHARS = 1000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -216,17 +219,56 @@ class Request:
         return self.inputs.size
 
     def with_prompt(self, prompt: str) -> "Request":
-        """The same edit with another prompt (tokenized here; nothing else is checked again)."""
-        return dataclasses.replace(self, prompt=prompt,
-                                   tokens=tokenizer.tokenize(prompt, context_length=self.tokens.shape[-1]))
+        """The same edit with another prompt (checked and tokenized here; nothing else is checked
+        again)."""
+        check_prompt(prompt)
+        other = dataclasses.replace(self, prompt=prompt,
+                                    tokens=tokenizer.tokenize(prompt, context_length=self.tokens.shape[-1]))
+        return other._mark_checked() if self._checked else other
+
+    # Set (outside the fields, so that dataclasses.replace does not copy it) on the requests that
+    # `prepare` and `with_prompt` made: checked once, they are not checked again.
+    _checked = False
+
+    def _mark_checked(self) -> "Request":
+        object.__setattr__(self, "_checked", True)
+        return self
+
+    def checked(self, context_length: int) -> "Request":
+        """This request, checked as `prepare` checks it (counts, options, prompt, and its tokens
+        those of its prompt for a CLIP reading `context_length`) unless `prepare` made it: a
+        Request changed with dataclasses.replace runs only if it is one `prepare` could have made."""
+        if self._checked:
+            return self
+        tokens = check(self.prompt, num_samples=self.num_samples, seed=self.seed, options=self.options,
+                       context_length=context_length)
+        if not np.array_equal(np.asarray(self.tokens), tokens):
+            raise ValueError("the request's tokens are not those of its prompt: change a prepared request's prompt "
+                             "with request.with_prompt(prompt), not dataclasses.replace")
+        return self._mark_checked()
+
+
+def check_prompt(prompt) -> None:
+    """OptionError unless `prompt` is text of at most MAX_PROMPT_CHARS characters ("" runs
+    unguided)."""
+    if not isinstance(prompt, str):
+        raise OptionError("prompt", f"prompt={prompt!r:.60} should be text (a str; '' runs unguided), not "
+                          f"{type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise OptionError("prompt", f"the prompt is {len(prompt):,} characters long, more than the "
+                          f"{MAX_PROMPT_CHARS:,} allowed (CLIP reads 77 tokens, about 300 characters): shorten it")
 
 
 def check(prompt: str, *, num_samples: int, seed: int, options: EditOptions,
           context_length: int = tokenizer.CONTEXT_LENGTH) -> np.ndarray:
-    """The checks that need no pixels: the counts, the options, the prompt's length. Returns the
-    prompt's tokens [1, context_length]; ValueError names the first problem."""
+    """The checks that need no pixels: the counts, the options, the prompt (its type and length,
+    in characters before tokenizing, then in tokens). Returns the prompt's tokens
+    [1, context_length]; ValueError names the first problem."""
     check_request(num_samples, seed)
+    if not isinstance(options, EditOptions):
+        raise OptionError("options", f"options should be an EditOptions, not {type(options).__name__}")
     options.validate()
+    check_prompt(prompt)
     return tokenizer.tokenize(prompt, context_length=context_length)
 
 
@@ -243,4 +285,4 @@ def prepare(image, mask=None, prompt: str = "", *, num_samples: int, seed: int, 
                             feather=feather)
     inputs.show_warnings()
     return Request(inputs=inputs, prompt=prompt, tokens=tokens, num_samples=num_samples, seed=seed,
-                   options=options)
+                   options=options)._mark_checked()

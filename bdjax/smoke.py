@@ -73,4 +73,4 @@ def editor(seed: int = 0, image_size: int = IMAGE_SIZE, dtype=jnp.float32, with_
     from bdjax.editor import BlendedDiffusion
 
     nets = networks(seed, image_size, dtype, with_lpips)
-    return BlendedDiffusion(nets["unet"], nets["clip"], nets["lpips"], defaults=OPTIONS)
+    return BlendedDiffusion(nets["unet"], nets["clip"], nets["lpips"], defaults=OPTIONS, label=LABEL)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import warnings
 
 import numpy as np
 from PIL import Image

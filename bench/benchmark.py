@@ -22,7 +22,7 @@ their values); nothing is downloaded. The compilation cache is off unless asked 
 
 FLOPs: `flops_per_step` is XLA's count for the compiled step, where the vjp is taken with respect
 to x only (no weight gradients), so a backward costs about one forward; `analytic_flops_*` follow
-the analytic count (a backward counted as two forwards: 7.5 TFLOP per sample-step for the real
+the analytic count (a backward counted as two forwards: 7.56 TFLOP per sample-step for the real
 networks with 8 augmentations) and `mfu_analytic` uses them. The --max_batch_search runs last, after
 the reference, so that PyTorch finds the GPU memory free.
 """

@@ -18,7 +18,6 @@ and DIR/clip.json written.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -26,8 +25,8 @@ from absl import app, flags
 
 from bdjax import checkpoint
 from bdjax.models import clip
-from checkpoints_convert.common import (ConversionError, cli, conv_kernel, dense_kernel,
-                                        is_torchscript_archive, module_path, read_torch_state_dict)
+from checkpoints_convert.common import (ConversionError, cli, conv_kernel, dense_kernel, is_torchscript_archive,
+                                        module_path, out_of_memory, read_json_object, read_torch_state_dict)
 
 # Scalars stored next to the weights in OpenAI's archives; OpenAI's build_model drops them too.
 OPENAI_METADATA = {"input_resolution": "image_resolution", "context_length": "context_length",
@@ -45,6 +44,8 @@ def read_openai(path: str) -> dict[str, np.ndarray]:
     try:
         # Runs the archive's code: see the module docstring.
         state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+    except MemoryError:
+        raise out_of_memory(path) from None
     except Exception as e:  # torch raises many types for damaged archives
         message = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConversionError(f"{path} is not a readable TorchScript archive: {message[:200]}") from None
@@ -66,11 +67,7 @@ def read_hf(directory: str) -> tuple[dict[str, np.ndarray], dict]:
         state_dict = load_file(weights)
     except (SafetensorError, OSError) as e:
         raise ConversionError(f"{weights} is not a readable safetensors file (truncated?): {e}") from None
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
+    config = read_json_object(config_path, "a CLIPModel config object", "download the directory again")
     return {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in state_dict.items()}, config
 
 

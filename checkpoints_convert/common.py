@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from bdjax.absl_flags import USAGE_ERROR, parse_flags
+from bdjax.errors import is_user_os_error, os_error_line
 
 
 class ConversionError(Exception):
@@ -34,6 +35,8 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         with warnings.catch_warnings():  # e.g. about the pickle protocol of a file it then refuses
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise out_of_memory(path) from None
     except Exception as e:  # torch raises many types for damaged files
         raise ConversionError(
             f"{path} is not a readable PyTorch checkpoint (truncated, not a torch.save file, or holding "
@@ -44,6 +47,27 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConversionError(f"{path} does not hold a state dict of tensors")
     return {k: _to_numpy(v) for k, v in obj.items()}
+
+
+def read_json_object(path: str, what: str, fix: str) -> dict:
+    """The JSON object in `path` (bdjax.checkpoint.read_json's bounds on size and nesting); a
+    ConversionError naming the file, `what` it should hold and the `fix`, when it is not one."""
+    from bdjax import checkpoint
+
+    try:
+        value = checkpoint.read_json(path)
+    except checkpoint.JSONFileError as e:
+        raise ConversionError(f"{path} {e}: {fix}") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not {what}")
+    return value
+
+
+def out_of_memory(path: str) -> MemoryError:
+    """The error for a file too large for this machine's memory: not a ConversionError, since the
+    file is not to blame (fetch moves files that fail to convert aside)."""
+    return MemoryError(f"out of memory loading {path} ({os.path.getsize(path):,} bytes): close other programs, "
+                       "or convert on a machine with more memory")
 
 
 # Sentences of torch's advice that would have a user load the file unsafely: never quoted.
@@ -104,8 +128,27 @@ def dense_kernel(w: np.ndarray) -> np.ndarray:
     return np.transpose(w)
 
 
+def user_error_line(e: BaseException) -> str | None:
+    """The one line to print for a problem with the user's files, inputs or machine, or None for
+    a bug (which keeps its traceback). Problems are ConversionError and ValueError (the checks,
+    and decoding errors), MemoryError, and the OSErrors of bdjax.errors.is_user_os_error (a full
+    or read-only disk, a failure on a named file, ...), the rule every program follows.
+    A RecursionError stays a bug: where a file's contents can cause one (JSON, torch.load), the
+    reader turns it into an error naming the file."""
+    if isinstance(e, (ConversionError, ValueError)):
+        line = str(e)
+    elif isinstance(e, OSError) and is_user_os_error(e):
+        line = os_error_line(e)
+    elif isinstance(e, MemoryError):
+        line = str(e) or "out of memory: close other programs, or run on a machine with more memory"
+    else:
+        return None
+    return " ".join(line.split()) or type(e).__name__
+
+
 def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-    """Wrap an absl `main` so user errors print one line to stderr and exit with status 2.
+    """Wrap an absl `main` so user errors (`user_error_line`) print one line to stderr and exit
+    with status 2; anything else keeps its traceback.
 
     Conversion only traces shapes, so it runs on the CPU: accelerators (and their start-up
     logging on stderr) stay out of it.
@@ -118,9 +161,11 @@ def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         jax.config.update("jax_platforms", "cpu")
         try:
             main(argv)
-        except (ConversionError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                PermissionError, ValueError) as e:
-            print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        except Exception as e:
+            line = user_error_line(e)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             sys.exit(USAGE_ERROR)
 
     return wrapped

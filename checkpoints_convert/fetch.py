@@ -13,10 +13,14 @@ Fetching adds
 Downloads go to DIR/downloads/NAME.part, resume with an HTTP Range request after an
 interruption (from zero when the server ignores Range), are checked against a sha256 where one
 is known and only then renamed to NAME. A transfer that stalls (less than 64 KiB in 60 s) is
-resumed; a file not complete within its deadline (10 minutes plus 10 s per MB) is abandoned. A
-file already at DIR/downloads/NAME (placed there by hand on an offline machine) is verified and
-converted without any network access; one with no published hash that fails to convert is moved
-to NAME.rejected. Models whose converted files exist are skipped unless --force.
+resumed; a file not complete within its deadline (10 minutes plus 10 s per MB) is abandoned. No
+file may grow past its bound (its recorded size, else a ceiling with a margin; 4 GiB for files
+outside the registry): a larger Content-Length is refused before any byte is written, a body
+that runs past the bound is cut off and deleted, and the deadline is that of the announced size
+(within the bound), or of the bound when none is announced. A file already at DIR/downloads/NAME
+(placed there by hand on an offline machine) is verified and converted without any network
+access; one with no published hash that fails to convert is moved to NAME.rejected. Models whose
+converted files exist are skipped unless --force.
 
 $BDJAX_WEIGHTS_URL, when set, replaces every official location by BDJAX_WEIGHTS_URL/NAME
 (a mirror holding the files flat under one URL; the tests point it at a local server).
@@ -47,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from absl import app, flags
 
+from bdjax.checkpoint import JSONFileError, naming, read_json
 from bdjax.files import atomic_write
 from bdjax.weights import (CACHE_ENV, DEFAULT_CACHE_DIR, DEFAULT_MODELS, MODELS, cache_dir_from, converted_paths,
                            is_converted, model_dir)
@@ -65,7 +70,9 @@ STALL_TIMEOUT_S = 60.0
 STALL_BYTES = 64 << 10
 DEADLINE_BASE_S = 600.0
 DEADLINE_RATE = 100_000           # bytes per second: 10 s per MB
-DEADLINE_UNKNOWN_SIZE_S = 6 * 3600.0
+# The most bytes a file outside the registry (or one of unknown size in it) may bring: about twice
+# the largest official file.
+DOWNLOAD_CEILING = 4 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +84,16 @@ class Source:
     sha256_prefix: str | None = None  # torchvision's file-name convention
     hash_from: str = ""               # where the expected hash is stated
     size: int | None = None           # bytes, where recorded alongside the hash
+    max_size: int | None = None       # bytes, a ceiling with a margin where the size is not recorded
 
     @property
     def filename(self) -> str:
         return posixpath.basename(urllib.parse.urlparse(self.url).path)
+
+    @property
+    def limit(self) -> int:
+        """The most bytes a download of this file may bring: a server sending more sends something else."""
+        return self.size or self.max_size or DOWNLOAD_CEILING
 
 
 SOURCES: dict[str, Source] = {
@@ -92,16 +105,20 @@ SOURCES: dict[str, Source] = {
     "adm256": Source("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
                      sha256="a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1",
                      hash_from="Disco Diffusion v5.6+ diff_model_map (not published by OpenAI)", size=2_211_383_297),
-    # No published hash found: the computed sha256 is only recorded in manifest.json.
-    "adm512": Source("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/512x512_diffusion.pt"),
+    # No published hash found: the computed sha256 is only recorded in manifest.json. No size
+    # recorded either: the file is about 2.2 GB, like the 256 model.
+    "adm512": Source("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/512x512_diffusion.pt",
+                     max_size=3 << 30),
     # OpenAI names each CLIP file by its full sha256 (clip/clip.py `_MODELS`, which also checks it).
+    # About 350 MB; no size recorded.
     "clip": Source("https://openaipublic.azureedge.net/clip/models/"
                    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
                    sha256="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
-                   hash_from="the URL (OpenAI clip/clip.py)"),
+                   hash_from="the URL (OpenAI clip/clip.py)", max_size=512 << 20),
     # torchvision names its files NAME-<first 8 hex digits of the sha256>.pth and checks that prefix.
+    # The size is the Content-Length download.pytorch.org announces (torch.hub's progress bars show it).
     "vgg16": Source("https://download.pytorch.org/models/vgg16-397923af.pth", sha256_prefix="397923af",
-                    hash_from="the file name (torchvision convention)"),
+                    hash_from="the file name (torchvision convention)", size=553_433_881),
 }
 
 
@@ -150,6 +167,10 @@ class _BadRange(Exception):
     """The server answered a request for the whole file with a range of it."""
 
 
+class _TooLarge(Exception):
+    """The server announced or sent more bytes than the file can have: not retried."""
+
+
 # ---- locations ------------------------------------------------------------------------------
 
 def source_url(source: Source) -> str:
@@ -176,7 +197,7 @@ def parse_models(names: Iterable[str]) -> tuple[str, ...]:
 
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with naming(path), open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -211,9 +232,9 @@ def _content_range(header: str | None) -> tuple[int | None, int | None, int | No
     return (int(start) if start else None), (int(end) if end else None), (int(total) if total != "*" else None)
 
 
-def default_deadline(size: int | None) -> float:
+def default_deadline(size: int) -> float:
     """Seconds a file of `size` bytes may take in all: DEADLINE_BASE_S plus its size at DEADLINE_RATE."""
-    return DEADLINE_UNKNOWN_SIZE_S if size is None else DEADLINE_BASE_S + size / DEADLINE_RATE
+    return DEADLINE_BASE_S + size / DEADLINE_RATE
 
 
 class _Watchdog:
@@ -222,7 +243,7 @@ class _Watchdog:
     blocked on a server that trickles bytes (or headers) returns at once. The reading side adds
     to `received` and, on any failure, asks `failure()` whether the watchdog caused it."""
 
-    def __init__(self, stall_timeout: float, started: float, deadline: float | None):
+    def __init__(self, stall_timeout: float, started: float, deadline: float):
         self.stall_timeout, self.started, self.deadline = stall_timeout, started, deadline
         self.received = 0
         self._failure: Exception | None = None
@@ -253,7 +274,7 @@ class _Watchdog:
         window_start, window_received = time.monotonic(), 0
         while not self._stop.wait(poll):
             now = time.monotonic()
-            if self.deadline is not None and now > self.started + self.deadline:
+            if now > self.started + self.deadline:
                 limit = f"{self.deadline:.0f}" if self.deadline >= 10 else f"{self.deadline:g}"
                 self._abandon(_Abandoned(f"not complete within the per-file deadline of {limit} s"))
                 return
@@ -321,25 +342,26 @@ def _remove(path: str) -> None:
 
 
 def _transfer(url: str, part: str, progress: bool, timeout: float, stall_timeout: float, started: float,
-              deadline: float | None) -> str:
+              deadline: float | None, limit: int) -> str:
     """Bring `part` up to the whole file, appending when the server honours Range.
 
     Returns the sha256 of the whole `part`. Raises _Interrupted when the stream ends early or
     stalls (what is there stays, for the next attempt to resume from), _Abandoned when the
-    deadline (seconds since `started`; None: `default_deadline` of the size) passes, and
-    _BadRange when the server sends part of the file unasked.
+    deadline (seconds since `started`; None: `default_deadline` of the announced size, or of
+    `limit` while none is known) passes, _BadRange when the server sends part of the file
+    unasked, and _TooLarge when it announces or sends more than `limit` bytes in all.
     """
     offset = _size(part)
-    with _Watchdog(stall_timeout, started, deadline) as watchdog:
+    with _Watchdog(stall_timeout, started, default_deadline(limit) if deadline is None else deadline) as watchdog:
         try:
-            return _receive(url, part, offset, progress, timeout, started, deadline, watchdog)
+            return _receive(url, part, offset, progress, timeout, deadline, limit, watchdog)
         except (_Interrupted, _Unreachable):
             if watchdog.failure() is not None:  # the watchdog shut the connection
                 raise watchdog.failure() from None
             raise
 
 
-def _receive(url, part, offset, progress, timeout, started, deadline, watchdog) -> str:
+def _receive(url, part, offset, progress, timeout, deadline, limit, watchdog) -> str:
     opener = _opener(watchdog)
     response = _open(opener, url, offset, timeout)
     if isinstance(response, urllib.error.HTTPError):  # 416: nothing left after `offset`
@@ -371,27 +393,33 @@ def _receive(url, part, offset, progress, timeout, started, deadline, watchdog) 
         if not resumed:
             offset = 0  # the server ignored Range (200): the body is the whole file
         total = offset + length if length is not None else None
+        if total is not None and total > limit:
+            raise _TooLarge(f"the server announces {total:,} bytes, more than the {limit:,} this file can have")
         if deadline is None:
-            watchdog.deadline = default_deadline(total)
+            watchdog.deadline = default_deadline(limit if total is None else total)
         digest = hashlib.sha256()
         if resumed:
-            with open(part, "rb") as f:
+            with naming(part), open(part, "rb") as f:
                 while chunk := f.read(CHUNK):
                     digest.update(chunk)
         received = offset
-        with open(part, "ab" if resumed else "wb") as f, _progress_bar(url, total, offset, progress) as bar:
+        with naming(part), open(part, "ab" if resumed else "wb") as f, \
+                _progress_bar(url, total, offset, progress) as bar:
             while True:
                 try:
                     chunk = response.read1(CHUNK)  # what has arrived, so the watchdog sees progress
                 except (http.client.HTTPException, OSError, ValueError) as e:
                     raise _Interrupted(f"{type(e).__name__}: {e}") from None
-                if not chunk:
+                if not chunk or received + len(chunk) > limit:
                     break
                 f.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
                 watchdog.received += len(chunk)
                 bar.update(len(chunk))
+    if received + len(chunk) > limit:  # a body without a length that does not end where the file must
+        _remove(part)
+        raise _TooLarge(f"the server sent more than the {limit:,} bytes this file can have")
     if watchdog.failure() is not None and (total is None or received < total):
         raise watchdog.failure()
     # http.client returns b"" instead of raising when the peer closes early: compare lengths.
@@ -415,11 +443,14 @@ def download(url: str, dest: str, source: Source | None = None, *, retries: int 
 
     An interrupted or stalled transfer (less than STALL_BYTES in `stall_timeout` seconds) is
     resumed up to `retries` times, and by the next call after that. The whole file, retries
-    included, must arrive within `deadline` seconds (None: `default_deadline` of its size).
+    included, must arrive within `deadline` seconds (None: `default_deadline` of its size). It
+    may not be larger than `source.limit` (DOWNLOAD_CEILING without a source): a larger announced
+    size is refused before any byte arrives, and a body that runs past it is cut off and deleted.
     The file is renamed to `dest` only once complete and matching `source`'s hash; on a
     mismatch the .part is deleted. Raises _Unreachable when no connection can be made.
     """
     part = dest + ".part"
+    limit = source.limit if source is not None else DOWNLOAD_CEILING
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     started = time.monotonic()
 
@@ -429,7 +460,7 @@ def download(url: str, dest: str, source: Source | None = None, *, retries: int 
 
     for attempt in range(retries + 1):
         try:
-            actual = _transfer(url, part, progress, timeout, stall_timeout, started, deadline)
+            actual = _transfer(url, part, progress, timeout, stall_timeout, started, deadline, limit)
             break
         except _Interrupted as e:
             if attempt == retries:
@@ -441,6 +472,9 @@ def download(url: str, dest: str, source: Source | None = None, *, retries: int 
         except _BadRange as e:
             raise FetchError(f"cannot download {url}: {e}, not the file; nothing kept: try again later, or "
                              f"from a mirror (${BASE_URL_ENV})") from None
+        except _TooLarge as e:
+            raise FetchError(f"download of {url} refused: {e}; {kept()}: the server does not send the file, try "
+                             f"again later, or from a mirror (${BASE_URL_ENV})") from None
     if source is not None and not hash_matches(source, actual):
         os.remove(part)
         raise FetchError(f"{os.path.basename(dest)} from {url} has sha256 {actual}, expected "
@@ -453,20 +487,26 @@ def download(url: str, dest: str, source: Source | None = None, *, retries: int 
 # ---- the whole job --------------------------------------------------------------------------
 
 def _read_manifest(cache_dir: str) -> dict:
+    """DIR/manifest.json; a lost, damaged, oversized or too deeply nested one, or one of another
+    shape, is rebuilt (it is a record, not an input), so nothing in it can stop a fetch."""
     try:
-        with open(os.path.join(cache_dir, MANIFEST), encoding="utf-8") as f:
-            manifest = json.load(f)
-        return manifest if isinstance(manifest, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}  # a lost or damaged manifest is rebuilt; it is a record, not an input
+        manifest = read_json(os.path.join(cache_dir, MANIFEST))
+    except (OSError, JSONFileError):
+        return {}
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(k, {}), dict) for k in ("files", "models")):
+        return {}
+    return manifest
 
 
 def _write_manifest(cache_dir: str, manifest: dict) -> None:
+    path = os.path.join(cache_dir, MANIFEST)
+
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.write("\n")
-    atomic_write(os.path.join(cache_dir, MANIFEST), write)
+    with naming(path):
+        atomic_write(path, write)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ against the Flax module before anything is written.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -19,7 +18,7 @@ from absl import app, flags
 from bdjax import checkpoint
 from bdjax.models import unet
 from checkpoints_convert.common import (ConversionError, cli, conv_kernel, dense_kernel, module_path,
-                                        read_torch_state_dict)
+                                        read_json_object, read_torch_state_dict)
 
 
 def flax_key(torch_key: str, ndim: int) -> str:
@@ -51,6 +50,15 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return flat
 
 
+def read_config(path: str) -> dict:
+    """UNetModel fields from a JSON file (--config_json); each problem one error naming the file."""
+    config = read_json_object(path, "an object of UNetModel fields", "fix it, or pass --preset instead")
+    try:
+        return unet.config_from_json(config)
+    except ValueError as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
 def convert(input_path: str, output_dir: str, config: dict, overwrite: bool = False) -> tuple[str, str]:
     """Read, rename, validate against `jax.eval_shape` of the module, then write."""
     checkpoint.ensure_writable(output_dir, unet.CHECKPOINT_NAME, overwrite)
@@ -79,11 +87,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.input or not FLAGS.output:
         raise ConversionError("--input and --output are required")
-    if FLAGS.config_json:
-        with open(FLAGS.config_json, encoding="utf-8") as f:
-            config = unet.config_from_json(json.load(f))
-    else:
-        config = unet.preset(FLAGS.preset)
+    config = read_config(FLAGS.config_json) if FLAGS.config_json else unet.preset(FLAGS.preset)
     weights, meta = convert(FLAGS.input, FLAGS.output, config, FLAGS.overwrite)
     print(f"wrote {weights} and {meta}")
 

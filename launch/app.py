@@ -45,6 +45,7 @@ FLAGS = flags.FLAGS
 
 TITLE = "bdjax: Blended Diffusion, text-driven editing of a painted region"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PREPARING = "preparing the sampler (compiling it, or loading it from the compilation cache)"
 MAX_UPLOAD = "100mb"  # Gradio refuses larger uploads; the image decoder refuses huge pixel counts
 # The framing's defaults (--fit, --context and --feather's): window mode.
 FRAMING_DEFAULTS = {"fit": "window", "context": window_lib.DEFAULT_CONTEXT, "feather": window_lib.DEFAULT_FEATHER}
@@ -125,10 +126,11 @@ class Studio:
         return True
 
     def show_compiling(self) -> None:
-        """Say on the running request's page that its configuration compiles (a request with new
-        advanced options, say), as a stage of its progress."""
+        """Say on the running request's page that its configuration's sampler is being prepared
+        (compiled, or loaded from the compilation cache: a request with new advanced options, say),
+        as a stage of its progress."""
         if self.progress is not None:
-            self.progress(0, desc="compiling, first run only")
+            self.progress(0, desc=PREPARING)
 
     def is_cancelled(self, run: Run) -> bool:
         return self.cancelled.get(run.session, float("-inf")) >= run.submitted

@@ -12,9 +12,10 @@ Runs unchanged on several processes (--distributed, or a TPU pod): see bdjax/bat
 A run locks OUTPUT_DIR (a second run on it refuses at once). Exit status: 0 when every sample of
 the valid jobs is on disk (bad manifest lines and jobs that cannot be written are reported and
 skipped; --strict makes them errors); 2 for bad input (flags, an unreadable manifest, an unusable
-or locked output directory), before any network is loaded; 1 when samples failed during the run
-(not finite, or their files could not be written): they are listed in report.json and a rerun
-retries them.
+or locked output directory), before any network is loaded, or when every job's directory holds
+another job's samples (the previous report is kept); 1 when samples failed during the run (not
+finite, or their files could not be written): they are listed in report.json and a rerun retries
+them; 130 after Ctrl-C, which keeps every sample written and says how many: rerun to resume.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from absl import app, flags
 from launch import cli, runtime
 
 FLAGS = flags.FLAGS
+# How far this run got, for `interrupted`: its output directory once claimed, then its jobs once
+# their samples on disk are known.
+_progress: dict = {}
 
 
 def define_flags():
@@ -66,6 +70,30 @@ def framing():
     return framing
 
 
+def interrupted() -> str:
+    """What Ctrl-C leaves (cli.program prints it): the samples on disk, counted there, since the
+    batch being written when it came may be partly on disk and not yet recorded."""
+    from bdjax import batch
+
+    out, jobs = _progress.get("output_dir"), _progress.get("jobs")
+    if out is None:
+        return "nothing was written"
+    if jobs is None:
+        return f"no sample was computed yet and {out} keeps what it held; rerun the same command to resume"
+    kept = [len(batch.read_finished(out, job)) for job in jobs]
+    complete = sum(n == job.num_samples for n, job in zip(kept, jobs))
+    return (f"{sum(kept)} of {sum(job.num_samples for job in jobs)} samples ({complete} of {len(jobs)} jobs complete) "
+            f"are kept in {out}; rerun the same command to resume")
+
+
+def every_job_conflicts(conflicts) -> ValueError:
+    """The error of a rerun that can run nothing: every job's directory holds another job's
+    samples. It stops the run before the previous run's report is replaced."""
+    more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+    return ValueError(f"every job conflicts with the results in --output_dir={os.path.abspath(FLAGS.output_dir)}, so "
+                      f"nothing can run: {conflicts[0]}{more}; or choose another --output_dir")
+
+
 def main(argv):
     if len(argv) > 1:
         raise cli.FlagError(f"unexpected arguments: {argv[1:]}")
@@ -100,8 +128,11 @@ def main(argv):
         # The lock is held until the run ends; only then is the directory free for another run.
         with batch.claim_output_dir(FLAGS.output_dir, jobs, label=f"--output_dir={os.path.abspath(FLAGS.output_dir)}"
                                     ) as (jobs, unwritable, removed):
-            if unwritable and FLAGS.strict:
-                raise unwritable[0]
+            _progress["output_dir"] = FLAGS.output_dir
+            if unwritable and (FLAGS.strict or not jobs):  # nothing to run: the previous report stays
+                more = f" (and {len(unwritable) - 1} more)" if len(unwritable) > 1 else ""
+                raise unwritable[0] if FLAGS.strict else ValueError(
+                    f"no job can be written in --output_dir={FLAGS.output_dir}: {unwritable[0]}{more}")
             for e in unwritable:
                 say(f"skipped: {e}", file=sys.stderr)
             if removed:
@@ -133,6 +164,9 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     jobs, items, conflicts, finished = batch.pending_items(FLAGS.output_dir, jobs)
     if conflicts and FLAGS.strict:
         raise conflicts[0]
+    if conflicts and not jobs:
+        raise every_job_conflicts(conflicts)
+    _progress["jobs"] = jobs
     for e in conflicts:
         say(f"skipped: {e}", file=sys.stderr)
     uneven = sorted({j.options.batch_size for j in jobs if j.options.batch_size % jax.device_count()})
@@ -145,10 +179,9 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     runs = collections.Counter((jobs[j].options, jobs[j].prompt != "") for j, _ in items)
     if items:
         runtime.announce_run(editor, [(options, guided, n) for (options, guided), n in runs.items()])
-    bar = tqdm(total=len(items), desc="batch", unit="sample", disable=not lead or not items)
-    runtime.announce_compiles(editor, bar)
-    stats = batch.run(editor, jobs, FLAGS.output_dir, items, finished=finished, label=label, on_batch=bar.update)
-    bar.close()
+    with tqdm(total=len(items), desc="batch", unit="sample", disable=not lead or not items) as bar:  # closed on Ctrl-C
+        runtime.announce_compiles(editor, bar)
+        stats = batch.run(editor, jobs, FLAGS.output_dir, items, finished=finished, label=label, on_batch=bar.update)
     missing = stats.total - sum(len(samples) for samples in stats.finished)
     if lead:  # also a job finished by an earlier, killed run whose summary was never written
         stats.summaries += batch.write_summaries(FLAGS.output_dir, jobs, image_size, label, stats.finished,
@@ -195,4 +228,4 @@ def run_report(jobs, errors, stats, label: str, timings: dict, image_size: int |
 
 if __name__ == "__main__":
     define_flags()
-    app.run(cli.program(main), flags_parser=cli.parse_flags)
+    app.run(cli.program(main, interrupted=interrupted), flags_parser=cli.parse_flags)

@@ -9,7 +9,6 @@ no program imports another.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import sys
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 from absl import flags
 
 from bdjax.absl_flags import parse_flags  # noqa: F401  app.run(..., flags_parser=cli.parse_flags)
+from bdjax.errors import is_user_os_error, os_error_line
 
 if TYPE_CHECKING:
     from bdjax.request import Request
@@ -35,23 +35,34 @@ class FlagError(ValueError):
 
 
 LOST_PEER = 3  # exit status when another process of a multi-process run died
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT, as shells report it)
 
 
-def program(main):
+def program(main, interrupted=None):
     """An absl main whose user errors, wherever raised, end as one line and exit status 2, and
-    which stops cleanly (status 3, naming the lost process) when a peer process dies."""
+    which stops cleanly (status 3, naming the lost process) when a peer process dies.
+
+    Ctrl-C ends it with one line, `interrupted: <interrupted()>` (what the run kept and how to
+    resume it; `interrupted` is the program's own function, called after the interrupt), and
+    exit status 130."""
     @functools.wraps(main)
     def wrapped(argv):
+        from launch import platform
+
+        platform.settle()  # before JAX is imported: the CPU where a CUDA plugin finds no GPU
         import jax
 
         try:
             with user_errors():
                 return main(argv)
+        except KeyboardInterrupt:
+            said = interrupted() if interrupted is not None else "stopped before finishing"
+            print(f"interrupted: {said}", file=sys.stderr, flush=True)
+            sys.exit(INTERRUPTED)
         except (MemoryError, jax.errors.JaxRuntimeError) as e:
             if _out_of_memory(e):
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                print(f"error: out of memory ({first}); lower --batch_size or --aug_num, or pass --remat=blocks",
-                      file=sys.stderr, flush=True)
+                print(f"error: out of memory ({first}); {_memory_advice(e)}", file=sys.stderr, flush=True)
                 sys.exit(USER_ERROR)
             if jax.process_count() == 1:
                 raise
@@ -68,6 +79,24 @@ def program(main):
 def _out_of_memory(e: BaseException) -> bool:
     """Host memory (numpy) or device memory (XLA's RESOURCE_EXHAUSTED) ran out."""
     return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e).split("\n", 1)[0]
+
+
+# Where host memory runs out reading the user's files rather than computing: bdjax's modules
+# that decode and frame inputs.
+_INPUT_MODULES = ("image_io.py", "window.py", "request.py", "painting.py", "manifest.py", "files.py")
+
+
+def _memory_advice(e: BaseException) -> str:
+    """What to change after running out of memory: the inputs, when decoding them took it (the
+    innermost bdjax frame is an input module), else the batch."""
+    import bdjax
+
+    bdjax_root = os.path.dirname(os.path.abspath(bdjax.__file__)) + os.sep
+    frames = [f.filename for f in traceback.extract_tb(e.__traceback__)] if e.__traceback__ else []
+    ours = [f for f in frames if f.startswith(bdjax_root)]
+    if isinstance(e, MemoryError) and ours and os.path.basename(ours[-1]) in _INPUT_MODULES:
+        return "reading the inputs took it: use a smaller image or mask (or split a manifest)"
+    return "lower --batch_size or --aug_num, or pass --remat=blocks"
 
 
 def _lost_processes() -> list[int]:
@@ -95,9 +124,6 @@ def _lost_processes() -> list[int]:
     return []
 
 
-# Plain OSErrors that a user fixes (a full or read-only disk, a name too long) rather than bugs.
-_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
-_USER_OS_ERRORS = (FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
 def _raised_in_library(e: BaseException) -> bool:
@@ -120,10 +146,10 @@ def is_user_error(e: BaseException) -> bool:
 
     if isinstance(e, NonFiniteJSONError):
         return False
-    if isinstance(e, (ConversionError, *_USER_OS_ERRORS)):
+    if isinstance(e, ConversionError):
         return True
-    if isinstance(e, OSError):
-        return e.errno in _USER_ERRNOS
+    if isinstance(e, OSError):  # the rule every program follows (bdjax/errors.py)
+        return is_user_os_error(e)
     return isinstance(e, ValueError) and not _raised_in_library(e)
 
 
@@ -136,7 +162,7 @@ def user_errors():
     except Exception as e:
         if not is_user_error(e):
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
+        message = " ".join((os_error_line(e) if isinstance(e, OSError) else str(e)).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(USER_ERROR)
 

@@ -12,7 +12,7 @@ import warnings
 from absl import flags
 
 from bdjax import weights
-from launch import cli
+from launch import cli, platform
 
 FLAGS = flags.FLAGS
 
@@ -55,10 +55,13 @@ def _env_int(name):
 
 
 def setup() -> None:
-    """Quiet logging, join the multi-process run if asked (or on a TPU pod), compilation cache."""
+    """Check the flags that contradict each other, quiet logging, join the multi-process run if
+    asked (or on a TPU pod), compilation cache; where a CUDA plugin found no GPU (launch/platform.py),
+    initialise the CPU backend with the plugin's start-up lines held back."""
     import jax
     from absl import logging
 
+    check_config_flags()
     if not FLAGS["verbosity"].present:  # JAX's INFO lines (e.g. TPU probing) are noise here
         logging.set_verbosity(logging.WARNING)
     if FLAGS.distributed or _on_tpu_pod():
@@ -66,8 +69,13 @@ def setup() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                    process_id=FLAGS.process_id, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+    global CACHE_OFF
     if FLAGS.compilation_cache:
         enable_compilation_cache(FLAGS.compilation_cache_dir)
+    else:
+        CACHE_OFF = "--nocompilation_cache"
+    if platform.NO_GPU:
+        platform.initialize_quietly()
 
 
 def compilation_cache_dir(flag: str | None) -> str:
@@ -77,26 +85,77 @@ def compilation_cache_dir(flag: str | None) -> str:
     return weights.compilation_cache_dir()
 
 
+# Why compiled programs are not kept this run ("--nocompilation_cache", an unusable directory), or None.
+CACHE_OFF: str | None = "the compilation cache is not enabled"
+
+
 def enable_compilation_cache(flag: str | None) -> str:
     """Turn on JAX's persistent compilation cache (every program that takes a second or more to
-    compile); returns its directory."""
+    compile, or as $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says) in the directory `flag` names, once a file could be written there; returns the
+    directory. Where none can be (a file in the way, no permission, a symlink loop), the run goes
+    on uncached and `CACHE_OFF` says why."""
+    global CACHE_OFF
     import jax
 
     directory = compilation_cache_dir(flag)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    CACHE_OFF = cache_problem(directory)
+    if CACHE_OFF is None:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return directory
+
+
+def cache_problem(directory: str) -> str | None:
+    """Why compiled programs cannot be kept in `directory`, or None; nothing is created (JAX makes
+    the directory when it first writes there)."""
+    import stat
+
+    path = directory
+    while True:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            if os.path.dirname(path) == path:
+                return f"{directory} is not usable: no existing parent"
+            path = os.path.dirname(path)
+            continue
+        except OSError as e:  # a symlink loop, a name too long, ...
+            return f"{directory} is not usable: {e.strerror or e}"
+        break
+    if not stat.S_ISDIR(mode):
+        return f"{directory} is not usable: {path} is not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{directory} is not usable: {path} is not writable"
+    return None
+
+
+def check_config_flags() -> None:
+    """Refuse flags that the chosen --config would silently ignore."""
+    from bdjax import smoke
+
+    if FLAGS.config == "smoke" and FLAGS["model_output_size"].present and FLAGS.model_output_size != "256":
+        raise cli.FlagError(f"--model_output_size={FLAGS.model_output_size} applies to the real networks: "
+                            f"--config=smoke always runs its tiny networks at {smoke.IMAGE_SIZE} px; drop one of "
+                            "the two flags")
 
 
 def check_device() -> None:
     """Stop before weights load when the real networks would run on a CPU, unless --allow_cpu:
-    a guided edit takes hours per sample there, which is rarely what a user meant."""
+    a guided edit takes hours per sample there, which is rarely what a user meant. Where a CUDA
+    plugin found no GPU, say so first (as a note, for runs that go on on the CPU)."""
     import jax
 
     if FLAGS.config == "real" and jax.default_backend() == "cpu" and not FLAGS.allow_cpu:
+        if platform.NO_GPU:
+            raise cli.FlagError(f"{platform.NO_GPU}: the real networks would take hours per sample on the CPU; try "
+                                "--config=smoke (tiny random networks, no weights), run where a GPU is usable, or pass "
+                                "--allow_cpu to run anyway")
         raise cli.FlagError("JAX sees only a CPU, where the real networks take hours per sample: try --config=smoke "
-                        "(seconds, random networks), install JAX for your accelerator (pip install -e '.[cuda]' "
+                        "(tiny random networks, no weights), install JAX for your accelerator (pip install -e '.[cuda]' "
                         "or '.[tpu]'), or pass --allow_cpu to run anyway")
+    if platform.NO_GPU and jax.process_index() == 0:
+        print(f"note: {platform.NO_GPU}; running on the CPU", file=sys.stderr, flush=True)
 
 
 def build_editor(need_lpips: bool):
@@ -200,10 +259,44 @@ def describe_run(editor, runs) -> str:
 
 
 def compiling_line() -> str:
-    """The line said before compiling: where compiled programs are kept, so later runs skip it."""
-    if not FLAGS.compilation_cache:
-        return "compiling (not cached: --nocompilation_cache)"
-    return f"compiling (first run only, cached in {compilation_cache_dir(FLAGS.compilation_cache_dir)})"
+    """The line said as a sampler starts compiling where nothing can be cached: why not."""
+    return f"compiling (not cached: {CACHE_OFF})"
+
+
+def compiled_line(seconds: float, requests: int, hits: int) -> str:
+    """The line said when a sampler is ready: compiled, or read from the compilation cache, as
+    JAX's cache reported it (`requests` programs looked up there, `hits` found)."""
+    where = compilation_cache_dir(FLAGS.compilation_cache_dir)
+    if requests and hits == requests:
+        return f"loaded the compiled sampler from the compilation cache in {seconds:.1f} s ({where})"
+    if CACHE_OFF:
+        return f"compiled in {seconds:.1f} s (not cached: {CACHE_OFF})"
+    loaded = f"; {hits} of {requests} programs loaded from the cache" if hits else ""
+    return f"compiled in {seconds:.1f} s (cached in {where}{loaded})"
+
+
+class CacheEvents:
+    """Counts of JAX's persistent-cache lookups and hits (jax.monitoring events), read around a
+    compile to tell a compile from a cache read. Registered once per process."""
+    REQUEST = "/jax/compilation_cache/compile_requests_use_cache"
+    HIT = "/jax/compilation_cache/cache_hits"
+    requests = hits = 0
+    _listening = False
+
+    @classmethod
+    def listen(cls) -> None:
+        import jax
+
+        if not cls._listening:
+            jax.monitoring.register_event_listener(cls._record)
+            cls._listening = True
+
+    @classmethod
+    def _record(cls, event: str, **_) -> None:
+        if event == cls.REQUEST:
+            cls.requests += 1
+        elif event == cls.HIT:
+            cls.hits += 1
 
 
 def announce_run(editor, runs) -> None:
@@ -215,20 +308,31 @@ def announce_run(editor, runs) -> None:
 
 
 def announce_compiles(editor, bar=None, show=None) -> None:
-    """Have `editor` say `compiling_line()` on process 0's stderr each time it compiles a
-    sampler (and call `show()`, a program's own way of saying it: the web app's page), and keep
-    the compiles off the clock of `bar` (a tqdm bar of the program's own), so that its rate and
-    ETA are those of sampling."""
+    """Have `editor` say on process 0's stderr what preparing each sampler did, as JAX's cache
+    reports it: `compiled_line()` when it is ready (compiled, or loaded from the compilation
+    cache), and `compiling_line()` as it starts where nothing can be cached. `show()`, a
+    program's own way of saying it (the web app's page), is called as preparing starts. The time
+    is kept off the clock of `bar` (a tqdm bar of the program's own), so that its rate and ETA are
+    those of sampling."""
+    import time
+
     import jax
     from tqdm.auto import tqdm
 
+    CacheEvents.listen()
+    speak = jax.process_index() == 0
+
     @contextlib.contextmanager
     def compiling():
-        if jax.process_index() == 0:
-            tqdm.write(compiling_line(), file=sys.stderr)
         if show is not None:
             show()
+        if speak and CACHE_OFF:
+            tqdm.write(compiling_line(), file=sys.stderr)
+        requests, hits, began = CacheEvents.requests, CacheEvents.hits, time.perf_counter()
         yield
+        if speak:
+            tqdm.write(compiled_line(time.perf_counter() - began, CacheEvents.requests - requests,
+                                     CacheEvents.hits - hits), file=sys.stderr)
         if bar is not None:
             bar.unpause()
 

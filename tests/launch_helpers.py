@@ -52,6 +52,7 @@ def fake_editor(run: FakeRun) -> BlendedDiffusion:
     editor.mesh = parallel.make_mesh()
     editor.params = {}
     editor.image_size = SIZE
+    editor.label, editor.param_dtype = "", "float32"
     editor._samplers = {}
     editor.defaults = {}
     editor.weights_digest = "fake"

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -213,6 +214,38 @@ def test_a_runs_inputs_are_written_at_full_size_with_the_window_drawn(studio, tm
     assert abs(x1 - box[2]) <= line + 2 and abs(y1 - box[3]) <= line + 2
 
 
+def test_a_sample_of_the_app_is_reproduced_by_launch_edit_from_its_seed_and_k(studio, program_flags):
+    """The app's run folder holds the photo and mask it edited (source.png, mask.png); launch.edit
+    given them, the prompt and the seed writes sample k with the same pixels and distance (the
+    same networks: both run the smoke preset)."""
+    import json
+
+    from bdjax import outputs
+
+    program_flags.unparse_flags()
+    program_flags(["app", "--config=smoke"])  # the runtime flags a run's provenance reads
+    request, _ = prepare(studio, value=painted(SMALL), prompt="a cup of tea", num_samples=3, seed=7)
+    run = app.Run(studio.new_run_dir(), "a", studio.submitted("a"))
+    *_, (stage, ranked, writer) = studio.edit(request, run, "painted")
+    studio.finished(run)
+    assert stage == "done" and len(ranked) == 3
+    out = os.path.join(run.directory, "cli")
+    proc = subprocess.run([sys.executable, "-m", "launch.edit", "--config=smoke", "--prompt=a cup of tea",
+                           f"--init_image={os.path.join(run.directory, app.SOURCE)}",
+                           f"--mask={os.path.join(run.directory, app.MASK)}", "--seed=7", "--num_samples=3",
+                           f"--output_dir={out}", f"--compilation_cache_dir={jax.config.jax_compilation_cache_dir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k in range(3):
+        name = outputs.sample_name(k)
+        np.testing.assert_array_equal(outputs.read_png(os.path.join(out, outputs.SAMPLES_DIR, name)),
+                                      outputs.read_png(os.path.join(run.directory, outputs.SAMPLES_DIR, name)))
+        ours, theirs = (json.loads(open(os.path.join(d, outputs.SAMPLES_DIR, outputs.sample_name(k, "json"))).read())
+                        for d in (run.directory, out))
+        assert ours["seed"] == theirs["seed"] == 7
+        assert abs(ours["distance"] - theirs["distance"]) <= 1e-6  # float32 reductions may differ in the last bits
+
+
 def test_captions_and_messages():
     assert app.caption(0, 0.71234, 404, 5, "") == "#0 d=0.7123 seed 404 sample 5"
     assert app.caption(3, 1.0, 1, 2, smoke.LABEL) == "#3 d=1.0000 seed 1 sample 2 (smoke)"
@@ -243,7 +276,7 @@ def test_compiling_is_shown_as_a_stage_of_the_progress():
     studio.show_compiling()  # no request running: nothing to show it on
     studio.progress = lambda value, desc=None: calls.append((value, desc))
     studio.show_compiling()
-    assert calls == [(0, "compiling, first run only")]
+    assert calls == [(0, app.PREPARING)]
 
 
 def test_without_gradio_the_app_names_the_extra_to_install():

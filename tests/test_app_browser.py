@@ -305,8 +305,8 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
             assert finished, status
             assert len(captions(page)) == int(finished.group(1))
             assert wait_status(other, r"results ranked|error").startswith("2 results ranked")
-            # Its new configuration compiled first, and the page said so.
-            assert any("compiling, first run only" in text for text in other.evaluate("window.statusLog"))
+            # Its new configuration was prepared (compiled) first, and the page said so.
+            assert any("preparing the sampler" in text for text in other.evaluate("window.statusLog"))
         finally:
             browser.close()
 

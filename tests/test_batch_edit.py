@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -28,10 +30,13 @@ CACHE = os.path.abspath(os.environ.get("BDJAX_TEST_JAX_CACHE", os.path.join(ROOT
 FAST = {"skip_timesteps": 20}  # 5 of the smoke preset's 25 steps
 
 
+def command(*args):
+    return [sys.executable, "-m", "launch.batch_edit", "--config=smoke", "--batch_size=2",
+            f"--compilation_cache_dir={CACHE}", *args]
+
+
 def run(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "launch.batch_edit", "--config=smoke", "--batch_size=2",
-                           f"--compilation_cache_dir={CACHE}", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def manifest_lines():
@@ -218,8 +223,11 @@ def test_first_run_says_what_runs_where_before_compiling(first_run):
     err = proc.stderr
     assert len(re.findall(r"^running 7 samples \(5 guided steps each\) on \d+ x cpu, fp32, smoke networks$", err,
                           flags=re.M)) == 1, err[-2000:]
-    assert err.count(f"compiling (first run only, cached in {CACHE})\n") == 1
-    assert err.index("running 7 samples") < err.index("compiling (")
+    # Compiled, or loaded from the suite's shared cache: once, after the line before the run.
+    ready = re.findall(rf"(?:compiled in [\d.]+ s \(cached in {re.escape(CACHE)}[^)]*\)|loaded the compiled sampler "
+                       rf"from the compilation cache in [\d.]+ s \({re.escape(CACHE)}\))$", err, flags=re.M)
+    assert len(ready) == 1, err[-2000:]
+    assert err.index("running 7 samples") < err.index(ready[0])
 
 
 def test_rerun_writes_nothing_and_reports_everything_skipped(first_run, workdir):
@@ -304,3 +312,45 @@ def test_a_changed_job_is_not_mixed_with_the_old_samples(first_run, workdir, tmp
                                  "mask": str(workdir / "mask.png"), "prompt": "a blue ball"}])
     with pytest.raises(ValueError, match="holds sample 0 of a different job"):
         batch.finished_samples(str(out), job)
+
+
+def test_ctrl_c_keeps_the_finished_samples_says_how_many_and_a_rerun_resumes(tmp_path):
+    """Ctrl-C once the first job is complete (its second batch still to run): exit status 130 and a
+    last line saying how many samples are kept, as many as are on disk; the first job's files are
+    intact and the same command run again computes the rest, leaving them as they were."""
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    (tmp_path / "jobs.jsonl").write_text("".join(
+        json.dumps({"name": name, "image": "img.png", "prompt": "a ball", "num_samples": 2, "seed": seed, **FAST})
+        + "\n" for seed, name in enumerate(("first", "second"))))
+    out = tmp_path / "out"
+    args = (f"--manifest={tmp_path / 'jobs.jsonl'}", f"--output_dir={out}")
+    proc = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (out / "first" / "ranked.json").exists():  # written once the job's last sample is
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    said = re.fullmatch(rf"interrupted: (\d) of 4 samples \((\d) of 2 jobs complete\) are kept in "
+                        rf"{re.escape(str(out))}; rerun the same command to resume", err.strip().splitlines()[-1])
+    assert said, err[-3000:]
+    on_disk = {job: len(list((out / job).glob("sample_*.json"))) for job in ("first", "second")}
+    assert (int(said[1]), int(said[2])) == (sum(on_disk.values()), sum(n == 2 for n in on_disk.values()))
+    first = {f: (out / f).read_bytes() for f in files(out) if f.startswith("first/")}
+    assert sorted(first) == sorted(["first/grid.png", "first/ranked.json"] + [
+        f"first/{d}sample_{k}.{ext}" for k in range(2) for d, ext in (("", "png"), ("", "json"), ("crops/", "png"))])
+    assert [s["sample_id"] for s in json.loads(first["first/ranked.json"])["samples"]] in ([0, 1], [1, 0])
+    for name in first:
+        if name.endswith(".png"):
+            Image.open(out / name).load()
+    assert not (out / batch.LOCK).exists()
+
+    rerun = run(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    kept = sum(on_disk.values())
+    report = json.loads((out / "report.json").read_text())
+    assert {k: report["items"][k] for k in ("total", "skipped", "computed", "failed")} == {
+        "total": 4, "skipped": kept, "computed": 4 - kept, "failed": 0}
+    assert all(r["complete"] for r in report["results"]) and (out / "second" / "ranked.json").exists()
+    assert {f: (out / f).read_bytes() for f in first} == first

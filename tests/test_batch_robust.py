@@ -15,13 +15,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bdjax import batch, outputs, request
+from bdjax import batch, outputs, request, tokenizer
 from bdjax.options import EditOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -401,6 +402,45 @@ def test_unwritable_output_dir_is_one_line_before_networks(fake_tree):
     assert tree(root) == before
 
 
+def test_a_run_where_no_job_can_be_written_keeps_the_previous_report_and_exits_2(fake_tree):
+    """Every job's directory is a file: nothing can run, so the run stops with one line naming the
+    first, before any network, and the output directory stays as it was."""
+    root, manifest = fake_tree
+    out = root / "out"
+    out.mkdir()
+    for name in ("a", "b"):
+        (out / name).write_text("a user's file")
+    (out / "report.json").write_text('{"an": "earlier run"}')
+    before = tree(out)
+    proc = launch(f"--manifest={manifest}", f"--output_dir={out}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: no job can be written in --output_dir={out}: manifest line 1: ") and \
+        line.endswith("(and 1 more)"), line
+    assert "running" not in proc.stderr and tree(out) == before
+
+
+def test_a_rerun_where_every_job_conflicts_keeps_the_previous_report_and_exits_2(fake_tree):
+    """Every job's directory holds another job's samples: nothing can run, so the run stops with
+    one line naming the first conflict and what to do, and the output directory stays as it was."""
+    root, manifest = fake_tree
+    out = root / "out"
+    for name in ("a", "b"):
+        (out / name).mkdir(parents=True)
+        (out / name / "sample_0.png").write_bytes(b"an earlier run's sample")
+        (out / name / "sample_0.json").write_text(json.dumps({"job": {"prompt": "another job"}, "distance": 1.0}))
+    (out / "report.json").write_text('{"an": "earlier run"}')
+    before = tree(out)
+    proc = launch(f"--manifest={manifest}", f"--output_dir={out}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: every job conflicts with the results in --output_dir={out}, so nothing can run: manifest line 1: "
+        f"{out / 'a'} holds sample 0 of a different job (image or mask content, prompt, seed, options, framing (fit, "
+        "context, feather), or the run's precision, config, model size or weights differ); rename the job or remove "
+        "that directory (and 1 more); or choose another --output_dir")
+    assert tree(out) == before
+
+
 # -- manifests --------------------------------------------------------------------------------
 
 def test_bom_manifest_loses_no_job(fake_tree):
@@ -537,6 +577,129 @@ def test_job_names_say_what_is_wrong():
         batch.check_name(batch.LOCK)
     with pytest.raises(ValueError, match="is a path"):
         batch.check_name("a/b")
+
+
+def test_job_names_of_blanks_or_line_breaks_are_one_line_errors(fake_tree):
+    """A name only of blanks, or holding a line break of any kind (C0 and C1 controls such as
+    U+0085, U+2028, U+2029), is a bad line whose message stays one line."""
+    root, _ = fake_tree
+    bad = [" ", "   ", "\u3000", "\t", "a\nb", "a\rb", "a\r\nb", "a\x0bb", "a\x1cb", "a\x7fb", "a\x85b", "a\x9bb",
+           "a\u2028b", "a\u2029b"]
+    good = ["a b", "tiger\u200dcat", "caf\u00e9"]
+    job = {"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 0}
+    manifest = write_manifest(root / "names.jsonl", [{**job, "name": name} for name in bad + good])
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions())
+    assert [j.name for j in jobs] == good and [e.line for e in errors] == list(range(1, len(bad) + 1))
+    for e in errors:
+        assert str(e).splitlines() == [str(e)] and str(e).startswith(f"manifest line {e.line}: name "), str(e)
+    assert all("only blanks" in e.reason for e in errors[:4])
+    assert all("control characters or line separators" in e.reason for e in errors[4:])
+    assert "(U+2028)" in errors[-2].reason and "(U+0085)" in errors[-4].reason
+
+
+def test_deeply_nested_lines_are_bad_lines_not_a_crash(fake_tree):
+    """JSON nested past Python's recursion limit, in the decoder or when a message shows the
+    value (depths around the limit, wherever the stack stands), is that line's error."""
+    root, _ = fake_tree
+    job = {"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 0}
+    deep = lambda n: "[" * n + "]" * n  # noqa: E731
+    limit = sys.getrecursionlimit()
+    lines = ["[" * 100_000, '{"image": "img.png", "prompt": ' + "[" * 100_000, {**job, "name": "ok"},
+             '{"image": "img.png", "num_samples": 1, "seed": 0, "prompt": ' + deep(100_000) + "}"]
+    lines += ['{"image": "img.png", "num_samples": 1, "seed": 0, "prompt": ' + deep(n) + "}"
+              for n in range(limit - 300, limit + 10, 3)]
+    jobs, errors = batch.read_manifest(str(write_manifest(root / "deep.jsonl", lines)), 8, EditOptions())
+    assert [j.line for j in jobs] == [3] and [e.line for e in errors] == [1, 2] + list(range(4, len(lines) + 1))
+    assert [e.reason for e in errors[:3]] == ["nested too deeply: a job is one JSON object of plain values "
+                                              "(strings, numbers, booleans)"] * 3
+    assert all(str(e).splitlines() == [str(e)] for e in errors)
+    assert all("nested too deeply" in e.reason or "should be of type str" in e.reason for e in errors)
+
+
+def test_a_deeply_nested_line_is_reported_by_the_program_as_a_bad_line(tmp_path):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("[" * 100_000 + "\n")
+    proc = launch(f"--manifest={manifest}", f"--output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert one_line(proc) == (f"error: {manifest} has no valid job: manifest line 1: nested too deeply: a job is one "
+                              "JSON object of plain values (strings, numbers, booleans)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_over_its_size_or_line_limits_is_refused_naming_them(fake_tree, monkeypatch):
+    root, _ = fake_tree
+    path = root / "big.jsonl"
+    job = json.dumps({"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 0})
+    monkeypatch.setattr(batch.manifest, "MAX_MANIFEST_BYTES", 1 << 20)
+    path.write_text(job + "\n" + "#" * (1 << 20) + "\n")
+    with pytest.raises(ValueError) as caught:
+        batch.read_manifest(str(path), 8, EditOptions(), label=f"--manifest={path}")
+    assert str(caught.value) == (f"--manifest={path} is bigger than 1 MiB, the most one manifest may hold: split its "
+                                 "jobs into several manifests")
+
+    monkeypatch.setattr(batch.manifest, "MAX_MANIFEST_LINES", 3)
+    for text, lines in ((f"{job}\n\n{job}\n", 3), (f"{job}\r\n{job}\r{job}", 3), ("\n" * 4, 4),
+                        ("\r" * 3 + job, 4), (f"{job}\n" * 4, 4)):
+        path.write_text(text, newline="")
+        if lines <= 3:
+            assert len(batch.read_manifest(str(path), 8, EditOptions(), label="m")[0]) == text.count(job)
+            continue
+        with pytest.raises(ValueError) as caught:
+            batch.read_manifest(str(path), 8, EditOptions(), label="m")
+        assert str(caught.value) == f"m has {lines} lines, more than the limit of 3: split its jobs into several manifests"
+
+
+def test_a_line_over_the_limit_is_a_bad_line(fake_tree):
+    root, _ = fake_tree
+    job = {"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 0}
+    long = json.dumps({**job, "prompt": "\u00e9" * (batch.MAX_LINE_BYTES // 2)})  # 2 bytes a character in UTF-8
+    manifest = write_manifest(root / "long.jsonl", [long, job])
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions())
+    assert [j.line for j in jobs] == [2]
+    assert [(e.line, e.reason) for e in errors] == [(1, f"the line is {len(long.encode()):,} bytes long, more than "
+                                                        "the limit of 1 MiB: a job is one short JSON object")]
+
+
+def test_endless_manifests_are_refused_with_bounded_reading(tmp_path, monkeypatch):
+    """A pipe that never ends and /dev/zero: read a chunk at a time, refused at the limit (the
+    pipe) or at the first NUL byte (/dev/zero), never read until memory runs out."""
+    monkeypatch.setattr(batch.manifest, "MAX_MANIFEST_BYTES", 1 << 20)
+    fifo = tmp_path / "jobs.jsonl"
+    os.mkfifo(fifo)
+    written = []
+
+    def endless():  # far more than the limit, until the reader hangs up
+        with open(fifo, "wb") as f:
+            try:
+                for _ in range(256):
+                    f.write(b"[" * (1 << 16))
+                    written.append(1 << 16)
+            except BrokenPipeError:
+                pass
+
+    writer = threading.Thread(target=endless, daemon=True)
+    writer.start()
+    with pytest.raises(ValueError, match="is bigger than 1 MiB, the most one manifest may hold: split its jobs"):
+        batch.read_manifest(str(fifo), 8, EditOptions())
+    writer.join(timeout=60)
+    assert not writer.is_alive() and sum(written) < 4 << 20
+    with pytest.raises(ValueError, match="^manifest /dev/zero is a binary file"):
+        batch.read_manifest("/dev/zero", 8, EditOptions())
+
+
+def test_a_prompt_over_the_length_limit_is_refused_before_tokenizing(fake_tree, monkeypatch):
+    root, _ = fake_tree
+    limit = request.MAX_PROMPT_CHARS
+    tokenized = []
+    real = tokenizer.tokenize
+    monkeypatch.setattr(tokenizer, "tokenize",
+                        lambda text, *a, **k: tokenized.append(len(text)) or real(text, *a, **k))
+    job = {"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 0}
+    manifest = write_manifest(root / "long.jsonl", [{**job, "prompt": "a " * limit}, job])
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions())
+    assert [j.line for j in jobs] == [2] and tokenized == [1]
+    assert [e.line for e in errors] == [1] and str(errors[0]).splitlines() == [str(errors[0])]
+    assert f"prompt is {2 * limit:,} characters long" in errors[0].reason and f"{limit:,}" in errors[0].reason
 
 
 # -- faults during the run --------------------------------------------------------------------

@@ -31,6 +31,44 @@ def test_out_of_memory_is_one_line_naming_the_fix(capsys, error, shown):
     assert err[0].startswith(f"error: out of memory ({shown}") and "--batch_size" in err[0]
 
 
+def test_out_of_memory_while_reading_the_inputs_blames_the_inputs(capsys, monkeypatch, tmp_path):
+    """Host memory that runs out while an input is decoded (inside bdjax's input modules) is
+    advice about the input, not about --batch_size."""
+    from PIL import Image
+
+    from bdjax import image_io
+    from launch import cli
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(path)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.49 TiB for an array")
+
+    monkeypatch.setattr(Image, "open", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        cli.program(lambda argv: image_io.load_image(str(path), 64))(["prog"])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2
+    assert line == ("error: out of memory (Unable to allocate 1.49 TiB for an array); reading the inputs took it: "
+                    "use a smaller image or mask (or split a manifest)")
+
+
+PROGRAMS = ["launch.edit", "launch.batch_edit", "launch.extrapolate", "launch.app", "checkpoints_convert.fetch",
+            "checkpoints_convert.unet", "checkpoints_convert.clip", "checkpoints_convert.lpips", "bench.benchmark",
+            "bench.compile_report", "bench.gpu_proof"]
+
+
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_help_exits_0_in_every_program(module):
+    """--help (and -h) print the usage and exit 0, where absl exits 1."""
+    for asked in ("--help", "-h"):
+        proc = subprocess.run([sys.executable, "-m", module, asked], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (asked, proc.stderr[-2000:])
+        assert "Try --helpfull to get a list of all flags." in proc.stdout, proc.stdout[-500:]
+
+
 def test_other_runtime_errors_keep_their_traceback():
     from launch import cli
 
@@ -58,6 +96,7 @@ def test_user_errors_are_one_line_and_crashes_keep_their_traceback(capsys):
 
     user = [raised(lambda: json_lib.loads("{oops")), raised(lambda: b"\xff".decode("utf-8")),
             NotADirectoryError("x is a file"), OSError(errno.ENOSPC, "No space left on device"),
+            OSError(errno.EIO, "Input/output error", "photo.png"),  # any failure on a file the user named
             ValueError("--seed=-1 must be in [0, 2**31)")]
     crashes = [outputs.NonFiniteJSONError("r.json: nan"), OSError(errno.EIO, "I/O error"), RuntimeError("bug"),
                raised(lambda: jax.numpy.reshape(jax.numpy.zeros(3), (2, 2))), KeyError("x")]

@@ -7,6 +7,8 @@ stand-in sampler (tests/launch_helpers.py: no networks, nothing compiled). The s
 is tested in test_blended.py.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,6 +96,79 @@ def test_editor_rejects_bad_requests(editor, photo_and_mask):
                     background_preservation_loss=True)
     with pytest.raises(ValueError, match="selects no pixel"):
         editor.edit(photo, np.zeros((40, 40), np.uint8), "a cat", progress=False)
+
+
+def test_the_prompt_is_text_and_refused_by_length_before_tokenizing(editor, photo_and_mask, monkeypatch):
+    """None, bytes or a number as the prompt is one clear ValueError naming the prompt; a prompt over
+    MAX_PROMPT_CHARS is refused by its length before the tokenizer sees it."""
+    from bdjax import request, tokenizer
+
+    photo, mask = photo_and_mask
+    for prompt, kind in ((None, "NoneType"), (b"a cat", "bytes"), (3, "int")):
+        with pytest.raises(ValueError, match=rf"^prompt=.* should be text \(a str; '' runs unguided\), not {kind}$"):
+            editor.prepare(photo, mask, prompt)
+    monkeypatch.setattr(tokenizer, "tokenize", lambda *a, **k: pytest.fail("tokenized a refused prompt"))
+    huge = "a cat " * 2_000_000  # 12 MB
+    with pytest.raises(ValueError, match=f"12,000,000 characters long, more than the {request.MAX_PROMPT_CHARS:,}"):
+        editor.edit(photo, mask, huge, progress=False)
+
+
+def test_a_replaced_request_is_checked_again_before_it_runs(editor, photo_and_mask):
+    """A Request changed with dataclasses.replace runs only if `prepare` could have made it."""
+    import dataclasses
+
+    photo, mask = photo_and_mask
+    prepared = editor.prepare(photo, mask, "a cat", num_samples=2, seed=3, **FAST)
+    for change, message in (({"seed": -1}, r"seed=-1 must be in \[0, 2\*\*31\)"),
+                            ({"seed": 2 ** 40}, r"must be in \[0, 2\*\*31\)"),
+                            ({"num_samples": 0}, "num_samples=0 must be at least 1"),
+                            ({"num_samples": 2.0}, "num_samples=2.0 should be an integer"),
+                            ({"prompt": None}, "should be text"),
+                            ({"prompt": "a dog"}, "tokens are not those of its prompt"),
+                            ({"options": {"skip_timesteps": 96}}, "options should be an EditOptions"),
+                            ({"inputs": photo}, "not prepared Inputs")):
+        with pytest.raises(ValueError, match=message):
+            editor.edit(dataclasses.replace(prepared, **change), progress=False)
+    assert len(editor.edit(prepared.with_prompt("a dog"), progress=False).images) == 2
+
+
+def test_results_saved_from_the_api_carry_the_programs_provenance(tmp_path):
+    """EditResult.save writes the ranked results as the launch programs name them, each PNG
+    carrying the prompt, options, seed, sample id, distance, window and networks; it replaces
+    nothing unless asked."""
+    from bdjax import outputs
+
+    smoke_editor = smoke.editor(with_lpips=False)
+    result = smoke_editor.edit(photo(), None, "a cat", num_samples=2, seed=5, progress=False, skip_timesteps=22)
+    paths = result.save(str(tmp_path / "mine"))
+    assert [os.path.basename(p) for p in paths] == [outputs.ranked_name(r, d) for r, d in enumerate(result.distances)]
+    for path, image, k, distance in zip(paths, result.images, result.sample_ids, result.distances):
+        assert np.array_equal(outputs.read_png(path), image)
+        about = outputs.read_provenance(path)
+        assert about["kind"] == "sample" and about["prompt"] == "a cat" and about["seed"] == 5
+        assert about["sample_id"] == k and about["distance"] == float(distance)
+        assert about["options"]["skip_timesteps"] == 22 and about["window"] == result.framing["window"]
+        assert about["run"] == {"image_size": smoke.IMAGE_SIZE, "param_dtype": "float32",
+                                "weights": smoke_editor.weights_digest}
+        assert about["label"] == smoke.LABEL
+    before = [open(p, "rb").read() for p in paths]
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        result.save(str(tmp_path / "mine"))
+    assert [open(p, "rb").read() for p in paths] == before
+    assert result.save(str(tmp_path / "mine"), overwrite=True) == paths
+
+
+def test_an_empty_prompt_runs_unguided(editor, photo_and_mask):
+    """prompt="" (the README's unguided mode) runs the sampler without CLIP guidance: no gradient,
+    so a sample is the same whatever the guidance weight."""
+    photo, mask = photo_and_mask
+    one = editor.edit(photo, mask, "", num_samples=2, seed=4, progress=False, **FAST)
+    other = editor.edit(photo, mask, "", num_samples=2, seed=4, progress=False, clip_guidance_lambda=5000.0, **FAST)
+    assert one.prompt == "" and len(one.images) == 2
+    np.testing.assert_array_equal(one.images[np.argsort(one.sample_ids)], other.images[np.argsort(other.sample_ids)])
+    assert (EditOptions(**FAST), False) in editor._samplers  # the unguided sampler ran
+    guided = editor.edit(photo, mask, "a red ball", num_samples=2, seed=4, progress=False, **FAST)
+    assert np.abs(guided.images.astype(int) - one.images.astype(int)).max() > 0
 
 
 def test_from_pretrained_reads_converted_directories(tmp_path):
@@ -229,7 +304,8 @@ def test_the_progress_bar_counts_sampling_only(monkeypatch):
     took = time.perf_counter() - began
     assert sorted(result.sample_ids.tolist()) == [0, 1, 2, 3]
     assert run.compiles == 1 and entered == [1]  # the second batch reuses the programs
-    assert run.descriptions == ["blended diffusion (compiling)"]
+    assert run.descriptions == ["blended diffusion (preparing)"]
     [bar] = bars
     assert bar.desc == "blended diffusion" and bar.final["n"] == bar.final["total"] == 2 * 4 * len(run.batches)
-    assert took >= 0.6 > bar.final["elapsed"] >= 4 * 0.02  # sampling's time, without the compile
+    # The bar's clock is sampling's time: it skipped the 0.6 s compile (whatever the load on the machine).
+    assert took - bar.final["elapsed"] >= 0.55 and bar.final["elapsed"] >= 4 * 0.02

@@ -8,6 +8,7 @@ the expected hashes in fetch.SOURCES are replaced by those of the fabricated fil
 """
 
 import dataclasses
+import errno
 import hashlib
 import http.server
 import json
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import stat
 import time
 
 import numpy as np
@@ -29,7 +31,10 @@ from guided_diffusion.unet import UNetModel as TorchUNet  # noqa: E402
 from bdjax.models import clip as bdclip  # noqa: E402
 from bdjax.models import lpips as bdlpips  # noqa: E402
 from bdjax.models import unet as bdunet  # noqa: E402
+from bdjax.files import TMP_PREFIX  # noqa: E402
 from checkpoints_convert import fetch  # noqa: E402
+from checkpoints_convert.common import cli  # noqa: E402
+from test_convert_robust import DISK_ERRORS, failing_writes  # noqa: E402
 
 # Tracing the tiny CLIP and reading it back warn about TorchScript; those warnings are torch's.
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
@@ -89,8 +94,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Serves server.files; honours `Range: bytes=N-` unless server.ignore_range; with
     server.drop_after set, the first response for each file stops after that many bytes.
     server.pace = (seconds, piece) sends the body `piece` bytes at a time with a pause before
-    each (server.trickle_headers: the status line and headers too); server.bogus_range answers
-    with HTTP 206 and that Content-Range: for Range requests only when it is "range", else always."""
+    each (server.trickle_headers: the status line and then a header line of a minute, one byte
+    at a time); server.bogus_range answers with HTTP 206 and that Content-Range: for Range
+    requests only when it is "range", else always. server.endless sends a body without a
+    Content-Length that never ends; server.announce is the Content-Length sent instead of the
+    true one."""
 
     def do_GET(self):
         server = self.server
@@ -107,8 +115,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return
+        if server.endless:
+            self.send_response(200)
+            self.end_headers()
+            while not server.stopping.is_set():  # until the client hangs up
+                self.wfile.write(bytes(64 << 10))
+            return
         if server.trickle_headers:
-            for byte in b"HTTP/1.1 200 OK\r\n":
+            for byte in b"HTTP/1.1 200 OK\r\nX-Pad: " + b"." * int(60 / server.pace[0]):
                 if server.stopping.wait(server.pace[0]):
                     return
                 self.wfile.write(bytes([byte]))
@@ -127,7 +141,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(server.announce or len(body)))
         self.end_headers()
         if server.pace is not None:
             seconds, piece = server.pace
@@ -165,6 +179,7 @@ def server(files, monkeypatch):
     httpd.files, httpd.requests, httpd.ignore_range = dict(data), [], False
     httpd.drop_after, httpd.dropped = None, set()
     httpd.pace, httpd.trickle_headers, httpd.bogus_range, httpd.bogus_range_always = None, False, None, False
+    httpd.endless, httpd.announce = False, None
     httpd.stopping = threading.Event()  # ends paced responses at teardown
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -416,7 +431,10 @@ def test_cli_offline_one_line_error(tmp_path):
 @pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
 def test_trickling_server_is_abandoned_and_resumed(server, tmp_path, headers):
     """A server that sends a byte now and then is dropped once less than 64 KiB arrives in
-    `stall_timeout`, resumed (with Range when bytes arrived), and given up on after the retries."""
+    `stall_timeout`, resumed (with Range when bytes arrived), and given up on after the retries.
+    Each attempt lasts at least one `stall_timeout` (the watchdog's window); the server would go
+    on for a minute or more per attempt, so a bound far below that shows the watchdog cut both
+    short, however loaded the machine."""
     server.files["slow.bin"] = bytes(range(256)) * 64
     server.pace, server.trickle_headers = (0.2, 1), headers
     url, dest = f"{os.environ[fetch.BASE_URL_ENV]}slow.bin", str(tmp_path / "slow.bin")
@@ -426,7 +444,7 @@ def test_trickling_server_is_abandoned_and_resumed(server, tmp_path, headers):
     elapsed = time.monotonic() - begun
     message = str(error.value)
     assert "\n" not in message and "stalled" in message and "run the same command again" in message, message
-    assert 2.0 <= elapsed < 6.0, elapsed  # two attempts of about one stall_timeout each
+    assert 2 * 1.0 <= elapsed < 30.0, elapsed  # two attempts of one stall_timeout each, plus scheduling
     assert [name for name, _ in server.requests] == ["slow.bin", "slow.bin"]
     assert not os.path.exists(dest)
     if headers:
@@ -530,3 +548,129 @@ def test_placed_pickle_with_code_is_refused_without_unsafe_advice(server, tmp_pa
         assert advice not in message, message
     assert not placed.exists() and (tmp_path / "downloads" / "512x512_diffusion.pt.rejected").exists()
     assert server.requests == []
+
+
+# ---- bounds on what a server may send -----------------------------------------------------
+
+def recorded_deadlines(monkeypatch) -> list:
+    """The sizes fetch computes deadlines from, recorded (the deadlines themselves unchanged)."""
+    sizes, real = [], fetch.default_deadline
+    monkeypatch.setattr(fetch, "default_deadline", lambda size: sizes.append(size) or real(size))
+    return sizes
+
+
+def test_every_official_file_has_a_bound():
+    for key, source in fetch.SOURCES.items():
+        assert (source.size or 0) <= source.limit <= fetch.DOWNLOAD_CEILING, key
+    assert fetch.SOURCES["adm256"].limit == 2_211_383_297  # the recorded size: not a byte more
+    assert fetch.Source("http://mirror/other.bin").limit == fetch.DOWNLOAD_CEILING
+
+
+def test_endless_body_is_cut_off_at_the_files_bound(server, tmp_path, monkeypatch):
+    """A body without Content-Length that never ends stops at the file's bound, is deleted (it is
+    not the file) and not retried; its deadline is that of the bound."""
+    sizes = recorded_deadlines(monkeypatch)
+    server.files["endless.bin"], server.endless = b"", True
+    source = fetch.Source(f"{os.environ[fetch.BASE_URL_ENV]}endless.bin", max_size=1 << 20)
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.download(source.url, str(tmp_path / "endless.bin"), source, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and f"the server sent more than the {1 << 20:,} bytes" in message, message
+    assert "nothing kept" in message and os.listdir(tmp_path) == []
+    assert server.requests == [("endless.bin", None)]
+    assert sizes and set(sizes) == {1 << 20}
+
+
+def test_absurd_content_length_is_refused_before_any_byte(server, files, tmp_path, monkeypatch):
+    """A petabyte announced for ViT-B-16.pt (a deadline of three centuries at 10 s per MB) is
+    refused at once, without retries; a .part from before stays for a sane server to resume."""
+    data, _ = files
+    sizes = recorded_deadlines(monkeypatch)
+    source = fetch.SOURCES["clip"]
+    url, dest = fetch.source_url(source), str(tmp_path / source.filename)
+    server.announce = 10 ** 15
+    with pytest.raises(fetch.FetchError) as error:
+        fetch.download(url, dest, source, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "nothing kept" in message, message
+    assert f"the server announces {10 ** 15:,} bytes, more than the {source.limit:,}" in message
+    assert server.requests == [(source.filename, None)] and os.listdir(tmp_path) == []
+    assert 10 ** 15 not in sizes
+
+    server.announce = None
+    open(dest + ".part", "wb").write(data[source.filename][:DROP_AFTER])
+    server.ignore_range, server.announce = True, 10 ** 15  # a 200 for the whole file, its size a lie
+    with pytest.raises(fetch.FetchError, match=f"{DROP_AFTER} bytes kept in"):
+        fetch.download(url, dest, source, progress=False)
+    assert os.path.getsize(dest + ".part") == DROP_AFTER
+
+
+# ---- the disk, the cache directory and the manifest ---------------------------------------
+
+@pytest.mark.parametrize("code", sorted(DISK_ERRORS), ids=errno.errorcode.get)
+@pytest.mark.parametrize("target", ["download", "manifest"])
+def test_disk_errors_while_fetching_are_one_line(server, tmp_path, monkeypatch, capsys, code, target):
+    """A write that fails with only an errno (disk full, read-only, over quota) ends fetch with one
+    line naming the file and the fix, exit status 2, as the converters do."""
+    if target == "download":
+        path = tmp_path / "downloads" / "ViT-B-16.pt.part"
+        failing_writes(monkeypatch, fetch, lambda p: p == str(path), code)
+    else:
+        path = tmp_path / "manifest.json"
+        failing_writes(monkeypatch, fetch, lambda p: os.path.basename(p).startswith(TMP_PREFIX), code)
+    with pytest.raises(SystemExit) as exited:
+        cli(lambda argv: fetch.fetch(str(tmp_path), ["clip"], progress=False))(["fetch"])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {os.strerror(code)} ({path}): "), lines
+    assert DISK_ERRORS[code] in lines[0]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)]
+
+
+def test_cli_symlink_loop_in_the_cache_path_is_one_line(tmp_path):
+    os.symlink("loop", tmp_path / "loop")
+    cache = tmp_path / "loop" / "cache"
+    env = dict(os.environ, **{fetch.BASE_URL_ENV: f"http://127.0.0.1:{closed_port()}"})
+    proc = run_cli(f"--cache_dir={cache}", "--models=clip", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {os.strerror(errno.ELOOP)} ({cache}): symbolic links on that path form a loop: fix or remove them"]
+
+
+def test_out_of_memory_while_converting_keeps_the_download(server, tmp_path, monkeypatch):
+    """A machine short of memory is not a damaged file: the unverifiable 512 model stays in
+    downloads/ instead of being moved aside as NAME.rejected."""
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(torch, "load", exhausted)
+    with pytest.raises(MemoryError, match="out of memory loading .*512x512_diffusion.pt"):
+        fetch.fetch(str(tmp_path), ["adm512"], progress=False)
+    assert os.listdir(tmp_path / "downloads") == ["512x512_diffusion.pt"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_fetched_and_converted_files_follow_the_umask(server, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        fetch.fetch(str(tmp_path), ["clip"], progress=False)
+    finally:
+        os.umask(old)
+    written = [os.path.join(d, n) for d, _, names in os.walk(tmp_path) for n in names]
+    assert len(written) == 5  # the download, clip.safetensors, clip.json, the manifest and the lock
+    assert {p: oct(stat.S_IMODE(os.stat(p).st_mode)) for p in written} == {p: oct(mode) for p in written}
+
+
+@pytest.mark.parametrize("damage", ["deep", "parseable_but_deep", "large", "files_not_an_object"])
+def test_damaged_manifest_is_rebuilt(server, tmp_path, damage):
+    """manifest.json is a record, not an input: nested or sized to crash a JSON reader or writer,
+    or of the wrong shape, it is rebuilt."""
+    manifest = tmp_path / "manifest.json"
+    if damage == "large":
+        with open(manifest, "wb") as f:
+            f.truncate(64 << 30)  # sparse
+    else:
+        manifest.write_text({"deep": "[" * 100_000, "parseable_but_deep": '{"note": ' + "[" * 500 + "]" * 500 + "}",
+                             "files_not_an_object": '{"files": []}'}[damage])
+    fetch.fetch(str(tmp_path), ["clip"], progress=False)
+    rebuilt = json.loads(manifest.read_text())
+    assert sorted(rebuilt) == ["files", "models"] and list(rebuilt["files"]) == ["ViT-B-16.pt"]

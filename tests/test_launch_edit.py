@@ -16,7 +16,7 @@ from PIL import Image
 import bdjax
 from bdjax import outputs, smoke
 from bdjax.options import EditOptions
-from launch_helpers import SIZE, FakeRun, photo, run_program, snapshot, strict_json
+from launch_helpers import FakeRun, photo, run_program, snapshot, strict_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,24 +129,48 @@ def test_smoke_run_says_what_runs_where_before_compiling(smoke_run):
     err = proc.stderr
     assert len(re.findall(r"^running 3 samples \(10 guided steps each\) on \d+ x cpu, fp32, smoke networks$", err,
                           flags=re.M)) == 1, err[-2000:]
-    assert err.count(f"compiling (first run only, cached in {cache})\n") == 1
-    assert err.index("running 3 samples") < err.index("compiling (") < err.rindex("sample-step")
+    compiled = re.findall(rf"compiled in [\d.]+ s \(cached in {re.escape(cache)}\)$", err, flags=re.M)
+    assert len(compiled) == 1 and "loaded the compiled sampler" not in err, err[-2000:]
+    assert err.index("running 3 samples") < err.index(compiled[0]) < err.rindex("sample-step")
 
 
-def test_compilation_cache_is_on_by_default_under_the_weights_cache(inputs, tmp_path):
-    """Without --compilation_cache_dir the cache lives in xla_cache/ of the weights cache
-    ($BDJAX_CACHE); --nocompilation_cache leaves no cache at all."""
+def test_the_compile_line_says_what_preparing_the_sampler_did(inputs, tmp_path):
+    """The compilation cache lives in xla_cache/ of the weights cache ($BDJAX_CACHE) unless
+    --compilation_cache_dir says otherwise. The line said when the sampler is ready tells what
+    happened, as JAX's cache reported it: compiled (and kept there), loaded from the cache by the
+    next run, or compiled and not kept, with the reason (--nocompilation_cache, which leaves no
+    cache at all, or a directory that cannot be written)."""
     common = ["--config=smoke", "--prompt=a red ball", f"--init_image={inputs / 'img.png'}", "--num_samples=1",
               "--batch_size=1", "--skip_timesteps=22"]
-    proc = run(*common, f"--output_dir={tmp_path / 'a'}", env={"BDJAX_CACHE": str(tmp_path / "weights")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Every program kept, even those compiled in under a second, so that the rerun compiles nothing.
+    every = {"BDJAX_CACHE": str(tmp_path / "weights"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    cache = re.escape(str(tmp_path / "weights" / "xla_cache"))
+    first = run(*common, f"--output_dir={tmp_path / 'a'}", env=every)
+    assert first.returncode == 0, first.stderr[-3000:]
     assert [n for n in os.listdir(tmp_path / "weights" / "xla_cache") if n.startswith("jit_advance-")]
-    assert f"compiling (first run only, cached in {tmp_path / 'weights' / 'xla_cache'})\n" in proc.stderr
-    proc = run(*common, f"--output_dir={tmp_path / 'b'}", "--nocompilation_cache",
-               env={"BDJAX_CACHE": str(tmp_path / "none")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(rf"compiled in [\d.]+ s \(cached in {cache}\)$", first.stderr, flags=re.M), first.stderr[-2000:]
+    again = run(*common, f"--output_dir={tmp_path / 'b'}", env=every)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(rf"loaded the compiled sampler from the compilation cache in [\d.]+ s \({cache}\)$",
+                     again.stderr, flags=re.M), again.stderr[-2000:]
+    assert "compiled in" not in again.stderr and "compiling" not in again.stderr
+
+    off = run(*common, f"--output_dir={tmp_path / 'c'}", "--nocompilation_cache",
+              env={"BDJAX_CACHE": str(tmp_path / "none")})
+    assert off.returncode == 0, off.stderr[-3000:]
     assert not os.path.exists(tmp_path / "none")
-    assert "compiling (not cached: --nocompilation_cache)\n" in proc.stderr
+    assert "compiling (not cached: --nocompilation_cache)\n" in off.stderr
+    assert re.search(r"compiled in [\d.]+ s \(not cached: --nocompilation_cache\)$", off.stderr, flags=re.M)
+
+    (tmp_path / "blocked").write_text("a file where the cache directory would go")
+    blocked = run(*common, f"--output_dir={tmp_path / 'd'}", f"--compilation_cache_dir={tmp_path / 'blocked'}")
+    assert blocked.returncode == 0, blocked.stderr[-3000:]
+    blocked_path = re.escape(str(tmp_path / "blocked"))
+    why = rf"not cached: {blocked_path} is not usable: {blocked_path} is not a directory"
+    assert re.search(rf"compiling \({why}\)$", blocked.stderr, flags=re.M), blocked.stderr[-2000:]
+    assert re.search(rf"compiled in [\d.]+ s \({why}\)$", blocked.stderr, flags=re.M)
+    assert (tmp_path / "blocked").read_text() == "a file where the cache directory would go"
+
 
 
 def test_missing_weights_offline_names_the_command(inputs, tmp_path):
@@ -346,3 +370,79 @@ def test_edit_refuses_an_empty_output_dir(program_flags, monkeypatch, image_file
     err = capsys.readouterr().err.strip()
     assert status == 2 and err == "error: output directory '' is empty: name a directory", err
     assert run.batches == []
+
+
+def test_ctrl_c_ranks_what_finished_and_says_so_in_one_line(inputs, tmp_path):
+    """SIGINT mid-run: the finished samples are kept and ranked (grid, report marked interrupted),
+    one line says what was kept and how to get the rest, no traceback, exit status 130."""
+    import signal
+    import time
+
+    import jax
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.edit", "--config=smoke", "--prompt=a red ball",
+                             f"--init_image={inputs / 'img.png'}", f"--mask={inputs / 'mask.png'}", "--num_samples=6",
+                             "--batch_size=1", f"--output_dir={out}",
+                             f"--compilation_cache_dir={jax.config.jax_compilation_cache_dir}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (out / "samples" / "sample_0.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    report = json.loads((out / "report.json").read_text())
+    kept = len(report["samples"])
+    assert 1 <= kept < 6 and report["interrupted"]["asked"] == 6, report.get("interrupted")
+    assert last == (f"interrupted: {kept} of the 6 samples finished and are kept in {out} and ranked (grid.png, "
+                    "report.json); rerun with --overwrite for all 6 (the kept ones come out the same)")
+    assert len(os.listdir(out / "ranked")) == kept and (out / "grid.png").exists()
+
+
+def test_an_empty_prompt_runs_unguided_through_the_program(inputs, tmp_path):
+    """--prompt='' (the unguided mode) runs the unguided sampler and says so before it runs; the
+    results, report and provenance carry the empty prompt."""
+    import jax
+
+    from bdjax import outputs
+
+    out = tmp_path / "out"
+    proc = run("--config=smoke", "--prompt=", f"--init_image={inputs / 'img.png'}", f"--mask={inputs / 'mask.png'}",
+               "--num_samples=2", "--skip_timesteps=22", f"--output_dir={out}",
+               f"--compilation_cache_dir={jax.config.jax_compilation_cache_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^running 2 samples \(3 unguided steps each\) on ", proc.stderr, flags=re.M), proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["flags"]["prompt"] == "" and len(report["samples"]) == 2
+    for sample in report["samples"]:
+        assert outputs.read_provenance(str(out / sample["file"]))["prompt"] == ""
+
+
+def test_a_second_run_into_the_same_directory_refuses_naming_the_first(inputs, tmp_path):
+    """Two edits into one --output_dir at once never mix: the second refuses at once (exit 2, one
+    line naming the first run's pid), even with --overwrite, and the first finishes untouched."""
+    import time
+
+    import jax
+
+    out = tmp_path / "out"
+    common = ["--config=smoke", f"--init_image={inputs / 'img.png'}", f"--mask={inputs / 'mask.png'}",
+              f"--output_dir={out}", "--batch_size=1", f"--compilation_cache_dir={jax.config.jax_compilation_cache_dir}"]
+    first = subprocess.Popen([sys.executable, "-m", "launch.edit", "--prompt=a red ball", "--num_samples=3", *common],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / ".bdjax-run.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = run("--prompt=a blue ball", "--num_samples=1", "--overwrite", *common)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    [line] = second.stderr.strip().splitlines()
+    assert line.startswith(f"error: output directory {out} is in use by another run (pid {first.pid} on host "), line
+    report = json.loads((out / "report.json").read_text())
+    assert report["flags"]["prompt"] == "a red ball" and len(report["samples"]) == 3
+    assert len(os.listdir(out / "ranked")) == 3 and not (out / ".bdjax-run.lock").exists()
+

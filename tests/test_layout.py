@@ -34,7 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 OUTSIDE_BDJAX = ("launch", "checkpoints_convert", "bench")
 NOT_AT_IMPORT = ("torch", "kornia", "guided_diffusion", "clip", "lpips", "gradio")
-LAUNCH_SHARED = ("launch", "launch.cli", "launch.runtime")
+LAUNCH_SHARED = ("launch", "launch.cli", "launch.runtime", "launch.platform")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def test_long_heading_and_captions_are_wrapped_not_cut():
     lines = outputs.wrap(heading, image.shape[1] - 2 * outputs.PAD)
     line = outputs.FONT.getbbox("Ag")[3] + outputs.LINE_SPACING
     top = len(lines) * line + outputs.PAD
-    assert image.shape[0] == top + 64 + line + outputs.PAD  # heading lines, the tiles, one caption line
+    notes = max(len(outputs.wrap(c, 64 - 2 * outputs.PAD)) for c in ("source", "mask", outputs.tile_caption(0, 0.8123)))
+    assert image.shape[0] == top + 64 + notes * line + outputs.PAD  # heading lines, the tiles, the captions
     assert (image[:top, -outputs.PAD:] == 255).all()  # no text runs into the right edge
     assert not (image[:top] == 255).all(axis=(1, 2))[:line].all()  # ... but there is text
 
@@ -66,8 +67,9 @@ def test_grid_tiles_are_captioned_with_rank_and_distance():
     assert outputs.tile_caption(2, 0.812345) == "#2 d=0.8123"
     images = [IMAGE, 255 - IMAGE]
     with_captions = outputs.grid(IMAGE, np.zeros((64, 64), np.uint8), images, [0.5, 0.75], "")
-    assert with_captions.shape == (64 + outputs.FONT.getbbox("Ag")[3] + outputs.LINE_SPACING + outputs.PAD,
-                                   4 * 64, 3)
+    notes = max(len(outputs.wrap(outputs.tile_caption(r, d), 64 - 2 * outputs.PAD)) for r, d in ((0, 0.5), (1, 0.75)))
+    line = outputs.FONT.getbbox("Ag")[3] + outputs.LINE_SPACING
+    assert with_captions.shape == (64 + notes * line + outputs.PAD, 4 * 64, 3)
     assert np.array_equal(with_captions[:64, 2 * 64:3 * 64], IMAGE)  # the tiles are pasted unchanged
     under = with_captions[64:]
     for tile in range(4):  # each tile has text under it, within its own column
@@ -107,3 +109,67 @@ def test_written_files_follow_the_umask(tmp_path, umask):
         os.umask(old)
     for name in ("a.png", "a.json"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+
+
+def _blank_columns(text: str, font) -> list[int]:
+    """The widths of the runs of blank pixel columns between the glyphs of `text` drawn in `font`."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("L", (int(font.getlength(outputs.drawable(text, font))) + 8, 40), 0)
+    ImageDraw.Draw(canvas).text((4, 4), outputs.drawable(text, font), fill=255, font=font)
+    inked = (np.asarray(canvas) > 0).any(axis=0)
+    first, last = np.flatnonzero(inked)[[0, -1]]
+    runs, width = [], 0
+    for column in inked[first:last + 1]:
+        if column:
+            if width:
+                runs.append(width)
+            width = 0
+        else:
+            width += 1
+    return runs
+
+
+def test_caption_spaces_show_in_every_font_captions_may_use(monkeypatch):
+    """The words of a caption are visibly apart (a blank gap of 3 pixels or more, wider than any gap
+    between the letters of a word) in the font captions use and in both fallbacks; the bitmap
+    fallback draws what it cannot as "?" instead of failing."""
+    from PIL import ImageFont
+
+    fonts = [outputs.caption_font()]
+    truetype = ImageFont.truetype
+
+    def no_system_fonts(font=None, *args, **kwargs):
+        if isinstance(font, str):
+            raise OSError("cannot open resource")
+        return truetype(font, *args, **kwargs)  # Pillow's own font, from memory
+
+    monkeypatch.setattr(ImageFont, "truetype", no_system_fonts)
+    fonts.append(outputs.caption_font())  # no system font: Pillow's scalable one
+
+    def no_freetype(size=None):
+        raise ImportError("The _imagingft C module is not installed")
+
+    monkeypatch.setattr(ImageFont, "load_default", no_freetype)
+    fonts.append(outputs.caption_font())  # no FreeType: the bitmap font
+    assert [type(f).__name__ for f in fonts] == ["FreeTypeFont", "FreeTypeFont", "ImageFont"]
+    for font in fonts:
+        within = max(_blank_columns("images", font) + [0])
+        gaps = _blank_columns("the images are left d=1.2734", font)
+        assert sorted(gaps)[-4:] and min(sorted(gaps)[-4:]) >= max(3, within + 1), (font, gaps)
+    assert outputs.drawable("une tasse de café, 日本", fonts[2]) == "une tasse de café, ??"
+    monkeypatch.setattr(outputs, "FONT", fonts[2])
+    grid = outputs.grid(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16), np.uint8), [np.zeros((16, 16, 3), np.uint8)],
+                        [1.0], "'日本の猫': source, mask, best 1 of 1")
+    assert grid.shape[1] == 3 * 16
+
+
+def test_captions_draw_latin_greek_and_cyrillic_where_the_system_has_dejavu():
+    """With DejaVu Sans (the font captions use where installed, as on this project's machines),
+    accented, Greek and Cyrillic letters are drawn as themselves, not as the missing-glyph box."""
+    font = outputs.caption_font()
+    assert os.path.basename(font.path) == "DejaVuSans.ttf"
+    missing = np.asarray(font.getmask("\U0010fffd"))
+    for letter in "éßλЖ":
+        assert not np.array_equal(np.asarray(font.getmask(letter)), missing), letter
+

@@ -1,4 +1,5 @@
-"""Every command of the README's Recipes runs as written, at the smoke config.
+"""Every command of the README's Recipes, and of examples/README.md, runs as written at the smoke
+config.
 
 The commands are read from README.md (its "## Recipes" section, before the deployment notes that
 start at "### GPUs"), so the README and this test cannot drift apart. Each gets what the README
@@ -31,9 +32,15 @@ def recipes() -> str:
     return text[text.index("\n## Recipes\n"):text.index("\n### GPUs\n")]
 
 
-def recipe_commands() -> list[list[str]]:
-    """The `python -m launch.*` commands of the README's Recipes, as argument lists."""
-    section = recipes()
+def examples_readme() -> str:
+    with open(os.path.join(ROOT, "examples", "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def recipe_commands(section: str | None = None) -> list[list[str]]:
+    """The `python -m launch.*` commands of `section` (default: the README's Recipes), as
+    argument lists."""
+    section = recipes() if section is None else section
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -43,11 +50,12 @@ def recipe_commands() -> list[list[str]]:
     return commands
 
 
-def smoke_flags(program: str) -> list[str]:
-    """What the README says to add ("Add `FLAGS` to any of them (only `FLAGS` to the batch");
-    added last, so it wins over the command's own values."""
-    said = re.search(r"Add `([^`]+)` to any of them \(only `([^`]+)` to the batch", " ".join(recipes().split()))
-    assert said, "the Recipes section no longer says what to add for a smoke check"
+def smoke_flags(program: str, section: str | None = None) -> list[str]:
+    """What `section` (default: the README's Recipes) says to add ("Add `FLAGS` to any of them
+    (only `FLAGS` to the batch"); added last, so it wins over the command's own values."""
+    section = recipes() if section is None else section
+    said = re.search(r"Add `([^`]+)` to any of them \(only `([^`]+)` to the batch", " ".join(section.split()))
+    assert said, "the section no longer says what to add for a smoke check"
     return shlex.split(said.group(2) if program == "launch.batch_edit" else said.group(1))
 
 
@@ -81,7 +89,20 @@ def output_dir(args: list[str]) -> str:
     return [arg.split("=", 1)[1] for arg in args if arg.startswith("--output_dir=")][-1]
 
 
-@pytest.mark.parametrize("command", recipe_commands(), ids=lambda c: output_dir(c))
+def test_examples_say_what_the_readme_says_to_add_for_a_smoke_check():
+    """examples/README.md's advice for trying its commands without weights is the README's, which
+    the tests run; its commands are the README's recipes (run below) or run on their own."""
+    for program in ("launch.edit", "launch.extrapolate", "launch.batch_edit"):
+        assert smoke_flags(program, examples_readme()) == smoke_flags(program)
+    assert len(recipe_commands(examples_readme())) == 6
+
+
+def examples_only() -> list[list[str]]:
+    """examples/README.md's commands that are not among the README's recipes."""
+    return [c for c in recipe_commands(examples_readme()) if c not in recipe_commands()]
+
+
+@pytest.mark.parametrize("command", recipe_commands() + examples_only(), ids=lambda c: output_dir(c))
 def test_recipe_runs_as_written_at_the_smoke_config(command, workdir):
     program, args = command[0], command[1:]
     env = {**os.environ, "PYTHONPATH": ROOT, "BDJAX_CACHE": str(workdir / "bdjax_cache"), "JAX_PLATFORMS": "cpu"}
@@ -103,7 +124,8 @@ def test_recipe_runs_as_written_at_the_smoke_config(command, workdir):
         assert options["timestep_respacing"] == smoke.OPTIONS["timestep_respacing"] and options["skip_timesteps"] == 20
     elif program == "launch.extrapolate":
         width, height = photo_size
-        repeats, strip = int(given["repeats"]), height // 4  # the default strip: a quarter of the photo's height
+        repeats = int(given["repeats"])
+        strip = int(given.get("strip", height // 4))  # the default strip: a quarter of the photo's height
         with Image.open(out / "extrapolated.png") as image:
             assert image.size == (width + 2 * strip * repeats, height)
     else:

@@ -189,6 +189,22 @@ def test_non_finite_weights_are_refused(base, tmp_path):
                         f"1 tensor(s) hold NaN or infinite values ({key})", FIX)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float16", "bfloat16", "complex64"])
+def test_tensor_of_another_dtype_is_refused(base, tmp_path, dtype):
+    """Right keys and shapes and a matching digest, but a dtype the converters never write (they
+    write float32): refused, naming the tensor, not cast into a network that differs."""
+    directory = copy(base, tmp_path)
+    weights = os.path.join(directory, "clip.safetensors")
+    _, flat = checkpoint.read(base, "clip", model="clip")
+    key = "visual/conv1/kernel"
+    bad = {**flat, key: flat[key].astype(jnp.dtype(dtype))}
+    save_file(bad, weights)
+    edit_json(os.path.join(directory, "clip.json"), lambda m: {**m, checkpoint.DIGEST_KEY: checkpoint.digest(bad)})
+    with pytest.raises(checkpoint.CheckpointMismatchError) as error:
+        clip_lib.load(directory)
+    assert_one_line(error.value, weights, f"{key} {dtype} (expected float32)", FIX)
+
+
 def truncate(path):
     open(path, "r+b").truncate(os.path.getsize(path) // 2)
 
@@ -231,6 +247,9 @@ DAMAGE = {  # id: (file, damage, what the message says)
     "directory_weights": ("clip.safetensors", directory_in_place, "is a directory, not a file"),
     "directory_json": ("unet.json", directory_in_place, "is a directory, not a file"),
     "invalid_json": ("unet.json", write('{"format": "bdjax-converted'), "is not valid JSON"),
+    "deep_json": ("unet.json", write("[" * 100_000), "nested more than 64 levels deep"),
+    "large_json": ("clip.json", meta(lambda m: {**m, "source": " " * checkpoint.MAX_JSON_BYTES}),
+                   f"is larger than the {checkpoint.MAX_JSON_BYTES:,} bytes"),
     "binary_json": ("clip.json", write(b"\xff\xfe\x00\x81"), "is not valid JSON"),
     "json_list": ("unet.json", write("[1, 2]"), "holds a JSON list, not an object"),
     "no_config": ("clip.json", meta(lambda m: {k: v for k, v in m.items() if k != "config"}), "has no `config`"),

@@ -26,7 +26,8 @@ The parts:
 - `manifest` (bdjax/batch/manifest.py): reading the manifest (`read_manifest`) prepares each job
   as an edit is prepared (bdjax/request.py): its prompt tokenized, its options and counts
   checked, and each distinct image and mask decoded once and kept for the run and the summaries
-  (`InputCache`, bounded in bytes). A `Job`'s identity gets the run's part with `with_run`.
+  (`InputCache`, bounded in bytes). A `Job`'s identity gets the run's part with `with_run`. A
+  manifest is read within bounds (`MAX_MANIFEST_BYTES`, `MAX_MANIFEST_LINES`, `MAX_LINE_BYTES`).
 
 - `store` (bdjax/batch/store.py): the output directory. A run holds a lock on it
   (`claim_output_dir`), so a second run refuses instead of computing everything twice; under it,
@@ -51,6 +52,9 @@ from bdjax.batch.manifest import (
     DEFAULT_FRAMING,
     INPUT_CACHE_BYTES,
     JOB_FIELDS,
+    MAX_LINE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_LINES,
     OPTION_NAMES,
     REQUIRED,
     RESERVED_NAMES,
@@ -86,7 +90,8 @@ from bdjax.batch.store import (
 )
 
 __all__ = [
-    "DEFAULT_FRAMING", "INPUT_CACHE_BYTES", "JOB_FIELDS", "LOCK", "NOT_FINITE", "OPTION_NAMES", "RANKED", "REQUIRED",
+    "DEFAULT_FRAMING", "INPUT_CACHE_BYTES", "JOB_FIELDS", "LOCK", "MAX_LINE_BYTES", "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_LINES", "NOT_FINITE", "OPTION_NAMES", "RANKED", "REQUIRED",
     "RESERVED_NAMES", "InputCache", "Job", "ManifestError", "OutputInUse", "RunStats", "Samples", "check_name",
     "claim_output_dir", "crop_png", "file_sha256", "finished_samples", "job_dirs", "job_results", "manifest",
     "manifest_lines", "parse_job", "pending_items", "probe_job_dir", "provenance", "ranked", "read_finished",

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 import warnings
 from collections import OrderedDict
 
@@ -33,6 +34,16 @@ REQUIRED = ("image", "prompt", "num_samples", "seed")
 DEFAULT_FRAMING = {"fit": "window", "context": window_lib.DEFAULT_CONTEXT, "feather": window_lib.DEFAULT_FEATHER}
 RESERVED_NAMES = (outputs.REPORT,)  # the run's own report lives beside the job directories
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # JSON strings may hold U+2028 etc.: only these end a line
+# What a manifest may hold, far beyond real batches (100,000 jobs take days to compute), so that
+# reading one takes bounded memory and time whatever the file is (a runaway generator, an endless
+# pipe): over them the manifest, or the line, is refused.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_MANIFEST_LINES = 100_000
+MAX_LINE_BYTES = 1 << 20
+_READ_CHUNK = 1 << 20
+# Unicode categories no job name may hold: controls (C0, DEL, C1 such as U+0085) and the line and
+# paragraph separators (U+2028, U+2029), which would break the name's line in messages and listings.
+_NOT_IN_NAMES = ("Cc", "Zl", "Zp")
 
 
 class ManifestError(ValueError):
@@ -175,6 +186,8 @@ def check_name(name, output_dir_label: str = "the output directory") -> str:
     """A job name is one directory inside the output directory, never a path out of it."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name {name!r} must be a non-empty string")
+    if not name.strip():
+        raise ValueError(f"name {name!r} is only blanks; choose a name with visible characters")
     if os.path.isabs(name) or "/" in name or "\\" in name or os.sep in name:
         raise ValueError(f"name {name!r} is a path; it must be a single directory name (no separators), "
                          f"since outputs must stay inside {output_dir_label}")
@@ -184,8 +197,10 @@ def check_name(name, output_dir_label: str = "the output directory") -> str:
     if name.startswith("."):
         raise ValueError(f"name {name!r} starts with '.': hidden names are reserved for bdjax's temporary and "
                          "lock files; choose a name without the leading '.'")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise ValueError(f"name {name!r} contains control characters; use printable characters only")
+    bad = next((c for c in name if unicodedata.category(c) in _NOT_IN_NAMES), None)
+    if bad is not None:
+        raise ValueError(f"name {name!r} contains control characters or line separators (U+{ord(bad):04X}); use "
+                         "printable characters only")
     if len(name.encode()) > 200:
         raise ValueError(f"name {name[:40]!r}... is {len(name.encode())} bytes long; the limit is 200 bytes")
     if name in RESERVED_NAMES:
@@ -215,13 +230,17 @@ def parse_job(line: int, text: str, base_dir: str, image_size: int, base_options
     DEFAULT_FRAMING: window mode) is the run's, which the line's own fields override. `cache` (one
     dict per manifest) keeps what was learnt of each input file, so a file shared by many jobs is
     read, decoded and hashed once; the prepared image and mask stay there (see InputCache) for the
-    run. `output_dir_label` names the output directory in messages."""
+    run. `output_dir_label` names the output directory in messages. A line nested too deeply for
+    Python to decode, or to show its values, is a bad line like any other."""
     try:
         return _parse_job(line, text, base_dir, image_size, base_options, context_length,
                           {} if cache is None else cache, output_dir_label,
                           DEFAULT_FRAMING if framing is None else framing)
     except ManifestError:
         raise
+    except RecursionError:  # json.loads, or the repr of a value in a message, of e.g. [[[[...]]]]
+        raise ManifestError(line, "nested too deeply: a job is one JSON object of plain values (strings, numbers, "
+                            "booleans)") from None
     except ValueError as e:  # includes image_io.InputError and json.JSONDecodeError
         raise ManifestError(line, str(e)) from None
     except OSError as e:  # an input that vanished or turned unreadable between the checks
@@ -244,6 +263,10 @@ def _unique_fields(pairs) -> dict:
 
 def _parse_job(line, text, base_dir, image_size, base_options, context_length, cache, output_dir_label,
                base_framing) -> Job:
+    size = len(text.encode("utf-8"))
+    if size > MAX_LINE_BYTES:  # decoding it would cost time and memory for no job
+        raise ManifestError(line, f"the line is {size:,} bytes long, more than the limit of "
+                            f"{MAX_LINE_BYTES >> 20} MiB: a job is one short JSON object")
     try:
         entry = json.loads(text, object_pairs_hook=_unique_fields)
     except json.JSONDecodeError as e:
@@ -288,28 +311,47 @@ def _parse_job(line, text, base_dir, image_size, base_options, context_length, c
                cache=inputs)
 
 
+def _read_text(path: str, label: str) -> str:
+    """The manifest's text, read a chunk at a time so that memory is bounded by MAX_MANIFEST_BYTES
+    whatever the file is (an endless pipe, /dev/zero, whose first NUL byte ends the reading);
+    ValueError when it is bigger, not UTF-8 or binary."""
+    data, binary = bytearray(), False
+    with open(path, "rb") as f:
+        while not binary and (chunk := f.read(_READ_CHUNK)):
+            nul = chunk.find(b"\x00")
+            binary = nul >= 0
+            data += chunk[:nul + 1] if binary else chunk
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"{label} is bigger than {MAX_MANIFEST_BYTES >> 20} MiB, the most one manifest may "
+                                 "hold: split its jobs into several manifests")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{label} is not UTF-8 text (undecodable byte at offset {e.start}): a manifest is a "
+                         "JSON-lines text file, one job per line") from None
+    if binary:
+        raise ValueError(f"{label} is a binary file (it holds NUL bytes): a manifest is a JSON-lines text file, one "
+                         "job per line")
+    return text
+
+
 def manifest_lines(path: str, label: str | None = None) -> list[str]:
     """The manifest's lines (a UTF-8 byte-order mark is dropped); ValueError naming the file (as
     `label`, by default "manifest PATH") when it is missing, unreadable, a directory, not UTF-8
-    text, or holds no job."""
+    text, over MAX_MANIFEST_BYTES or MAX_MANIFEST_LINES, or holds no job."""
     label = f"manifest {path}" if label is None else label
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        text = _read_text(path, label)
     except FileNotFoundError:
         raise FileNotFoundError(f"{label}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{label} is a directory; pass a JSON-lines file, one job per line") from None
     except OSError as e:
         raise ValueError(f"{label} cannot be read ({e.strerror or e}); check its permissions") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{label} is not UTF-8 text (undecodable byte at offset {e.start}): a manifest is a "
-                         "JSON-lines text file, one job per line") from None
-    if "\x00" in text:
-        raise ValueError(f"{label} is a binary file (it holds NUL bytes): a manifest is a JSON-lines text file, one "
-                         "job per line")
+    count = text.count("\n") + text.count("\r") - text.count("\r\n") + (not text.endswith(("\n", "\r")))
+    if count > MAX_MANIFEST_LINES:  # counted, not split: 64 MiB of line breaks would be as many strings
+        raise ValueError(f"{label} has {count:,} lines, more than the limit of {MAX_MANIFEST_LINES:,}: split its jobs "
+                         "into several manifests")
     lines = _LINE_BREAK.split(text)
     if not any(t.strip() and not t.lstrip().startswith("#") for t in lines):
         raise ValueError(f"{label} holds no job (it is empty or only blank and '#' lines); "

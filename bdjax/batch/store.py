@@ -8,12 +8,9 @@ summary (ranked.json, best first, and grid.png).
 from __future__ import annotations
 
 import contextlib
-import datetime
-import fcntl
 import json
 import os
 import re
-import socket
 import tempfile
 from typing import Iterator
 
@@ -22,79 +19,14 @@ import numpy as np
 
 from bdjax import files, outputs, parallel
 from bdjax.batch.manifest import Job, ManifestError
+from bdjax.files import LOCK, OutputInUse  # noqa: F401  re-exported by bdjax.batch
 
 RANKED = "ranked.json"
-LOCK = ".bdjax-run.lock"  # held (flock) by the run writing into an output directory
 _SAMPLE_JSON = re.compile(r"sample_(0|[1-9][0-9]*)\.json")
 
 
-class OutputInUse(ValueError):
-    """The output directory is locked by another run."""
-
-
 # ---------------------------------------------------------------------------------------------
-# The output directory: one run at a time, probed before any compute.
-
-def _holder(fd: int) -> str:
-    """Who holds the lock, as recorded in the lock file by `_lock`."""
-    try:
-        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
-        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a run that has not recorded itself yet"
-
-
-@contextlib.contextmanager
-def _lock(output_dir: str, label: str | None = None) -> Iterator[None]:
-    """Hold an exclusive flock on OUTPUT_DIR/.bdjax-run.lock; OutputInUse at once if another
-    process holds it (its message names the directory as `label`). The OS drops the lock when its
-    holder dies, so a crashed run never leaves the directory locked; the file records pid, host
-    and start time for the message, and is removed (while still locked) when the run ends."""
-    output_dir = os.path.abspath(output_dir)
-    label = f"output directory {output_dir}" if label is None else label
-    path = os.path.join(output_dir, LOCK)
-    created, parent = [], output_dir
-    while not os.path.lexists(parent):
-        created.append(parent)
-        parent = os.path.dirname(parent)
-    fd = None
-    try:
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            while True:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = _holder(fd)
-                    os.close(fd)
-                    fd = None  # not ours: the file stays
-                    raise OutputInUse(f"{label} is in use by another run ({holder}): wait for "
-                                      "it to finish or choose another output directory") from None
-                try:  # the previous holder may have removed the file between our open and flock
-                    if os.path.samestat(os.fstat(fd), os.stat(path)):
-                        break
-                except FileNotFoundError:
-                    pass
-                os.close(fd)
-                fd = None
-        except OSError as e:
-            files.check_writable(output_dir)  # its message says what is wrong, if it finds it
-            raise PermissionError(f"cannot lock {path} ({e.strerror or e}); choose another output directory") from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        yield
-    finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            os.close(fd)
-        for directory in created:  # made only to hold the lock: leave the disk as it was
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-
+# The output directory: one run at a time (files.output_lock), probed before any compute.
 
 def job_dirs(output_dir: str, job: Job) -> list[str]:
     """The directories `job` writes into: its own and, in window mode, its crops/ folder."""
@@ -149,7 +81,7 @@ def claim_output_dir(output_dir: str, jobs: list[Job], label: str | None = None
     with lock:
         if lead:
             try:
-                lock.enter_context(_lock(output_dir, label))
+                lock.enter_context(files.output_lock(output_dir, label))
                 files.check_writable(output_dir)
                 for directory in [output_dir] + [d for job in jobs for d in job_dirs(output_dir, job)]:
                     removed += files.remove_stale_temporaries(directory)
