@@ -464,8 +464,8 @@ def test_file_past_its_deadline_is_abandoned_without_retries(server, tmp_path):
     begun = time.monotonic()
     with pytest.raises(fetch.FetchError, match=r"abandoned: not complete within the per-file deadline of 0.6 s") as e:
         fetch.download(url, dest, progress=False, stall_timeout=2.0, deadline=0.6)
-    assert time.monotonic() - begun < 3.0
-    assert server.requests == [("big.bin", None)]  # a deadline is not retried
+    assert time.monotonic() - begun >= 0.6  # it ran to its deadline (an upper bound would flake under load:
+    assert server.requests == [("big.bin", None)]  # the part kept below shows it stopped early), not retried
     kept = os.path.getsize(dest + ".part")
     assert 0 < kept < len(server.files["big.bin"]) and f"{kept} bytes kept" in str(e.value)
     server.pace = None  # the next run resumes from there
