@@ -8,6 +8,7 @@ batch by batch instead, as they finish. Samples that turn NaN or infinite are fl
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -123,6 +124,11 @@ class BlendedDiffusion:
     # (None: nothing is said): the launch programs print where compiled programs are cached and
     # pause their own progress bars, whose clocks should count sampling only.
     on_compile: Callable[[], contextlib.AbstractContextManager] | None = None
+    # The compiled samplers kept (one per configuration: options and guided or not); beyond this
+    # many, the least recently used is dropped with its programs, so that a server asked for ever
+    # new options (a float nudged each time) holds a bounded number of compiled programs. A
+    # dropped configuration asked for again compiles again, or loads from the compilation cache.
+    max_samplers: int = 8
 
     def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None,
                  mesh=None, *, weights_digest: str | None = None, defaults: dict | None = None, label: str = ""):
@@ -151,7 +157,7 @@ class BlendedDiffusion:
             params["lpips"] = lpips[1]
         self.params = parallel.put_replicated(params, self.mesh)
         self.image_size = self.models.unet.image_size
-        self._samplers: dict = {}
+        self._samplers: collections.OrderedDict = collections.OrderedDict()  # least recently used first
         self._encode_text = jax.jit(lambda p, tokens: self.models.clip.apply({"params": p}, tokens,
                                                                              method="encode_text"))
 
@@ -195,10 +201,15 @@ class BlendedDiffusion:
         return self._encode_text(self.params["clip"], tokens)[0].astype(jnp.float32)
 
     def sampler(self, options: EditOptions, guided: bool) -> "CompiledSampler":
-        """The jit-compiled sampler for a configuration (compiled once, then cached)."""
+        """The jit-compiled sampler for a configuration (compiled once, then kept among the
+        `max_samplers` most recently used)."""
         key = (options, guided)
-        if key not in self._samplers:
+        if key in self._samplers:
+            self._samplers.move_to_end(key)
+        else:
             self._samplers[key] = CompiledSampler(make_sampler(self.models, options, guided=guided), self.mesh)
+            while len(self._samplers) > self.max_samplers:
+                self._samplers.popitem(last=False)
         return self._samplers[key]
 
     def prepare(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,

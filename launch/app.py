@@ -22,6 +22,7 @@ The app has no authentication: it listens on 127.0.0.1 unless --host says otherw
 """
 
 import atexit
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -93,9 +94,16 @@ class Studio:
         self.progress = None  # the running request's progress tracker, for the compile stage
 
     def new_run_dir(self) -> str:
-        """OUTPUT_DIR/run_NNNN, the first number not taken: a run never writes into another's."""
-        number = 1 + max([int(n[4:]) for n in os.listdir(self.output_dir)
-                          if n.startswith("run_") and n[4:].isdigit()], default=0)
+        """OUTPUT_DIR/run_NNNN, the first number not taken: a run never writes into another's.
+        OUTPUT_DIR is made again if it was removed while the app ran; OSError (one line) where it
+        cannot be."""
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            taken = os.listdir(self.output_dir)
+        except OSError as e:
+            raise OSError(f"the results folder {self.output_dir} cannot be used ({e.strerror or e}): ask whoever runs "
+                          "this app to check it") from None
+        number = 1 + max([int(n[4:]) for n in taken if n.startswith("run_") and n[4:].isdigit()], default=0)
         while True:
             path = os.path.join(self.output_dir, f"run_{number:04d}")
             try:
@@ -422,7 +430,11 @@ class Handlers:
         except (ValueError, TypeError) as e:
             yield self.say(plain("error: " + " ".join(str(e).split())))
             return
-        job.directory = studio.new_run_dir()
+        try:
+            job.directory = studio.new_run_dir()
+        except OSError as e:
+            yield self.say(plain(f"error: {e}"))
+            return
         # Where the model edits the photo and at what scale, then the inputs' notes (an upscaled
         # window, a mask of another size, ...).
         note = f"\n\n{plain(prepared.inputs.framing_line())}" + "".join(f"\n\nnote: {plain(n)}" for n in notes)
@@ -446,7 +458,7 @@ class Handlers:
                         head += f" (best distance {sorted(writer.done)[0][0]:.4f})"
                     if writer.failed:
                         head += f", {len(writer.failed)} turned non-finite and were left out"
-                    head += f"; written to {plain(job.directory)}"
+                    head += f"; written as {os.path.basename(job.directory)} (downloads below)"
                     if studio.label:
                         head += f"\n\n{studio.label}"
                     yield (head + note, self.gallery_of(writer, result), window, mask,
@@ -520,6 +532,7 @@ def main(argv):
     check_port(FLAGS.host, FLAGS.port)
     if FLAGS.output_dir is None:
         output_dir = tempfile.mkdtemp(prefix="bdjax-app-")
+        atexit.register(_remove_if_empty, output_dir)  # a start that ran nothing leaves nothing behind
     else:
         output_dir = os.path.abspath(os.path.expanduser(FLAGS.output_dir))
         files.check_writable(output_dir)
@@ -532,9 +545,8 @@ def main(argv):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     signal.signal(signal.SIGTERM, _stop)  # `kill PID` stops the server as Ctrl-C does, cleaning up
     runtime.setup()
-    if FLAGS.host not in LOOPBACK:
-        print(f"warning: --host={FLAGS.host} serves this app to every machine that can reach this one, with no "
-              "authentication", file=sys.stderr, flush=True)
+    for warning in exposure_warnings(FLAGS.host, FLAGS.share):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
     start = time.perf_counter()
     editor = runtime.build_editor(guidance.needs_lpips(EditOptions(**options)) or FLAGS.config == "smoke"
@@ -542,7 +554,9 @@ def main(argv):
     studio = Studio(editor, {**options, **framing}, output_dir, label=label, load_s=time.perf_counter() - start,
                     max_samples=FLAGS.max_samples)
     runtime.announce_compiles(editor, show=studio.show_compiling)
-    runtime.announce_run(editor, [(editor.options(**options), True, FLAGS.num_samples)])
+    # The page's default edit is prepared now (compiled, or loaded from the cache); nothing runs yet.
+    print(runtime.describe_run(editor, [(editor.options(**options), True, FLAGS.num_samples)],
+                               lead="preparing the page's default edit:"), file=sys.stderr, flush=True)
     editor.warm_up(editor.options(**options), num_samples=FLAGS.num_samples)
     page = build_page(studio)
     page.queue(default_concurrency_limit=1, max_size=64)
@@ -555,6 +569,17 @@ def main(argv):
         page.block_thread()
     finally:
         page.close()
+
+
+def exposure_warnings(host: str, share: bool) -> list[str]:
+    """What to say at start when the app is reachable beyond this machine: it has no authentication."""
+    said = []
+    if host not in LOOPBACK:
+        said.append(f"--host={host} serves this app to every machine that can reach this one, with no authentication")
+    if share:
+        said.append("--share opens a public link to this app: anyone with the link can use it (and this machine's "
+                    "accelerator), with no authentication")
+    return said
 
 
 def check_port(host: str, port: int) -> None:
@@ -572,6 +597,11 @@ def check_port(host: str, port: int) -> None:
 def plain(text: str) -> str:
     """`text` shown as written in a Markdown element (its *, _, [, ], <, ` and \\ escaped)."""
     return "".join("\\" + c if c in "\\*_[]<>`#|~" else c for c in text)
+
+
+def _remove_if_empty(directory: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)  # refused unless empty
 
 
 def _stop(signum, frame):

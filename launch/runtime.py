@@ -222,12 +222,12 @@ def options_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict:
 CPU_TFLOPS_MEASURED = 0.05
 
 
-def describe_run(editor, runs) -> str:
-    """What a run will compute and where, said once before anything compiles: `runs` are
-    (options, guided, num_samples) for each configuration. The real 256x256 guided networks also
-    get the analytic FLOP count (bdjax/cost.py), and on a CPU the time that count takes at
-    the throughput measured on a 2-core CPU; elsewhere the progress bar's ETA, which starts after
-    compiling, is the estimate."""
+def describe_run(editor, runs, lead: str = "running") -> str:
+    """What a run will compute and where, said once before anything compiles, after `lead`:
+    `runs` are (options, guided, num_samples) for each configuration. The real 256x256 guided
+    networks also get the analytic FLOP count (bdjax/cost.py), and on a CPU the time that count
+    takes at the throughput measured on a 2-core CPU; elsewhere the progress bar's ETA, which
+    starts after compiling, is the estimate."""
     import jax
 
     from bdjax import cost
@@ -244,7 +244,7 @@ def describe_run(editor, runs) -> str:
         where += f" ({device.platform})"
     if jax.process_count() > 1:
         where += f" in {jax.process_count()} processes"
-    line = f"running {samples} sample{'s' * (samples != 1)} ({steps} each) on {where}, {FLAGS.precision}"
+    line = f"{lead} {samples} sample{'s' * (samples != 1)} ({steps} each) on {where}, {FLAGS.precision}"
     if FLAGS.config == "smoke":
         return line + ", smoke networks"
     if FLAGS.model_output_size == "256" and kinds == {True}:

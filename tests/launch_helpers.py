@@ -4,6 +4,7 @@ nothing compiled), and running a program's main in-process as its command line w
 (`run_program`, with the `program_flags` fixture of tests/conftest.py). Used by test_cli.py,
 test_runtime.py, test_editor.py, test_launch_edit.py and test_extrapolate.py."""
 
+import collections
 import json
 import os
 import subprocess
@@ -53,7 +54,7 @@ def fake_editor(run: FakeRun) -> BlendedDiffusion:
     editor.params = {}
     editor.image_size = SIZE
     editor.label, editor.param_dtype = "", "float32"
-    editor._samplers = {}
+    editor._samplers = collections.OrderedDict()
     editor.defaults = {}
     editor.weights_digest = "fake"
     editor.sampler = lambda options, guided: run

@@ -4,6 +4,8 @@ compile stage. The page's requests go through `Studio`, tested here on the smoke
 (nothing compiles: preparing a request runs no network)."""
 
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -257,6 +259,43 @@ def test_runs_get_their_own_folder(tmp_path):
     (tmp_path / "run_0007").mkdir()
     (tmp_path / "notes").mkdir()
     assert [os.path.basename(studio.new_run_dir()) for _ in range(2)] == ["run_0008", "run_0009"]
+
+
+def test_a_results_folder_removed_while_serving_is_made_again_or_named(tmp_path):
+    """The next run recreates a results folder someone removed; one that cannot be made (a file in
+    its way) is one line naming it, for the page."""
+    studio = app.Studio(None, {}, str(tmp_path / "results"))
+    assert os.path.basename(studio.new_run_dir()) == "run_0001"
+    shutil.rmtree(tmp_path / "results")
+    assert os.path.basename(studio.new_run_dir()) == "run_0001" and (tmp_path / "results" / "run_0001").is_dir()
+    shutil.rmtree(tmp_path / "results")
+    (tmp_path / "results").write_text("a file where the folder was")
+    with pytest.raises(OSError, match=rf"^the results folder {re.escape(str(tmp_path / 'results'))} cannot be used "
+                                      r"\(File exists\): ask whoever runs this app to check it$"):
+        studio.new_run_dir()
+
+
+def test_an_empty_temporary_results_folder_is_removed_at_exit_and_a_used_one_kept(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "used" / "run_0001").mkdir(parents=True)
+    for name in ("empty", "used"):
+        app._remove_if_empty(str(tmp_path / name))
+    assert not (tmp_path / "empty").exists() and (tmp_path / "used" / "run_0001").is_dir()
+
+
+def test_serving_beyond_this_machine_warns_that_there_is_no_authentication():
+    assert app.exposure_warnings("127.0.0.1", False) == []
+    host, share = app.exposure_warnings("0.0.0.0", True)
+    assert host.startswith("--host=0.0.0.0 serves this app to every machine") and "no authentication" in host
+    assert share.startswith("--share opens a public link to this app") and "no authentication" in share
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(studio, monkeypatch):
+    from bdjax import tokenizer
+
+    monkeypatch.setattr(tokenizer, "tokenize", lambda *a, **k: pytest.fail("tokenized a refused prompt"))
+    with pytest.raises(ValueError, match="10,000,000 characters long, more than the 1,000 allowed"):
+        prepare(studio, prompt="x" * 10_000_000)
 
 
 def test_cancel_applies_to_the_sessions_pending_requests_only():

@@ -309,3 +309,34 @@ def test_the_progress_bar_counts_sampling_only(monkeypatch):
     assert bar.desc == "blended diffusion" and bar.final["n"] == bar.final["total"] == 2 * 4 * len(run.batches)
     # The bar's clock is sampling's time: it skipped the 0.6 s compile (whatever the load on the machine).
     assert took - bar.final["elapsed"] >= 0.55 and bar.final["elapsed"] >= 4 * 0.02
+
+
+def test_the_compiled_samplers_kept_are_bounded_least_recently_used_first(monkeypatch):
+    """A server asked for ever new options (a float nudged each time) keeps at most max_samplers
+    compiled configurations: the least recently used is dropped, and with it its programs."""
+    import gc
+    import weakref
+
+    from bdjax import editor as editor_lib
+
+    class Compiled:  # stands in for CompiledSampler: what the editor keeps per configuration
+        def __init__(self, sampler, mesh):
+            self.sampler = sampler
+
+    monkeypatch.setattr(editor_lib, "make_sampler", lambda models, options, guided: (options, guided))
+    monkeypatch.setattr(editor_lib, "CompiledSampler", Compiled)
+    editor = fake_editor(FakeRun())
+    del editor.sampler  # the editor's own, not the stand-in's
+    made = {}
+    for i in range(12):
+        options = EditOptions(clip_guidance_lambda=1000.5 + i)
+        made[i] = weakref.ref(editor.sampler(options, True))
+        if i == 5:
+            first = editor.sampler(EditOptions(clip_guidance_lambda=1000.5), True)  # used again: kept
+    gc.collect()
+    assert len(editor._samplers) == editor.max_samplers == 8
+    assert first is editor._samplers[(EditOptions(clip_guidance_lambda=1000.5), True)]
+    alive = [i for i, ref in made.items() if ref() is not None]
+    assert alive == [0, 5, 6, 7, 8, 9, 10, 11], alive  # 1-4, the least recently used, were released
+    del first
+
