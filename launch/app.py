@@ -149,6 +149,11 @@ class Studio:
         EditOptions' fields and the framing (fit, context, feather: request.prepare_inputs)."""
         from bdjax import painting
 
+        fields = {"samples": num_samples, "seed": seed, **options}
+        empty = next((name for name, value in fields.items() if value is None), None)
+        if empty is not None:  # a number field the user cleared
+            raise ValueError(f"the {empty} field is empty: enter a value (its default is in the field's help)"
+                             if empty in options else f"the {empty} field is empty: enter a whole number")
         if isinstance(num_samples, (int, float)) and not isinstance(num_samples, bool) \
                 and num_samples > self.max_samples:
             raise ValueError(f"num_samples={num_samples} is more than this app's limit of {self.max_samples} "
@@ -156,10 +161,15 @@ class Studio:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             painted = painting.from_editor(editor_value, mask_file, invert_mask=invert)
-            request = self.editor.prepare(painted.image, painted.mask, prompt or "", num_samples=_int(num_samples),
+            prompt = (prompt or "").strip()
+            request = self.editor.prepare(painted.image, painted.mask, prompt, num_samples=_int(num_samples),
                                           seed=_int(seed), invert_mask=bool(invert),
                                           **{name: _int(value) for name, value in options.items()})
-        return request, [str(w.message) for w in caught]
+        notes = [str(w.message) for w in caught]
+        if not prompt:
+            notes.append("the prompt is empty: the edit runs unguided (no CLIP guidance: the diffusion model fills "
+                         "the region on its own)")
+        return request, notes
 
     def edit(self, request, run: Run, mask_source: str):
         """Run `request` into `run.directory`, yielding ("progress", k, writer) after each batch
@@ -304,8 +314,9 @@ class Page:
 
 
 def layout(studio: Studio) -> Page:
-    """The page's components, made in the open gr.Blocks: inputs and buttons on the left, the
-    status and the results on the right."""
+    """The page's components, made in the open gr.Blocks: on the left the photo, the prompt, the
+    buttons and under them the status (in view as a run starts), then the other inputs; the
+    results on the right."""
     import gradio as gr
 
     from bdjax.options import EditOptions, reference_name
@@ -323,16 +334,21 @@ def layout(studio: Studio) -> Page:
                 label="photo: paint the region to change", type="numpy", image_mode="RGBA", format="png",
                 sources=("upload", "clipboard"), transforms=(), layers=False,
                 brush=gr.Brush(colors=[("rgb(255, 0, 160)", 0.6)], color_mode="fixed"), eraser=gr.Eraser(),
-                elem_id="photo")
-            mask_file = gr.Image(label="or upload a mask instead (white: change, black: keep)", type="filepath",
-                                 sources=("upload",), height=160, elem_id="mask-upload")
-            invert = gr.Checkbox(label="invert mask: change everything not painted (background replacement)",
-                                 value=False, elem_id="invert")
+                height=420, elem_id="photo")
             prompt = gr.Textbox(label="prompt", placeholder="e.g. a glass of orange juice", elem_id="prompt")
+            with gr.Row():
+                run_button = gr.Button("edit", variant="primary", elem_id="run")
+                cancel_button = gr.Button("cancel", variant="stop", elem_id="cancel")
+            # Status, errors and progress sit under the button that starts a run: in view when it is pressed.
+            status = gr.Markdown("", elem_id="status")
             with gr.Row():
                 num_samples = gr.Number(label="samples", value=FLAGS.num_samples, precision=0,
                                         elem_id="num-samples")
                 seed = gr.Number(label="seed", value=FLAGS.seed, precision=0, elem_id="seed")
+            mask_file = gr.Image(label="or upload a mask instead (white: change, black: keep)", type="filepath",
+                                 sources=("upload",), height=160, elem_id="mask-upload")
+            invert = gr.Checkbox(label="invert mask: change everything not painted (background replacement)",
+                                 value=False, elem_id="invert")
             advanced = {}
             with gr.Accordion("advanced: framing and the reference's options", open=False, elem_id="advanced"):
                 for name, help_text in FRAMING_HELP.items():
@@ -355,11 +371,7 @@ def layout(studio: Studio) -> Page:
                         advanced[field.name] = gr.Textbox(**common)
                     else:
                         advanced[field.name] = gr.Number(precision=0 if field.type == "int" else None, **common)
-            with gr.Row():
-                run_button = gr.Button("edit", variant="primary", elem_id="run")
-                cancel_button = gr.Button("cancel", variant="stop", elem_id="cancel")
         with gr.Column():
-            status = gr.Markdown("", elem_id="status")
             gallery = gr.Gallery(label="results, best first" + (" (SMOKE: random networks)" if smoke else ""),
                                  columns=4, height="auto", elem_id="results")
             mark = " (smoke)" if smoke else ""  # short: the label sits over the image
@@ -500,7 +512,8 @@ def build_page(studio: Studio):
         def cancel(request: gr.Request) -> str:
             return handlers.cancel(request.session_hash or "")
 
-        page.run_button.click(submit, None, page.submitted, queue=False).then(run, page.inputs, page.outputs)
+        for event in (page.run_button.click, page.prompt.submit):  # the button, or Enter in the prompt
+            event(submit, None, page.submitted, queue=False).then(run, page.inputs, page.outputs)
         page.cancel_button.click(cancel, None, page.status, queue=False)
     return blocks
 

@@ -140,17 +140,19 @@ def test_a_window_upscaled_over_4x_is_a_note(studio):
     (dict(prompt="cat " * 80), "prompt 'cat cat cat"),
     (dict(skip_timesteps=25), "skip_timesteps=25 must be in [0, 25) for timestep_respacing='25'"),
     (dict(aug_num=0), "aug_num=0 must be at least 1"),
-    (dict(clip_guidance_lambda=None), "clip_guidance_lambda=None should be of type float"),
+    (dict(clip_guidance_lambda=None), "the clip_guidance_lambda field is empty: enter a value (its default is in the "
+                                      "field's help)"),
     (dict(timestep_respacing="abc"), "timestep_respacing"),
     (dict(num_samples=9), "num_samples=9 is more than this app's limit of 8 (--max_samples)"),
     (dict(num_samples=0), "num_samples=0 must be at least 1"),
-    (dict(num_samples=None), "num_samples=None should be an integer"),
+    (dict(num_samples=None), "the samples field is empty: enter a whole number"),
+    (dict(seed=None), "the seed field is empty: enter a whole number"),
     (dict(seed=-1), "seed=-1 must be in [0, 2**31)"),
     (dict(seed=1.5), "seed=1.5 should be an integer"),
     (dict(fit="crop"), "fit='crop' must be one of window, stretch"),
-    (dict(fit=None), "fit=None must be one of window, stretch"),
+    (dict(fit=None), "the fit field is empty: enter a value"),
     (dict(context=-0.5), "context=-0.5 must be a number in [0, 10]"),
-    (dict(context=None), "context=None must be a number in [0, 10]"),
+    (dict(context=None), "the context field is empty: enter a value"),
     (dict(feather=2.5), "feather=2.5 must be an integer in [0, 64]"),
     (dict(feather=65.0), "feather=65 must be an integer in [0, 64]"),
 ])
@@ -160,6 +162,14 @@ def test_bad_inputs_are_one_line_messages(studio, change, message):
     text = " ".join(str(e.value).split())
     assert text.startswith(message), text
     assert len(text) < 400
+
+
+def test_an_empty_prompt_runs_unguided_with_a_note(studio):
+    for prompt in ("", "   ", None):
+        request, notes = prepare(studio, value=painted(SMALL), prompt=prompt)
+        assert request.prompt == "" and notes == [
+            "the prompt is empty: the edit runs unguided (no CLIP guidance: the diffusion model fills the region on "
+            "its own)"]
 
 
 def test_whole_image_masks_are_a_note_not_an_error(studio):

@@ -210,6 +210,28 @@ def distance_to_stroke(points: np.ndarray, stroke=STROKE) -> np.ndarray:
     return np.linalg.norm(points - (a + t[:, None] * (b - a)), axis=1)
 
 
+def test_enter_submits_and_the_error_shows_by_the_button_without_scrolling(server):
+    """At 1280x800 (a laptop) and on a narrow phone-sized screen, Enter in the prompt submits, and
+    the status (here the error for a missing photo) appears under the edit button, in view."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            for width, height in ((1280, 800), (420, 900)):
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.goto(server.url, wait_until="domcontentloaded")
+                page.wait_for_selector("#photo canvas", timeout=60_000)
+                page.locator("#prompt textarea").fill("a cup of tea")
+                page.locator("#prompt textarea").press("Enter")
+                assert wait_status(page, r"error") == "error: no image: upload a photo to edit first"
+                run, status = (page.locator(s).bounding_box() for s in ("#run", "#status"))
+                assert 0 <= run["y"] < status["y"] and status["y"] + status["height"] <= height, (width, run, status)
+                page.close()
+        finally:
+            browser.close()
+
+
 def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
