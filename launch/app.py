@@ -201,10 +201,30 @@ class Studio:
                             "invert_mask": request.invert_mask, "mask": mask_source,
                             "cancelled_after": finished if finished < request.num_samples else None}
         ranked = writer.finish(request.full_source, request.full_mask, request.prompt, report, label=self.label)
+        write_zip(run.directory, ranked + [os.path.join(run.directory, name)
+                                           for name in (SOURCE, MASK, outputs.GRID, outputs.REPORT)])
         yield "done", ranked, writer
 
 
 SOURCE, MASK, WINDOW = "source.png", "mask.png", "window.png"  # a run's inputs, beside the results
+RESULTS_ZIP = "results.zip"  # the run's downloads in one file
+
+
+def write_zip(directory: str, paths: list[str]) -> str:
+    """DIRECTORY/results.zip holding `paths` under their names relative to `directory` (PNGs are
+    stored, not compressed again); returns its path."""
+    import zipfile
+
+    from bdjax.files import atomic_write
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for path in paths:
+                archive.write(path, os.path.relpath(path, directory))
+
+    target = os.path.join(directory, RESULTS_ZIP)
+    atomic_write(target, write)
+    return target
 MODEL_INPUTS = ("source_model.png", "mask_model.png")  # window mode: the window as the model saw it
 PREVIEW_WIDTH = 1024  # window.png's widest
 
@@ -381,8 +401,9 @@ def layout(studio: Studio) -> Page:
                 mask_used = gr.Image(label="mask used" + mark, type="filepath",
                                      interactive=False, height=220, elem_id="mask-used")
             grid = gr.Image(label="grid", type="filepath", interactive=False, elem_id="grid")
-            downloads = gr.File(label="downloads: the results at full size (best first), source, mask, grid, "
-                                "report.json", file_count="multiple", interactive=False, elem_id="downloads")
+            downloads = gr.File(label="downloads: all in one zip, the results at full size (best first), source, "
+                                "mask, grid, report.json", file_count="multiple", interactive=False,
+                                elem_id="downloads")
     submitted = gr.State(0.0)
     return Page(photo=photo, mask_file=mask_file, invert=invert, prompt=prompt, num_samples=num_samples, seed=seed,
                 advanced=advanced, run_button=run_button, cancel_button=cancel_button, status=status,
@@ -454,15 +475,15 @@ class Handlers:
         yield (f"sampling {n} sample{'s' * (n != 1)}..." + note, [], None, None, None, None)
         studio.progress = progress
         window, mask = os.path.join(job.directory, WINDOW), os.path.join(job.directory, MASK)
+        runs = studio.edit(prepared, job, "uploaded" if values[page.mask_file] is not None else "painted")
         try:
-            for kind, result, writer in studio.edit(prepared, job,
-                                                    "uploaded" if values[page.mask_file] is not None else "painted"):
+            for kind, result, writer in runs:
                 if kind == "progress":
                     yield (f"{result} of {n} samples done" + note, self.gallery_of(writer), window, mask,
                            gr.skip(), gr.skip())
                 else:
-                    files = list(result) + [os.path.join(job.directory, name)
-                                            for name in (SOURCE, MASK, outputs.GRID, outputs.REPORT)]
+                    files = [os.path.join(job.directory, RESULTS_ZIP), *result] + [
+                        os.path.join(job.directory, name) for name in (SOURCE, MASK, outputs.GRID, outputs.REPORT)]
                     done = len(writer.done) + len(writer.failed)
                     head = (f"cancelled after {done} of {n} samples; " if done < n else "") + \
                         f"{len(writer.done)} results ranked"
@@ -475,6 +496,11 @@ class Handlers:
                         head += f"\n\n{studio.label}"
                     yield (head + note, self.gallery_of(writer, result), window, mask,
                            os.path.join(job.directory, outputs.GRID), files)
+        except GeneratorExit:  # the page went away (a reload): end the run as a cancel does, ranked and reported
+            studio.cancel(job.session)
+            for _ in runs:  # stops after the batch that just finished
+                pass
+            raise
         except Exception as e:  # the server stays up; the traceback goes to its log
             import traceback
 

@@ -308,6 +308,42 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(studio, monkeypatch):
         prepare(studio, prompt="x" * 10_000_000)
 
 
+def test_a_page_that_goes_away_mid_run_still_gets_its_run_ranked_and_zipped(studio, program_flags):
+    """A reload drops the page's connection: Gradio closes the run's generator after a batch. The
+    run then ends as a cancel does: what finished is ranked, with its grid, report and zip."""
+    import json
+    import zipfile
+
+    import gradio  # noqa: F401  the handlers' gr.skip()
+
+    from bdjax import outputs
+
+    program_flags.unparse_flags()
+    program_flags(["app", "--config=smoke"])  # the runtime flags a run's provenance reads
+    components = {name: name for name in ("photo", "mask_file", "invert", "prompt", "num_samples", "seed",
+                                          "run_button", "cancel_button", "status", "gallery", "source_used",
+                                          "mask_used", "grid", "downloads", "submitted")}
+    page = app.Page(advanced={name: name for name in studio.defaults}, **components)
+    values = {"photo": painted(SMALL), "mask_file": None, "invert": False, "prompt": "a cup of tea",
+              "num_samples": 4, "seed": 3, "submitted": studio.submitted("gone"),
+              **{name: value for name, value in studio.defaults.items()}, "batch_size": 2}
+    run = app.Handlers(studio, page).run(values, "gone", progress=None)
+    said = [next(run) for _ in range(2)]  # "sampling ...", then the first batch's progress
+    assert said[1][0].startswith("2 of 4 samples done"), said[1][0]
+    run.close()  # as Gradio does when the page is gone
+    [folder] = [d for d in os.listdir(studio.output_dir) if os.path.isfile(os.path.join(studio.output_dir, d,
+                                                                                           outputs.REPORT))
+                and json.load(open(os.path.join(studio.output_dir, d, outputs.REPORT)))["inputs"]["seed"] == 3]
+    directory = os.path.join(studio.output_dir, folder)
+    report = json.load(open(os.path.join(directory, outputs.REPORT)))
+    assert report["inputs"]["cancelled_after"] == 2 and len(report["samples"]) == 2
+    assert os.path.isfile(os.path.join(directory, outputs.GRID))
+    with zipfile.ZipFile(os.path.join(directory, app.RESULTS_ZIP)) as archive:
+        names = set(archive.namelist())
+    assert {"source.png", "mask.png", "grid.png", "report.json"} <= names and len(names) == 6
+    assert studio.pending.get("gone", 0) == 0  # the request counts as finished
+
+
 def test_cancel_applies_to_the_sessions_pending_requests_only():
     studio = app.Studio(None, {}, "")
     assert studio.cancel("a") is False  # nothing pending: nothing to cancel

@@ -276,7 +276,7 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
             files = downloads(page)
             ranked = [name for name in files if re.fullmatch(r"\d{3}_\d+\.\d{4}\.png", name)]
             assert len(ranked) == 2 and ranked[0].startswith("000_"), files
-            assert {"source.png", "mask.png", "grid.png", "report.json"} <= set(files), files
+            assert {"results.zip", "source.png", "mask.png", "grid.png", "report.json"} <= set(files), files
             best = fetch(page, files[ranked[0]])
             assert best.shape == (900, 1600, 3)
             np.testing.assert_array_equal(fetch(page, files["source.png"]), uploaded)
