@@ -58,7 +58,10 @@ def program(main, interrupted=None):
         except KeyboardInterrupt:
             said = interrupted() if interrupted is not None else "stopped before finishing"
             print(f"interrupted: {said}", file=sys.stderr, flush=True)
-            sys.exit(INTERRUPTED)
+            sys.stdout.flush()
+            # What was kept is on disk (written atomically) and the locks are released; skip the
+            # interpreter's teardown, which can crash while an interrupted XLA compile winds down.
+            os._exit(INTERRUPTED)
         except (MemoryError, jax.errors.JaxRuntimeError) as e:
             if _out_of_memory(e):
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

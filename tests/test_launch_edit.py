@@ -446,3 +446,21 @@ def test_a_second_run_into_the_same_directory_refuses_naming_the_first(inputs, t
     assert report["flags"]["prompt"] == "a red ball" and len(report["samples"]) == 3
     assert len(os.listdir(out / "ranked")) == 3 and not (out / ".bdjax-run.lock").exists()
 
+
+def test_ctrl_c_while_compiling_is_the_same_one_line_and_no_crash(inputs, tmp_path):
+    """SIGINT early in a run whose sampler compiles afresh (about 20 s here): whatever phase it lands
+    in, one "interrupted:" line, exit 130, and no traceback or crash of an interrupted compile."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "launch.edit", "--config=smoke", "--prompt=a red ball",
+                             f"--init_image={inputs / 'img.png'}", "--num_samples=2", f"--output_dir={tmp_path / 'o'}",
+                             f"--compilation_cache_dir={tmp_path / 'fresh_cache'}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(10)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: "), err[-3000:]
+
