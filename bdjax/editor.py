@@ -76,7 +76,7 @@ class EditResult:
         os.makedirs(directory, exist_ok=True)
         about = {**self.provenance, "seed": int(self.seed)}
         for path, image, k, distance in zip(paths, self.images, self.sample_ids, self.distances):
-            outputs.save_png(path, image, {"kind": "sample", **about, "sample_id": int(k), "distance": float(distance)})
+            outputs.save_png(path, image, outputs.sample_provenance(about, k, distance))
         return paths
 
 

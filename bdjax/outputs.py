@@ -340,12 +340,13 @@ class EditWriter:
             k, distance = int(k), float(distance)
             entry = {"sample_id": k, "seed": int(self.seed), "distance": finite_or_none(distance)}
             if finite:
-                about = {**self.provenance, "sample_id": k, "distance": distance}
                 if crops is not None:
                     entry["crop"] = f"{CROPS_DIR}/{sample_name(k)}"
-                    save_png(os.path.join(self.output_dir, entry["crop"]), crops[i], {"kind": "crop", **about})
+                    save_png(os.path.join(self.output_dir, entry["crop"]), crops[i],
+                             sample_provenance(self.provenance, k, distance, kind="crop"))
                 entry["file"] = f"{SAMPLES_DIR}/{sample_name(k)}"
-                save_png(os.path.join(self.output_dir, entry["file"]), image, {"kind": "sample", **about})
+                save_png(os.path.join(self.output_dir, entry["file"]), image,
+                         sample_provenance(self.provenance, k, distance))
                 self.done.append((distance, k))
             else:
                 reason = (f"its CLIP distance is {distance}" if not np.isfinite(distance)
@@ -384,6 +385,12 @@ class EditWriter:
         save_json(os.path.join(self.output_dir, REPORT),
                   {**finite_or_none(report), "label": label or None, "samples": samples, "failed": failed})
         return ranked
+
+
+def sample_provenance(about: dict, sample_id: int, distance: float, kind: str = "sample") -> dict:
+    """What a sample's PNG (or its crop's, `kind="crop"`) records: the edit's `about`
+    (`edit_provenance`, with the seed) plus the sample's id and CLIP distance."""
+    return {"kind": kind, **about, "sample_id": int(sample_id), "distance": float(distance)}
 
 
 def edit_provenance(options, label: str = "", run: dict | None = None, **fields) -> dict:

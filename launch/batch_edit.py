@@ -89,9 +89,13 @@ def interrupted() -> str:
 def every_job_conflicts(conflicts) -> ValueError:
     """The error of a rerun that can run nothing: every job's directory holds another job's
     samples. It stops the run before the previous run's report is replaced."""
-    more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
     return ValueError(f"every job conflicts with the results in --output_dir={os.path.abspath(FLAGS.output_dir)}, so "
-                      f"nothing can run: {conflicts[0]}{more}; or choose another --output_dir")
+                      f"nothing can run: {first_and_more(conflicts)}; or choose another --output_dir")
+
+
+def first_and_more(errors: list, noun: str = "") -> str:
+    """The first of `errors`, and how many more there are ("(and 2 more bad line(s))")."""
+    return f"{errors[0]}" + (f" (and {len(errors) - 1} more{noun})" if len(errors) > 1 else "")
 
 
 def main(argv):
@@ -120,9 +124,8 @@ def main(argv):
         if errors and FLAGS.strict:
             raise errors[0]
         if not jobs:  # nothing to run: say why now, before any network is built
-            first = f": {errors[0]}" if errors else ""
-            raise ValueError(f"{FLAGS.manifest} has no valid job{first}"
-                             + (f" (and {len(errors) - 1} more bad line(s))" if len(errors) > 1 else ""))
+            raise ValueError(f"{FLAGS.manifest} has no valid job"
+                             + (f": {first_and_more(errors, ' bad line(s)')}" if errors else ""))
         for e in errors:
             say(f"skipped: {e}", file=sys.stderr)
         # The lock is held until the run ends; only then is the directory free for another run.
@@ -130,9 +133,8 @@ def main(argv):
                                     ) as (jobs, unwritable, removed):
             _progress["output_dir"] = FLAGS.output_dir
             if unwritable and (FLAGS.strict or not jobs):  # nothing to run: the previous report stays
-                more = f" (and {len(unwritable) - 1} more)" if len(unwritable) > 1 else ""
                 raise unwritable[0] if FLAGS.strict else ValueError(
-                    f"no job can be written in --output_dir={FLAGS.output_dir}: {unwritable[0]}{more}")
+                    f"no job can be written in --output_dir={FLAGS.output_dir}: {first_and_more(unwritable)}")
             for e in unwritable:
                 say(f"skipped: {e}", file=sys.stderr)
             if removed:

@@ -127,8 +127,6 @@ def _lost_processes() -> list[int]:
     return []
 
 
-
-
 def _raised_in_library(e: BaseException) -> bool:
     """Whether the innermost frame of `e` is inside JAX or Flax (tracing, compiling), apart from
     jax.distributed's checks on the multi-process flags."""

@@ -197,10 +197,10 @@ def write_sample(output_dir: str, job: Job, k: int, image: np.ndarray, distance:
     scale, context, feather; {} with fit="stretch") is recorded in all three."""
     framing = framing or {}
     save = sample_png(output_dir, job, k)
-    about = {"kind": "sample", **provenance(job, label), **framing, "sample_id": k, "distance": float(distance)}
+    about = {**provenance(job, label), **framing}
     if crop is not None:
-        outputs.save_png(crop_png(output_dir, job, k), crop, {**about, "kind": "crop"})
-    outputs.save_png(save, image, about)
+        outputs.save_png(crop_png(output_dir, job, k), crop, outputs.sample_provenance(about, k, distance, kind="crop"))
+    outputs.save_png(save, image, outputs.sample_provenance(about, k, distance))
     entry = {"name": job.name, "line": job.line, "sample_id": k, "seed": job.seed, "distance": float(distance),
              "file": os.path.basename(save), "image": job.image, "mask": job.mask, "job": job.spec(),
              "process_index": jax.process_index()}
