@@ -15,6 +15,12 @@ the uploaded photo was (a photo with transparency keeps it, and window mode writ
 A mask file may be uploaded instead of painting; it is read as `--mask` is (non-zero pixels
 edited). Inverting (edit the unpainted pixels, to replace a background) is left to
 `request.prepare(..., invert_mask=True)`, as for a mask file.
+
+An editor that starts a stroke only on its canvas cannot paint a stroke begun outside the photo,
+which makes masks at the photo's edge hard to paint. `framed` puts the photo into the editor with
+a transparent margin around it (`margin` pixels on each side): a stroke may begin there, and
+`from_editor(..., frame=...)` cuts the margin off the photo and the layers, so that only the
+stroke's part on the photo counts. `grow` widens a mask by a number of pixels.
 """
 
 from __future__ import annotations
@@ -26,6 +32,14 @@ import numpy as np
 from PIL import Image
 
 from bdjax import image_io
+from bdjax import window as window_lib
+
+# The transparent margin `framed` puts around a photo: a fraction of its long side, at least
+# MIN_MARGIN pixels, so that a stroke can begin beside the photo at any zoom.
+MARGIN_FRACTION, MIN_MARGIN = 0.08, 16
+# The colour and opacity of a mask restored as a painted layer (the web app's brush).
+BRUSH_RGBA = (255, 0, 160, 153)
+MAX_GROW = window_lib.MAX_FEATHER  # pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,27 +87,84 @@ def painted_region(background, layers: Sequence) -> np.ndarray:
 def painted_mask(background, layers: Sequence, *, invert_hint: bool = False) -> np.ndarray:
     """[H, W] uint8 {0, 255}: 255 where any of `layers` is painted, at the size of `background`.
     InputError when nothing is painted (`invert_hint` words the fix for an inverted mask)."""
-    covered = painted_region(background, layers)
+    return _as_mask(painted_region(background, layers), invert_hint)
+
+
+def _as_mask(covered: np.ndarray, invert_hint: bool) -> np.ndarray:
     if not covered.any():
         what = "what to keep" if invert_hint else "the region to change"
         raise image_io.InputError(f"the mask is empty: paint over {what} with the brush, or upload a mask file")
     return np.where(covered, 255, 0).astype(np.uint8)
 
 
-def from_editor(value: Mapping | None, uploaded_mask=None, *, invert_mask: bool = False) -> Painting:
+def margin_for(size: tuple[int, int]) -> int:
+    """The transparent margin `framed` puts around a photo of `size` (width, height)."""
+    return max(MIN_MARGIN, round(MARGIN_FRACTION * max(size)))
+
+
+def framed(image, mask=None) -> tuple[dict, dict]:
+    """An image editor's value for `image` (a path, PIL image or array) with a transparent margin
+    around it, and its frame ({"margin", "width", "height"}, for `from_editor`). With `mask`
+    ([H, W], non-zero where to edit), the editor's one layer has it painted in BRUSH_RGBA, as a
+    user would have painted it; else the layer is empty."""
+    photo = np.asarray(image_io.to_pil(image, "image").convert("RGBA"))
+    height, width = photo.shape[:2]
+    margin = margin_for((width, height))
+    canvas = np.zeros((height + 2 * margin, width + 2 * margin, 4), np.uint8)
+    canvas[margin:margin + height, margin:margin + width] = photo
+    layer = np.zeros_like(canvas)
+    if mask is not None:
+        region = coverage(mask, (width, height))
+        layer[margin:margin + height, margin:margin + width][region] = BRUSH_RGBA
+    return ({"background": canvas, "layers": [layer], "composite": None},
+            {"margin": margin, "width": width, "height": height})
+
+
+def _unframe(background, layers: Sequence, frame: Mapping | None):
+    """The photo and the painted region [H, W] of an editor's value: with the margin of `frame`
+    cut off where the background is that frame (its size, its margin fully transparent); else
+    the background as it is."""
+    image = _array(background, "image")
+    covered = painted_region(image, layers)
+    if not frame:
+        return background, covered
+    margin, width, height = (int(frame[k]) for k in ("margin", "width", "height"))
+    if margin <= 0 or image.shape[:2] != (height + 2 * margin, width + 2 * margin) \
+            or image.ndim != 3 or image.shape[-1] != 4:
+        return background, covered  # not the framed photo (another image was put in since)
+    ring = image[..., 3].copy()
+    ring[margin:margin + height, margin:margin + width] = 0
+    if ring.any():
+        return background, covered
+    inside = (slice(margin, margin + height), slice(margin, margin + width))
+    return image[inside], covered[inside]
+
+
+def grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """[H, W] uint8 {0, 255}: `mask` widened by `pixels` (every pixel within that Euclidean
+    distance of a masked one); ValueError for `pixels` outside [0, MAX_GROW]."""
+    if isinstance(pixels, bool) or int(pixels) != pixels or not 0 <= pixels <= MAX_GROW:
+        raise image_io.InputError(f"grow must be a whole number of pixels in [0, {MAX_GROW}], got {pixels!r}")
+    region = np.asarray(mask) > 0
+    if pixels:
+        region = window_lib.feather_alpha(region, int(pixels)) > 0
+    return np.where(region, 255, 0).astype(np.uint8)
+
+
+def from_editor(value: Mapping | None, uploaded_mask=None, *, invert_mask: bool = False,
+                frame: Mapping | None = None) -> Painting:
     """The photo and mask of an image editor's `value` ({"background": image, "layers": [images],
     "composite": ...}, as Gradio's ImageEditor gives it), or of `uploaded_mask` (a file path, an
-    array or a PIL image) when one was uploaded instead of painting. InputError (a ValueError)
-    says, in one line, what to do when there is no photo, no mask, or both a painted and an
-    uploaded mask."""
+    array or a PIL image) when one was uploaded instead of painting. `frame`: what `framed` gave
+    for the photo in the editor (its margin is cut off). InputError (a ValueError) says, in one
+    line, what to do when there is no photo, no mask, or both a painted and an uploaded mask."""
     background = None if value is None else value.get("background")
     if background is None:
         raise image_io.InputError("no image: upload a photo to edit first")
-    layers = value.get("layers") or []
+    background, covered = _unframe(background, value.get("layers") or [], frame)
     if uploaded_mask is None:
-        return Painting(image=opaque_as_rgb(background),
-                        mask=painted_mask(background, layers, invert_hint=invert_mask))
-    if painted_region(background, layers).any():
+        return Painting(image=opaque_as_rgb(background), mask=_as_mask(covered, invert_mask))
+    if covered.any():
         raise image_io.InputError("a mask was both painted and uploaded: clear the painting or remove the "
                                   "uploaded mask")
     return Painting(image=opaque_as_rgb(background), mask=uploaded_mask)

@@ -18,6 +18,12 @@ temporary folder named at start-up. Gradio's uploads (and its copies of the file
 another temporary folder, removed when the app stops. Besides these, only the caches are written:
 compiled programs (the compilation cache) and, for the real networks, fetched weights.
 
+Beyond one edit: a clicked result is compared with the photo (before/after), becomes the next
+photo to edit ("use"), or gives its seed back ("reuse"); "preview mask" shows the region to change
+over the photo with the window framed; "grow" widens the mask; the examples/ folder's edits load
+with a click; and each browser's runs can be reopened from "your runs", after a reload too, until
+the server stops (launch/studio.py keeps them).
+
 The app has no authentication: it listens on 127.0.0.1 unless --host says otherwise.
 """
 
@@ -31,25 +37,22 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
-import warnings
 from typing import Any
 
 import numpy as np
 from absl import app, flags
 
-from bdjax import window as window_lib
+from bdjax import image_io
 from launch import cli, runtime
+from launch.studio import (FRAMING_DEFAULTS, MASK, SOURCE, WINDOW, Run, Studio, Unreadable, gallery,
+                           window_preview)
 
 FLAGS = flags.FLAGS
 
 TITLE = "bdjax: Blended Diffusion, text-driven editing of a painted region"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PREPARING = "preparing the sampler (compiling it, or loading it from the compilation cache)"
 MAX_UPLOAD = "100mb"  # Gradio refuses larger uploads; the image decoder refuses huge pixel counts
-# The framing's defaults (--fit, --context and --feather's): window mode.
-FRAMING_DEFAULTS = {"fit": "window", "context": window_lib.DEFAULT_CONTEXT, "feather": window_lib.DEFAULT_FEATHER}
 
 
 def define_flags():
@@ -69,223 +72,6 @@ def define_flags():
     flags.DEFINE_integer("seed", 404, "The page's default seed.")
 
 
-@dataclasses.dataclass
-class Run:
-    """One request's place in the app: its results folder and whether its user asked to stop."""
-    directory: str
-    session: str
-    submitted: float
-
-
-class Studio:
-    """The app's state and work, apart from the page: one editor, one run at a time."""
-
-    def __init__(self, editor, options: dict, output_dir: str, *, label: str = "", load_s: float = 0.0,
-                 max_samples: int = 64):
-        """`options`: the page's option values (the flags'): EditOptions' fields and the framing
-        (fit, context, feather; window mode's defaults where absent); `label`: the smoke preset's
-        label, or ""; `load_s`: the seconds the networks took to load, for reports."""
-        self.editor, self.output_dir, self.label = editor, output_dir, label
-        self.defaults = {**FRAMING_DEFAULTS, **options}
-        self.load_s, self.max_samples = load_s, max_samples
-        self.lock = threading.Lock()  # one sampler run at a time (the queue already serialises requests)
-        self.cancelled: dict[str, float] = {}  # session -> when its user last pressed "cancel"
-        self.pending: dict[str, int] = {}  # session -> its requests queued or running
-        self.progress = None  # the running request's progress tracker, for the compile stage
-
-    def new_run_dir(self) -> str:
-        """OUTPUT_DIR/run_NNNN, the first number not taken: a run never writes into another's.
-        OUTPUT_DIR is made again if it was removed while the app ran; OSError (one line) where it
-        cannot be."""
-        try:
-            os.makedirs(self.output_dir, exist_ok=True)
-            taken = os.listdir(self.output_dir)
-        except OSError as e:
-            raise OSError(f"the results folder {self.output_dir} cannot be used ({e.strerror or e}): ask whoever runs "
-                          "this app to check it") from None
-        number = 1 + max([int(n[4:]) for n in taken if n.startswith("run_") and n[4:].isdigit()], default=0)
-        while True:
-            path = os.path.join(self.output_dir, f"run_{number:04d}")
-            try:
-                os.makedirs(path)
-                return path
-            except FileExistsError:
-                number += 1
-
-    def submitted(self, session: str) -> float:
-        """Count a request of `session` as pending; returns its submission time."""
-        self.pending[session] = self.pending.get(session, 0) + 1
-        return time.monotonic()
-
-    def finished(self, run: Run) -> None:
-        left = self.pending.get(run.session, 1) - 1
-        if left > 0:
-            self.pending[run.session] = left
-        else:
-            self.pending.pop(run.session, None)
-            self.cancelled.pop(run.session, None)
-
-    def cancel(self, session: str) -> bool:
-        """Stop the requests `session` has queued or running (a running one after its current
-        batch); False when it has none."""
-        if not self.pending.get(session):
-            return False
-        self.cancelled[session] = time.monotonic()
-        return True
-
-    def show_compiling(self) -> None:
-        """Say on the running request's page that its configuration's sampler is being prepared
-        (compiled, or loaded from the compilation cache: a request with new advanced options, say),
-        as a stage of its progress."""
-        if self.progress is not None:
-            self.progress(0, desc=PREPARING)
-
-    def is_cancelled(self, run: Run) -> bool:
-        return self.cancelled.get(run.session, float("-inf")) >= run.submitted
-
-    def prepare(self, editor_value, mask_file, invert: bool, prompt: str, num_samples, seed, options: dict):
-        """The request of the page's inputs, checked (bdjax/painting.py, editor.prepare), and the
-        warnings its inputs raised; ValueError says what is wrong in one line. `options` holds
-        EditOptions' fields and the framing (fit, context, feather: request.prepare_inputs)."""
-        from bdjax import painting
-
-        fields = {"samples": num_samples, "seed": seed, **options}
-        empty = next((name for name, value in fields.items() if value is None), None)
-        if empty is not None:  # a number field the user cleared
-            raise ValueError(f"the {empty} field is empty: enter a value (its default is in the field's help)"
-                             if empty in options else f"the {empty} field is empty: enter a whole number")
-        if isinstance(num_samples, (int, float)) and not isinstance(num_samples, bool) \
-                and num_samples > self.max_samples:
-            raise ValueError(f"num_samples={num_samples} is more than this app's limit of {self.max_samples} "
-                             "(--max_samples)")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            painted = painting.from_editor(editor_value, mask_file, invert_mask=invert)
-            prompt = (prompt or "").strip()
-            request = self.editor.prepare(painted.image, painted.mask, prompt, num_samples=_int(num_samples),
-                                          seed=_int(seed), invert_mask=bool(invert),
-                                          **{name: _int(value) for name, value in options.items()})
-        notes = [str(w.message) for w in caught]
-        if not prompt:
-            notes.append("the prompt is empty: the edit runs unguided (no CLIP guidance: the diffusion model fills "
-                         "the region on its own)")
-        return request, notes
-
-    def edit(self, request, run: Run, mask_source: str):
-        """Run `request` into `run.directory`, yielding ("progress", k, writer) after each batch
-        and ("done", ranked paths, writer) at the end (also after a cancel, with what finished)."""
-        from bdjax import outputs
-
-        editor = self.editor
-        about = cli.provenance(editor, request.options, self.label, prompt=request.prompt, **request.inputs.framing())
-        write_inputs(request.inputs, run.directory, about)
-        writer = outputs.EditWriter(run.directory, request.seed, about)
-        start = time.perf_counter()
-        with self.lock:
-            stream = editor.edit_batches(request, progress=True)
-            batches = iter(stream)
-            try:
-                for batch in batches:
-                    writer.add(batch)
-                    yield "progress", len(writer.done) + len(writer.failed), writer
-                    if self.is_cancelled(run):  # checked before the next batch starts
-                        break
-            finally:
-                batches.close()  # a cancelled or failed run stops here, its progress bar closed
-        seconds = time.perf_counter() - start
-        finished = len(writer.done) + len(writer.failed)
-        timings = {"load": self.load_s, "edit": seconds, "per_sample": seconds / max(1, finished)}
-        report = {**cli.run_report(dataclasses.asdict(request.options), timings, sys.modules[__name__]),
-                  **request.inputs.framing()}
-        report["inputs"] = {"prompt": request.prompt, "num_samples": request.num_samples, "seed": request.seed,
-                            "invert_mask": request.invert_mask, "mask": mask_source,
-                            "cancelled_after": finished if finished < request.num_samples else None}
-        ranked = writer.finish(request.full_source, request.full_mask, request.prompt, report, label=self.label)
-        write_zip(run.directory, ranked + [os.path.join(run.directory, name)
-                                           for name in (SOURCE, MASK, outputs.GRID, outputs.REPORT)])
-        yield "done", ranked, writer
-
-
-SOURCE, MASK, WINDOW = "source.png", "mask.png", "window.png"  # a run's inputs, beside the results
-RESULTS_ZIP = "results.zip"  # the run's downloads in one file
-
-
-def write_zip(directory: str, paths: list[str]) -> str:
-    """DIRECTORY/results.zip holding `paths` under their names relative to `directory` (PNGs are
-    stored, not compressed again); returns its path."""
-    import zipfile
-
-    from bdjax.files import atomic_write
-
-    def write(tmp):
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for path in paths:
-                archive.write(path, os.path.relpath(path, directory))
-
-    target = os.path.join(directory, RESULTS_ZIP)
-    atomic_write(target, write)
-    return target
-MODEL_INPUTS = ("source_model.png", "mask_model.png")  # window mode: the window as the model saw it
-PREVIEW_WIDTH = 1024  # window.png's widest
-
-
-def write_inputs(inputs, directory: str, about: dict) -> None:
-    """A run's inputs into `directory`: SOURCE and MASK, the photo and the mask the results
-    replace (full size in window mode, the model size with fit=stretch); WINDOW, the photo with
-    the edit window drawn (`window_preview`); in window mode also MODEL_INPUTS, the window's
-    crop and mask at the model size."""
-    from bdjax import outputs
-
-    written = [(SOURCE, inputs.full_source, "source"), (MASK, inputs.full_mask, "mask"),
-               (WINDOW, window_preview(inputs), "window")]
-    if inputs.photo is not None:
-        written += [(MODEL_INPUTS[0], inputs.source, "source_model"), (MODEL_INPUTS[1], inputs.mask, "mask_model")]
-    for name, image, kind in written:
-        outputs.save_png(os.path.join(directory, name), image, {"kind": kind, **about})
-
-
-def frame_line(size: tuple[int, int]) -> int:
-    """The width of each of the window frame's two lines (black outside, yellow inside) on a
-    preview of `size`: visible when the preview is shown a fifth of its size."""
-    return max(2, round(max(size) / 128))
-
-
-def window_preview(inputs, width: int = PREVIEW_WIDTH) -> np.ndarray:
-    """The photo, at most `width` pixels wide, with the edit window (its part inside the photo)
-    drawn as a yellow frame on black; with fit=stretch, the source at the model size as it is."""
-    from PIL import ImageDraw
-
-    if inputs.photo is None:
-        return inputs.source
-    preview = window_lib.downscaled(inputs.photo.rgb, width)
-    scale = preview.width / inputs.photo.size[0]
-    left, top, right, bottom = inputs.window.inside
-    box = [round(left * scale), round(top * scale), max(round(right * scale) - 1, 0),
-           max(round(bottom * scale) - 1, 0)]
-    line = frame_line(preview.size)
-    draw = ImageDraw.Draw(preview)
-    draw.rectangle(box, outline=(0, 0, 0), width=2 * line)
-    inner = [box[0] + line, box[1] + line, max(box[2] - line, box[0] + line), max(box[3] - line, box[1] + line)]
-    draw.rectangle(inner, outline=(255, 214, 0), width=line)
-    return np.asarray(preview)
-
-
-def _int(value):
-    """A page number as an int where it is a whole number (Gradio's numbers may come as floats)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def caption(rank: int, distance: float, seed: int, sample_id: int, label: str) -> str:
-    """A result's caption: rank (0 is best), CLIP distance, seed and sample index (the sample is
-    reproduced by the same seed and index), and the smoke preset's mark."""
-    from bdjax import outputs
-
-    text = f"{outputs.tile_caption(rank, distance)} seed {seed} sample {sample_id}"
-    return f"{text} (smoke)" if label else text
-
-
 # The previews of a run's inputs fill their boxes, aspect kept; the mask (binary, and with
 # fit=stretch only 64 pixels for the smoke preset) without smoothing.
 CSS = ("#source-used img, #mask-used img { width: 100% !important; height: 100% !important; "
@@ -302,82 +88,190 @@ FRAMING_HELP = {
 
 @dataclasses.dataclass
 class Page:
-    """The page's components, as `layout` makes them. `advanced` maps each option's name to its
-    field; `submitted` (a gr.State) holds when the request was submitted (Studio.submitted)."""
+    """The page's components, as `layout` makes them. `advanced` maps each option's name (and
+    the framing's: fit, context, feather) to its field. The states: `submitted`, when the request
+    was submitted (Studio.submitted); `visitor`, this browser's id (kept in its storage); `frame`,
+    the margin around the photo in the editor (painting.framed); `shown`, the run whose results
+    are shown ({"paths", "source", "seed"}); `selected`, the index of the result clicked."""
     photo: Any
     mask_file: Any
     invert: Any
     prompt: Any
     num_samples: Any
     seed: Any
+    dice: Any
+    strength: Any
+    grow: Any
+    preview: Any
+    examples: Any  # None when the examples/ folder is not at hand (an installed package)
     advanced: dict
     run_button: Any
     cancel_button: Any
     status: Any
+    history: Any
     gallery: Any
+    use_button: Any
+    reuse_button: Any
+    compare: Any
     source_used: Any
     mask_used: Any
     grid: Any
     downloads: Any
     submitted: Any
+    visitor: Any
+    frame: Any
+    shown: Any
+    selected: Any
 
     @property
     def inputs(self) -> set:
         """What a run reads: a set, so that Gradio passes their values as one dict keyed by component."""
-        return {self.photo, self.mask_file, self.invert, self.prompt, self.num_samples, self.seed, self.submitted,
-                *self.advanced.values()}
+        return {self.photo, self.mask_file, self.invert, self.prompt, self.num_samples, self.seed, self.grow,
+                self.submitted, self.visitor, self.frame, *self.advanced.values()}
 
     @property
-    def outputs(self) -> list:
-        """What a run updates, in the order of the tuples `Handlers` yields."""
-        return [self.status, self.gallery, self.source_used, self.mask_used, self.grid, self.downloads]
+    def results(self) -> list:
+        """What shows a run's results (a run's, or a reopened one's)."""
+        return [self.status, self.gallery, self.source_used, self.mask_used, self.grid, self.downloads, self.shown,
+                self.selected, self.compare, self.history]
+
+    @property
+    def restored(self) -> list:
+        """The inputs a reopened run or an example fills in."""
+        return [self.photo, self.frame, self.mask_file, self.invert, self.prompt, self.num_samples, self.seed,
+                self.grow, self.strength, *self.advanced.values()]
+
+
+def components():
+    """The page's image inputs, as Gradio's but for uploads they cannot decode (not an image, an
+    SVG, a huge pixel count): those reach the handlers as `Unreadable` (the reason), which the
+    page says in one line, instead of failing before any handler runs."""
+    import gradio as gr
+
+    def readable(preprocess, payload, what: str):
+        try:
+            return preprocess(payload)
+        except Exception as e:  # Pillow's and Gradio's errors for files they cannot decode
+            reason = " ".join(str(e).split()) or type(e).__name__
+            return Unreadable(f"{reason[:200]}: upload the {what} as a PNG, JPEG or WebP of at most "
+                              f"{image_io.MAX_PIXELS:,} pixels")
+
+    class PhotoEditor(gr.ImageEditor):
+        is_template = True  # shown by Gradio's own image editor
+
+        def preprocess(self, payload):
+            return readable(super().preprocess, payload, "photo")
+
+    class MaskImage(gr.Image):
+        is_template = True
+
+        def preprocess(self, payload):
+            return readable(super().preprocess, payload, "mask")
+
+    return PhotoEditor, MaskImage
+
+
+def examples_at_hand() -> list[tuple[str, str, str, bool]]:
+    """EXAMPLES whose files are in the examples/ folder beside the code (a source checkout),
+    with their paths; [] where it is not."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    found = [(os.path.join(folder, photo), os.path.join(folder, mask), prompt, invert)
+             for photo, mask, prompt, invert in EXAMPLES]
+    return [e for e in found if os.path.isfile(e[0]) and os.path.isfile(e[1])]
+
+
+def strength_of(skip_timesteps, timestep_respacing) -> float | None:
+    """The fraction of the diffusion's steps a run makes: 1 - skip_timesteps / steps (None when
+    the fields do not make a schedule)."""
+    from bdjax import diffusion
+
+    try:
+        steps = diffusion.respaced_length(str(timestep_respacing))
+        return round(1 - float(skip_timesteps) / steps, 4)
+    except (ValueError, TypeError, ZeroDivisionError):
+        return None
+
+
+def skip_of(strength, timestep_respacing) -> int | None:
+    """The skip_timesteps a `strength` asks for: round((1 - strength) * steps), at most steps - 1."""
+    from bdjax import diffusion
+
+    try:
+        steps = diffusion.respaced_length(str(timestep_respacing))
+        return min(max(round((1 - float(strength)) * steps), 0), steps - 1)
+    except (ValueError, TypeError):
+        return None
 
 
 def layout(studio: Studio) -> Page:
     """The page's components, made in the open gr.Blocks: on the left the photo, the prompt, the
     buttons and under them the status (in view as a run starts), then the other inputs; the
-    results on the right."""
+    results on the right, under the history of this browser's runs."""
     import gradio as gr
 
+    from bdjax import painting
     from bdjax.options import EditOptions, reference_name
     from bdjax.request import FITS
 
+    PhotoEditor, MaskImage = components()
     options = studio.defaults
     smoke = bool(studio.label)
     gr.Markdown(f"## {TITLE}\n"
                 "Upload a photo, paint over the region to change (brush size, eraser, undo and clear are in "
-                "the editor's toolbar) or upload a mask, describe the new content, and press **edit**."
+                "the editor's toolbar; a stroke may start in the checkered margin, to reach the photo's edge) or "
+                "upload a mask, describe the new content, and press **edit**. Click a result to compare it with "
+                "the photo, to keep editing it, or to reuse its seed."
                 + (f"\n\n**{studio.label}.**" if smoke else ""), elem_id="intro")
     with gr.Row():
         with gr.Column():
-            photo = gr.ImageEditor(
+            photo = PhotoEditor(
                 label="photo: paint the region to change", type="numpy", image_mode="RGBA", format="png",
                 sources=("upload", "clipboard"), transforms=(), layers=False,
-                brush=gr.Brush(colors=[("rgb(255, 0, 160)", 0.6)], color_mode="fixed"), eraser=gr.Eraser(),
-                height=420, elem_id="photo")
+                brush=gr.Brush(colors=[(f"rgb{painting.BRUSH_RGBA[:3]}", painting.BRUSH_RGBA[3] / 255)],
+                               color_mode="fixed"),
+                eraser=gr.Eraser(), height=420, elem_id="photo")
             prompt = gr.Textbox(label="prompt", placeholder="e.g. a glass of orange juice", elem_id="prompt")
             with gr.Row():
                 run_button = gr.Button("edit", variant="primary", elem_id="run")
                 cancel_button = gr.Button("cancel", variant="stop", elem_id="cancel")
             # Status, errors and progress sit under the button that starts a run: in view when it is pressed.
             status = gr.Markdown("", elem_id="status")
-            with gr.Row():
+            with gr.Row(equal_height=True):
                 num_samples = gr.Number(label="samples", value=FLAGS.num_samples, precision=0,
                                         elem_id="num-samples")
                 seed = gr.Number(label="seed", value=FLAGS.seed, precision=0, elem_id="seed")
-            mask_file = gr.Image(label="or upload a mask instead (white: change, black: keep)", type="filepath",
-                                 sources=("upload",), height=160, elem_id="mask-upload")
+                dice = gr.Button("random seed", elem_id="dice", scale=0, min_width=120)
+            strength = gr.Slider(0.01, 1.0, step=0.01, label="strength",
+                                 value=strength_of(options["skip_timesteps"], options["timestep_respacing"]),
+                                 info="how much of the diffusion runs: 1 - skip_timesteps / steps; lower keeps "
+                                      "more of the photo's layout (advanced: skip_timesteps)", elem_id="strength")
+            advanced = {}
+            with gr.Row(equal_height=True):
+                grow = gr.Slider(0, painting.MAX_GROW, step=1, value=0, label="grow mask (pixels)",
+                                 info="widen the region to change by this many photo pixels", elem_id="grow")
+                advanced["feather"] = gr.Number(
+                    label="feather", value=options["feather"], precision=0, elem_id="option-feather",
+                    info=f"{FRAMING_HELP['feather']} (bdjax only, default {FRAMING_DEFAULTS['feather']})")
+                preview = gr.Button("preview mask", elem_id="preview", scale=0, min_width=120)
+            mask_file = MaskImage(label="or upload a mask instead (white: change, black: keep)", type="filepath",
+                                  image_mode=None, sources=("upload",), height=160, elem_id="mask-upload")
             invert = gr.Checkbox(label="invert mask: change everything not painted (background replacement)",
                                  value=False, elem_id="invert")
-            advanced = {}
+            found = examples_at_hand()
+            examples = gr.Dataset(
+                label="examples: click one to load its photo, mask and prompt",
+                components=[gr.Image(type="filepath", render=False), gr.Textbox(render=False)],
+                samples=[[photo_path, prompt_text + (" (mask inverted)" if inverted else "")]
+                         for photo_path, _, prompt_text, inverted in found],
+                type="index", elem_id="examples") if found else None
             with gr.Accordion("advanced: framing and the reference's options", open=False, elem_id="advanced"):
-                for name, help_text in FRAMING_HELP.items():
+                for name in ("fit", "context"):
                     common = dict(label=name, value=options[name], elem_id=f"option-{name}",
-                                  info=f"{help_text} (bdjax only, default {FRAMING_DEFAULTS[name]})")
+                                  info=f"{FRAMING_HELP[name]} (bdjax only, default {FRAMING_DEFAULTS[name]})")
                     if name == "fit":
                         advanced[name] = gr.Radio(choices=list(FITS), **common)
                     else:
-                        advanced[name] = gr.Number(precision=0 if name == "feather" else None, **common)
+                        advanced[name] = gr.Number(**common)
                 for field in EditOptions.declaration():
                     reference = reference_name(field)
                     origin = (f"reference --{reference}, default {field.default}" if reference
@@ -392,8 +286,15 @@ def layout(studio: Studio) -> Page:
                     else:
                         advanced[field.name] = gr.Number(precision=0 if field.type == "int" else None, **common)
         with gr.Column():
+            history = gr.Dropdown(label="your runs (this browser's, until the server stops): pick one to reopen it",
+                                  choices=[], value=None, interactive=True, elem_id="history")
             gallery = gr.Gallery(label="results, best first" + (" (SMOKE: random networks)" if smoke else ""),
                                  columns=4, height="auto", elem_id="results")
+            with gr.Row():
+                use_button = gr.Button("use the clicked result as the photo", elem_id="use")
+                reuse_button = gr.Button("reuse its seed", elem_id="reuse")
+            compare = gr.ImageSlider(label="before / after: drag the handle", type="filepath", format="png",
+                                     interactive=False, elem_id="compare")
             mark = " (smoke)" if smoke else ""  # short: the label sits over the image
             with gr.Row():
                 source_used = gr.Image(label="source (edit window drawn)" + mark, type="filepath",
@@ -404,62 +305,53 @@ def layout(studio: Studio) -> Page:
             downloads = gr.File(label="downloads: all in one zip, the results at full size (best first), source, "
                                 "mask, grid, report.json", file_count="multiple", interactive=False,
                                 elem_id="downloads")
-    submitted = gr.State(0.0)
     return Page(photo=photo, mask_file=mask_file, invert=invert, prompt=prompt, num_samples=num_samples, seed=seed,
-                advanced=advanced, run_button=run_button, cancel_button=cancel_button, status=status,
-                gallery=gallery, source_used=source_used, mask_used=mask_used, grid=grid, downloads=downloads,
-                submitted=submitted)
+                dice=dice, strength=strength, grow=grow, preview=preview, examples=examples, advanced=advanced,
+                run_button=run_button, cancel_button=cancel_button, status=status, history=history,
+                gallery=gallery, use_button=use_button, reuse_button=reuse_button, compare=compare,
+                source_used=source_used, mask_used=mask_used, grid=grid, downloads=downloads,
+                submitted=gr.State(0.0), visitor=gr.BrowserState("", storage_key="bdjax-visitor"),
+                frame=gr.State(None), shown=gr.State(None), selected=gr.State(None))
 
 
 class Handlers:
     """What the page's events do, over `studio` and the `page`'s components. Gradio calls them
-    through `build_page`, which gives them the session's request and a progress tracker."""
+    through `build_page`, which gives them the session's request and a progress tracker. Each
+    returns (or yields) a dict of the components it updates."""
 
     def __init__(self, studio: Studio, page: Page):
         self.studio, self.page = studio, page
 
-    @staticmethod
-    def say(text: str) -> tuple:
-        """Show `text` as the status and leave the other outputs as they are."""
-        import gradio as gr
-
-        return (text, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
-
-    def gallery_of(self, writer, ranked=None) -> list:
-        """The finished samples best first, captioned: while sampling from samples/, at the end
-        the `ranked` files."""
-        from bdjax import outputs
-
-        order = sorted(writer.done)
-        if ranked is None:
-            ranked = [os.path.join(writer.output_dir, outputs.SAMPLES_DIR, outputs.sample_name(k))
-                      for _, k in order]
-        return [(path, caption(rank, d, writer.seed, k, self.studio.label))
-                for rank, ((d, k), path) in enumerate(zip(order, ranked))]
+    def say(self, text: str) -> dict:
+        """Show `text` as the status."""
+        return {self.page.status: text}
 
     def run(self, values: dict, session: str, progress):
         """One request of `session`, from the page's `values` (by component), counted as finished
         however it ends."""
-        job = Run(directory="", session=session, submitted=values[self.page.submitted])
+        job = Run(directory="", session=session, submitted=values[self.page.submitted],
+                  visitor=values[self.page.visitor] or "")
         try:
             yield from self.edit_page(values, job, progress)
         finally:
             self.studio.finished(job)
 
+    def prepare(self, values: dict):
+        """The request of the page's `values` (Studio.prepare), and its notes."""
+        page = self.page
+        return self.studio.prepare(
+            values[page.photo], values[page.mask_file], values[page.invert], values[page.prompt],
+            values[page.num_samples], values[page.seed], {name: values[c] for name, c in page.advanced.items()},
+            frame=values[page.frame], grow=values[page.grow])
+
     def edit_page(self, values: dict, job: Run, progress):
         """Check the request, then run it, yielding the outputs after each batch and at the end."""
-        import gradio as gr
-
-        from bdjax import outputs
-
         studio, page = self.studio, self.page
         if studio.is_cancelled(job):
             yield self.say("cancelled before it started")
             return
         try:
-            prepared, notes = studio.prepare(
-                values[page.photo], values[page.mask_file], values[page.invert], values[page.prompt],
-                values[page.num_samples], values[page.seed], {name: values[c] for name, c in page.advanced.items()})
+            prepared, notes = self.prepare(values)
         except (ValueError, TypeError) as e:
             yield self.say(plain("error: " + " ".join(str(e).split())))
             return
@@ -472,30 +364,22 @@ class Handlers:
         # window, a mask of another size, ...).
         note = f"\n\n{plain(prepared.inputs.framing_line())}" + "".join(f"\n\nnote: {plain(n)}" for n in notes)
         n = prepared.num_samples
-        yield (f"sampling {n} sample{'s' * (n != 1)}..." + note, [], None, None, None, None)
+        ran = {"prompt": prepared.prompt, "num_samples": n, "seed": prepared.seed, "invert": bool(values[page.invert]),
+               "grow": values[page.grow], **{name: values[c] for name, c in page.advanced.items()}}
         studio.progress = progress
         window, mask = os.path.join(job.directory, WINDOW), os.path.join(job.directory, MASK)
-        runs = studio.edit(prepared, job, "uploaded" if values[page.mask_file] is not None else "painted")
+        runs = studio.edit(prepared, job, "uploaded" if values[page.mask_file] is not None else "painted", ran)
+        yield {page.status: f"sampling {n} sample{'s' * (n != 1)}..." + note, page.gallery: [],
+               page.source_used: None, page.mask_used: None, page.compare: None, page.selected: None,
+               page.history: self.history_update(job.visitor)}
         try:
             for kind, result, writer in runs:
                 if kind == "progress":
-                    yield (f"{result} of {n} samples done" + note, self.gallery_of(writer), window, mask,
-                           gr.skip(), gr.skip())
+                    yield {page.status: f"{result} of {n} samples done" + note,
+                           page.gallery: gallery(writer, None, studio.label), page.source_used: window,
+                           page.mask_used: mask}
                 else:
-                    files = [os.path.join(job.directory, RESULTS_ZIP), *result] + [
-                        os.path.join(job.directory, name) for name in (SOURCE, MASK, outputs.GRID, outputs.REPORT)]
-                    done = len(writer.done) + len(writer.failed)
-                    head = (f"cancelled after {done} of {n} samples; " if done < n else "") + \
-                        f"{len(writer.done)} results ranked"
-                    if writer.done:
-                        head += f" (best distance {sorted(writer.done)[0][0]:.4f})"
-                    if writer.failed:
-                        head += f", {len(writer.failed)} turned non-finite and were left out"
-                    head += f"; written as {os.path.basename(job.directory)} (downloads below)"
-                    if studio.label:
-                        head += f"\n\n{studio.label}"
-                    yield (head + note, self.gallery_of(writer, result), window, mask,
-                           os.path.join(job.directory, outputs.GRID), files)
+                    yield {**self.show(result, job.visitor), page.status: self.headline(result) + note}
         except GeneratorExit:  # the page went away (a reload): end the run as a cancel does, ranked and reported
             studio.cancel(job.session)
             for _ in runs:  # stops after the batch that just finished
@@ -509,6 +393,151 @@ class Handlers:
         finally:
             studio.progress = None
 
+    def headline(self, entry) -> str:
+        """The status of a finished run: its summary, its folder's name, and the smoke label."""
+        head = f"{entry.state}; written as {entry.name} (downloads below)"
+        return head + (f"\n\n{self.studio.label}" if self.studio.label else "")
+
+    def show(self, entry, visitor: str) -> dict:
+        """The outputs that show a finished run `entry`: its results, inputs, downloads, and the
+        before/after of its best result."""
+        from bdjax.outputs import GRID
+
+        page = self.page
+        paths = [path for path, _ in entry.gallery]
+        source = os.path.join(entry.directory, SOURCE)
+        return {page.gallery: entry.gallery, page.source_used: os.path.join(entry.directory, WINDOW),
+                page.mask_used: os.path.join(entry.directory, MASK), page.grid: os.path.join(entry.directory, GRID),
+                page.downloads: entry.files, page.shown: {"paths": paths, "source": source,
+                                                          "seed": entry.values.get("seed")},
+                page.selected: None, page.compare: (source, paths[0]) if paths else None,
+                page.history: self.history_update(visitor)}
+
+    def history_update(self, visitor: str):
+        import gradio as gr
+
+        return gr.update(choices=[(e.label, e.name) for e in self.studio.runs_of(visitor)])
+
+    def load(self, visitor: str) -> dict:
+        """A page (re)loaded: this browser's id (made on its first visit) and its runs; a run of
+        its still going is named."""
+        import secrets
+
+        page = self.page
+        visitor = visitor or secrets.token_urlsafe(16)
+        running = [e.name for e in self.studio.runs_of(visitor) if e.state == "running"]
+        said = {page.visitor: visitor, page.history: self.history_update(visitor)}
+        if running:
+            said[page.status] = (f"{running[0]} of this browser is still running (a page reloaded mid-run stops it "
+                                 "after its current batch): reopen it from 'your runs' once it has ended")
+        return said
+
+    def reopen(self, visitor: str, name) -> dict:
+        """Show the run `name` of this browser's history: its results and its inputs (the photo
+        and the mask used, the prompt, the seed, the options), ready to run again or to change."""
+        from bdjax import painting
+
+        page = self.page
+        entry = self.studio.entry(visitor, name) if name else None
+        if entry is None:
+            return {page.history: self.history_update(visitor)}
+        if entry.state == "running":
+            return {page.status: f"{entry.name} is still running: reopen it once it has ended",
+                    page.history: self.history_update(visitor)}
+        if not entry.gallery:
+            return {page.status: f"{entry.name}: {entry.state} (no results to show)"}
+        try:
+            value, frame = painting.framed(os.path.join(entry.directory, SOURCE),
+                                           mask=np.asarray(image_io.to_pil(os.path.join(entry.directory, MASK),
+                                                                           "mask").convert("L")))
+        except (ValueError, OSError) as e:  # its folder was removed or changed since
+            return {page.status: plain(f"error: {entry.name} cannot be reopened: {e}")}
+        restored = {page.photo: value, page.frame: frame, page.mask_file: None, page.invert: False, page.grow: 0,
+                    **{page.advanced[k]: v for k, v in entry.values.items() if k in page.advanced}}
+        for field in ("prompt", "num_samples", "seed"):
+            restored[getattr(page, field)] = entry.values.get(field)
+        restored[page.strength] = strength_of(entry.values.get("skip_timesteps"),
+                                              entry.values.get("timestep_respacing"))
+        return {**self.show(entry, visitor), **restored,
+                page.status: f"reopened {entry.name}: {entry.state}; its photo and the mask used are in the editor "
+                             "(press edit to run it again, or change them)"}
+
+    def upload(self, value) -> dict:
+        """A photo put into the editor: framed by a transparent margin, so that strokes can start
+        beside it (painting.framed)."""
+        from bdjax import painting
+
+        page = self.page
+        background = None if value is None else value.get("background") if isinstance(value, dict) else value
+        if isinstance(background, Unreadable) or isinstance(value, Unreadable):
+            return {page.photo: None, page.frame: None,
+                    page.status: plain(f"error: the photo could not be read: {background or value}")}
+        if background is None:
+            return {page.frame: None}
+        try:
+            framed, frame = painting.framed(background)
+        except ValueError as e:
+            return {page.photo: None, page.frame: None, page.status: plain(f"error: {e}")}
+        return {page.photo: framed, page.frame: frame,
+                page.status: f"photo {frame['width']}x{frame['height']} loaded: paint the region to change (a stroke "
+                             "may start in the checkered margin)"}
+
+    def mask_upload(self, value) -> dict:
+        if isinstance(value, Unreadable):
+            return {self.page.mask_file: None, self.page.status: plain(f"error: the uploaded mask could not be "
+                                                                        f"read: {value}")}
+        return {}
+
+    def preview(self, values: dict) -> dict:
+        """The photo with the region to change tinted and the edit window drawn, and the mask as
+        it will be used (grown, inverted), before anything runs."""
+        page = self.page
+        try:
+            prepared, notes = self.prepare(values)
+        except (ValueError, TypeError) as e:
+            return self.say(plain("error: " + " ".join(str(e).split())))
+        inputs = prepared.inputs
+        return {page.source_used: window_preview(inputs, tint=True), page.mask_used: np.asarray(inputs.full_mask),
+                page.status: "mask preview (tinted over the photo, the edit window framed): "
+                             + plain(inputs.framing_line()) + "".join(f"\n\nnote: {plain(n)}" for n in notes)}
+
+    def select(self, shown, index) -> dict:
+        """A result clicked: compared with the photo, and remembered for 'use' and 'reuse'."""
+        page = self.page
+        if not shown or index is None or not 0 <= index < len(shown["paths"]):
+            return {}
+        return {page.selected: index, page.compare: (shown["source"], shown["paths"][index])}
+
+    def use(self, shown, selected) -> dict:
+        """The clicked result (else the best) becomes the photo to edit next, at its full size."""
+        from bdjax import painting
+
+        page = self.page
+        if not shown or not shown["paths"]:
+            return self.say("no results yet: run an edit first, then click a result")
+        index = selected if selected is not None else 0
+        value, frame = painting.framed(shown["paths"][index])
+        return {page.photo: value, page.frame: frame, page.mask_file: None, page.invert: False,
+                page.status: f"result #{index} is now the photo: paint the next region to change and press edit"}
+
+    def reuse(self, shown) -> dict:
+        page = self.page
+        if not shown:
+            return self.say("no results yet: run an edit first")
+        return {page.seed: shown["seed"], page.status: f"seed {shown['seed']}: with the same photo, mask, samples "
+                                                       "and options, edit gives the same results again"}
+
+    def example(self, index: int) -> dict:
+        """Load example `index`: its photo with its mask painted, its prompt, and invert where it
+        replaces a background."""
+        from bdjax import painting
+
+        page = self.page
+        photo_path, mask_path, prompt, inverted = examples_at_hand()[index]
+        value, frame = painting.framed(photo_path, mask=np.asarray(image_io.to_pil(mask_path, "mask").convert("L")))
+        return {page.photo: value, page.frame: frame, page.mask_file: None, page.invert: inverted,
+                page.prompt: prompt, page.status: "example loaded: press edit (or change the mask or the prompt)"}
+
     def submit(self, session: str) -> float:
         return self.studio.submitted(session)
 
@@ -516,6 +545,13 @@ class Handlers:
         if not self.studio.cancel(session):
             return "nothing to cancel"
         return "cancelling: the run stops after its current batch"
+
+
+# The examples/ folder's edits the page offers: photo, mask (painted), prompt, invert.
+EXAMPLES = (("coffee.png", "coffee_cup_mask.png", "a glass of orange juice", False),
+            ("coffee.png", "coffee_removal_mask.png", "a wooden table", False),
+            ("astronaut.png", "astronaut_subject_mask.png", "the surface of the moon", True),
+            ("coffee_scribble.png", "coffee_scribble_mask.png", "an orange", False))
 
 
 def build_page(studio: Studio):
@@ -527,8 +563,9 @@ def build_page(studio: Studio):
         handlers = Handlers(studio, page)
 
         # Gradio reads from the signature of the function it calls what to pass it: the session's
-        # request for a `gr.Request` annotation, a progress tracker for a `gr.Progress` default.
-        # Both need gradio, imported lazily (above), so these three are defined here.
+        # request for a `gr.Request` annotation, a progress tracker for a `gr.Progress` default,
+        # the clicked item for a `gr.SelectData` one. They need gradio, imported lazily (above),
+        # so these are defined here.
         def run(values: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
             yield from handlers.run(values, request.session_hash or "", progress)
 
@@ -538,11 +575,42 @@ def build_page(studio: Studio):
         def cancel(request: gr.Request) -> str:
             return handlers.cancel(request.session_hash or "")
 
+        def select(shown, event: gr.SelectData):
+            return handlers.select(shown, event.index)
+
         for event in (page.run_button.click, page.prompt.submit):  # the button, or Enter in the prompt
-            event(submit, None, page.submitted, queue=False).then(run, page.inputs, page.outputs)
+            event(submit, None, page.submitted, queue=False).then(run, page.inputs, page.results)
         page.cancel_button.click(cancel, None, page.status, queue=False)
+        blocks.load(handlers.load, page.visitor, [page.visitor, page.history, page.status], queue=False)
+        page.history.focus(handlers.history_update, page.visitor, page.history, queue=False)
+        quiet = dict(show_progress="hidden")  # quick events: no timer over the status
+        page.history.input(handlers.reopen, [page.visitor, page.history], page.results + page.restored, **quiet)
+        page.photo.upload(handlers.upload, page.photo, [page.photo, page.frame, page.status], **quiet)
+        page.mask_file.upload(handlers.mask_upload, page.mask_file, [page.mask_file, page.status], queue=False)
+        page.preview.click(handlers.preview, page.inputs, [page.source_used, page.mask_used, page.status], **quiet)
+        page.gallery.select(select, page.shown, [page.selected, page.compare], queue=False)
+        page.use_button.click(handlers.use, [page.shown, page.selected],
+                              [page.photo, page.frame, page.mask_file, page.invert, page.status], **quiet)
+        page.reuse_button.click(handlers.reuse, page.shown, [page.seed, page.status], queue=False)
+        page.dice.click(lambda: secrets_seed(), None, page.seed, queue=False)
+        respacing, skip = page.advanced["timestep_respacing"], page.advanced["skip_timesteps"]
+        page.strength.input(lambda s, r: gr.skip() if skip_of(s, r) is None else skip_of(s, r),
+                            [page.strength, respacing], skip, queue=False)
+        for field in (skip, respacing):
+            field.input(lambda k, r: gr.skip() if strength_of(k, r) is None else strength_of(k, r),
+                        [skip, respacing], page.strength, queue=False)
+        if page.examples is not None:
+            page.examples.click(handlers.example, page.examples,
+                                [page.photo, page.frame, page.mask_file, page.invert, page.prompt, page.status],
+                                **quiet)
     return blocks
 
+
+def secrets_seed() -> int:
+    """A random seed for the page's dice: in [0, 2**31), as seeds are."""
+    import secrets
+
+    return secrets.randbelow(2 ** 31)
 
 def main(argv):
     if len(argv) > 1:
@@ -591,7 +659,7 @@ def main(argv):
     editor = runtime.build_editor(guidance.needs_lpips(EditOptions(**options)) or FLAGS.config == "smoke"
                                   or _lpips_available())
     studio = Studio(editor, {**options, **framing}, output_dir, label=label, load_s=time.perf_counter() - start,
-                    max_samples=FLAGS.max_samples)
+                    max_samples=FLAGS.max_samples, program=__name__)
     runtime.announce_compiles(editor, show=studio.show_compiling)
     # The page's default edit is prepared now (compiled, or loaded from the cache); nothing runs yet.
     print(runtime.describe_run(editor, [(editor.options(**options), True, FLAGS.num_samples)],
@@ -599,7 +667,9 @@ def main(argv):
     editor.warm_up(editor.options(**options), num_samples=FLAGS.num_samples)
     page = build_page(studio)
     page.queue(default_concurrency_limit=1, max_size=64)
-    page.launch(server_name=FLAGS.host, server_port=FLAGS.port, share=FLAGS.share, allowed_paths=[output_dir],
+    examples = sorted({os.path.dirname(path) for example in examples_at_hand() for path in example[:2]})
+    page.launch(server_name=FLAGS.host, server_port=FLAGS.port, share=FLAGS.share,
+                allowed_paths=[output_dir, *examples],
                 show_error=False, quiet=True, css=CSS, prevent_thread_lock=True, max_file_size=MAX_UPLOAD)
     print(f"serving on {page.local_url}" + (f" and {page.share_url}" if page.share_url else "")
           + f" (Ctrl-C stops it); results are written to {output_dir}" + (f"\n{label}" if label else ""),

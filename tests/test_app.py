@@ -19,6 +19,7 @@ import bdjax
 from bdjax import request as request_lib
 from bdjax import smoke
 from launch import app
+from launch import studio as studio_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COFFEE = os.path.join(ROOT, "examples", "coffee.png")
@@ -63,8 +64,8 @@ def test_a_port_in_use_is_named_before_the_networks_load(tmp_path):
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     editor = smoke.editor(with_lpips=True)
-    return app.Studio(editor, dict(editor.defaults), str(tmp_path_factory.mktemp("studio")), label=smoke.LABEL,
-                      max_samples=8)
+    return studio_lib.Studio(editor, dict(editor.defaults), str(tmp_path_factory.mktemp("studio")),
+                             label=smoke.LABEL, max_samples=8)
 
 
 def painted(box=(100, 200, 150, 300)) -> dict:
@@ -185,24 +186,24 @@ def test_a_runs_inputs_are_written_at_full_size_with_the_window_drawn(studio, tm
     from bdjax import outputs
 
     request, _ = prepare(studio, value=painted(SMALL))
-    app.write_inputs(request.inputs, str(tmp_path), {"prompt": "a cup of tea"})
-    np.testing.assert_array_equal(outputs.read_png(str(tmp_path / app.SOURCE)), photo_rgb())
-    with Image.open(tmp_path / app.MASK) as im:
+    studio_lib.write_inputs(request.inputs, str(tmp_path), {"prompt": "a cup of tea"})
+    np.testing.assert_array_equal(outputs.read_png(str(tmp_path / studio_lib.SOURCE)), photo_rgb())
+    with Image.open(tmp_path / studio_lib.MASK) as im:
         np.testing.assert_array_equal(np.asarray(im), box_mask(SMALL))
-    for name, shape in zip(app.MODEL_INPUTS, [(smoke.IMAGE_SIZE,) * 2 + (3,), (smoke.IMAGE_SIZE,) * 2]):
+    for name, shape in zip(studio_lib.MODEL_INPUTS, [(smoke.IMAGE_SIZE,) * 2 + (3,), (smoke.IMAGE_SIZE,) * 2]):
         with Image.open(tmp_path / name) as im:
             assert np.asarray(im).shape == shape
-    assert outputs.read_provenance(str(tmp_path / app.WINDOW)) == {"kind": "window", "prompt": "a cup of tea",
+    assert outputs.read_provenance(str(tmp_path / studio_lib.WINDOW)) == {"kind": "window", "prompt": "a cup of tea",
                                                                    "bdjax_version": bdjax.__version__}
 
     # The window, drawn as a yellow frame on the photo: its corners are yellow or black, the
     # pixels well inside and outside it the photo's.
-    preview = outputs.read_png(str(tmp_path / app.WINDOW))
+    preview = outputs.read_png(str(tmp_path / studio_lib.WINDOW))
     assert preview.shape == (320, 480, 3)  # not wider than PREVIEW_WIDTH: as it is
     left, top, right, bottom = request.inputs.window.inside
     frame = np.zeros((320, 480), bool)
     frame[top:bottom, left:right] = True
-    line = app.frame_line((480, 320))
+    line = studio_lib.frame_line((480, 320))
     assert line == 4
     frame[top + 2 * line:bottom - 2 * line, left + 2 * line:right - 2 * line] = False  # black, then yellow
     drawn = (preview != photo_rgb()).any(axis=-1)
@@ -215,13 +216,13 @@ def test_a_runs_inputs_are_written_at_full_size_with_the_window_drawn(studio, tm
     mask = np.zeros((2000, 3000), bool)
     mask[1000:1200, 2000:2300] = True
     inputs = request_lib.prepare_inputs(large, mask, image_size=smoke.IMAGE_SIZE)
-    preview = app.window_preview(inputs)
+    preview = studio_lib.window_preview(inputs)
     assert preview.shape[1] == 1024 and abs(preview.shape[0] - 2000 * 1024 / 3000) <= 1
     yellow = np.argwhere((preview == (255, 214, 0)).all(axis=-1))
     (y0, x0), (y1, x1) = yellow.min(axis=0), yellow.max(axis=0)
     scale = 1024 / 3000
     box = np.array(inputs.window.inside) * scale
-    line = app.frame_line(preview.shape[1::-1])
+    line = studio_lib.frame_line(preview.shape[1::-1])
     assert abs(x0 - box[0]) <= line + 2 and abs(y0 - box[1]) <= line + 2  # the yellow line is inside the black
     assert abs(x1 - box[2]) <= line + 2 and abs(y1 - box[3]) <= line + 2
 
@@ -237,14 +238,14 @@ def test_a_sample_of_the_app_is_reproduced_by_launch_edit_from_its_seed_and_k(st
     program_flags.unparse_flags()
     program_flags(["app", "--config=smoke"])  # the runtime flags a run's provenance reads
     request, _ = prepare(studio, value=painted(SMALL), prompt="a cup of tea", num_samples=3, seed=7)
-    run = app.Run(studio.new_run_dir(), "a", studio.submitted("a"))
-    *_, (stage, ranked, writer) = studio.edit(request, run, "painted")
+    run = studio_lib.Run(studio.new_run_dir(), "a", studio.submitted("a"))
+    *_, (stage, entry, writer) = studio.edit(request, run, "painted")
     studio.finished(run)
-    assert stage == "done" and len(ranked) == 3
+    assert stage == "done" and len(entry.gallery) == 3 and entry.state.startswith("3 results ranked")
     out = os.path.join(run.directory, "cli")
     proc = subprocess.run([sys.executable, "-m", "launch.edit", "--config=smoke", "--prompt=a cup of tea",
-                           f"--init_image={os.path.join(run.directory, app.SOURCE)}",
-                           f"--mask={os.path.join(run.directory, app.MASK)}", "--seed=7", "--num_samples=3",
+                           f"--init_image={os.path.join(run.directory, studio_lib.SOURCE)}",
+                           f"--mask={os.path.join(run.directory, studio_lib.MASK)}", "--seed=7", "--num_samples=3",
                            f"--output_dir={out}", f"--compilation_cache_dir={jax.config.jax_compilation_cache_dir}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -259,13 +260,13 @@ def test_a_sample_of_the_app_is_reproduced_by_launch_edit_from_its_seed_and_k(st
 
 
 def test_captions_and_messages():
-    assert app.caption(0, 0.71234, 404, 5, "") == "#0 d=0.7123 seed 404 sample 5"
-    assert app.caption(3, 1.0, 1, 2, smoke.LABEL) == "#3 d=1.0000 seed 1 sample 2 (smoke)"
+    assert studio_lib.caption(0, 0.71234, 404, 5, "") == "#0 d=0.7123 seed 404 sample 5"
+    assert studio_lib.caption(3, 1.0, 1, 2, smoke.LABEL) == "#3 d=1.0000 seed 1 sample 2 (smoke)"
     assert app.plain("error: skip_timesteps=[0, 25) *x* <b>") == r"error: skip\_timesteps=\[0, 25) \*x\* \<b\>"
 
 
 def test_runs_get_their_own_folder(tmp_path):
-    studio = app.Studio(None, {}, str(tmp_path))
+    studio = studio_lib.Studio(None, {}, str(tmp_path))
     (tmp_path / "run_0007").mkdir()
     (tmp_path / "notes").mkdir()
     assert [os.path.basename(studio.new_run_dir()) for _ in range(2)] == ["run_0008", "run_0009"]
@@ -274,7 +275,7 @@ def test_runs_get_their_own_folder(tmp_path):
 def test_a_results_folder_removed_while_serving_is_made_again_or_named(tmp_path):
     """The next run recreates a results folder someone removed; one that cannot be made (a file in
     its way) is one line naming it, for the page."""
-    studio = app.Studio(None, {}, str(tmp_path / "results"))
+    studio = studio_lib.Studio(None, {}, str(tmp_path / "results"))
     assert os.path.basename(studio.new_run_dir()) == "run_0001"
     shutil.rmtree(tmp_path / "results")
     assert os.path.basename(studio.new_run_dir()) == "run_0001" and (tmp_path / "results" / "run_0001").is_dir()
@@ -320,16 +321,13 @@ def test_a_page_that_goes_away_mid_run_still_gets_its_run_ranked_and_zipped(stud
 
     program_flags.unparse_flags()
     program_flags(["app", "--config=smoke"])  # the runtime flags a run's provenance reads
-    components = {name: name for name in ("photo", "mask_file", "invert", "prompt", "num_samples", "seed",
-                                          "run_button", "cancel_button", "status", "gallery", "source_used",
-                                          "mask_used", "grid", "downloads", "submitted")}
-    page = app.Page(advanced={name: name for name in studio.defaults}, **components)
+    page = named_page(studio)
     values = {"photo": painted(SMALL), "mask_file": None, "invert": False, "prompt": "a cup of tea",
-              "num_samples": 4, "seed": 3, "submitted": studio.submitted("gone"),
-              **{name: value for name, value in studio.defaults.items()}, "batch_size": 2}
+              "num_samples": 4, "seed": 3, "submitted": studio.submitted("gone"), "visitor": "", "frame": None,
+              "grow": 0, **{name: value for name, value in studio.defaults.items()}, "batch_size": 2}
     run = app.Handlers(studio, page).run(values, "gone", progress=None)
     said = [next(run) for _ in range(2)]  # "sampling ...", then the first batch's progress
-    assert said[1][0].startswith("2 of 4 samples done"), said[1][0]
+    assert said[1]["status"].startswith("2 of 4 samples done"), said[1]["status"]
     run.close()  # as Gradio does when the page is gone
     [folder] = [d for d in os.listdir(studio.output_dir) if os.path.isfile(os.path.join(studio.output_dir, d,
                                                                                            outputs.REPORT))
@@ -338,30 +336,39 @@ def test_a_page_that_goes_away_mid_run_still_gets_its_run_ranked_and_zipped(stud
     report = json.load(open(os.path.join(directory, outputs.REPORT)))
     assert report["inputs"]["cancelled_after"] == 2 and len(report["samples"]) == 2
     assert os.path.isfile(os.path.join(directory, outputs.GRID))
-    with zipfile.ZipFile(os.path.join(directory, app.RESULTS_ZIP)) as archive:
+    with zipfile.ZipFile(os.path.join(directory, studio_lib.RESULTS_ZIP)) as archive:
         names = set(archive.namelist())
     assert {"source.png", "mask.png", "grid.png", "report.json"} <= names and len(names) == 6
     assert studio.pending.get("gone", 0) == 0  # the request counts as finished
 
 
+def named_page(studio) -> "app.Page":
+    """The page's components as their field names (the advanced fields as their options'), so
+    that the handlers' dicts read by name."""
+    import dataclasses
+
+    names = {f.name: f.name for f in dataclasses.fields(app.Page) if f.name != "advanced"}
+    return app.Page(advanced={name: name for name in studio.defaults}, **names)
+
+
 def test_cancel_applies_to_the_sessions_pending_requests_only():
-    studio = app.Studio(None, {}, "")
+    studio = studio_lib.Studio(None, {}, "")
     assert studio.cancel("a") is False  # nothing pending: nothing to cancel
-    first = app.Run("", "a", studio.submitted("a"))
-    other = app.Run("", "b", studio.submitted("b"))
+    first = studio_lib.Run("", "a", studio.submitted("a"))
+    other = studio_lib.Run("", "b", studio.submitted("b"))
     assert studio.cancel("a") and studio.is_cancelled(first) and not studio.is_cancelled(other)
     studio.finished(first)
-    later = app.Run("", "a", studio.submitted("a"))  # a new request after the cancel runs
+    later = studio_lib.Run("", "a", studio.submitted("a"))  # a new request after the cancel runs
     assert not studio.is_cancelled(later)
 
 
 def test_compiling_is_shown_as_a_stage_of_the_progress():
     calls = []
-    studio = app.Studio(None, {}, "")
+    studio = studio_lib.Studio(None, {}, "")
     studio.show_compiling()  # no request running: nothing to show it on
     studio.progress = lambda value, desc=None: calls.append((value, desc))
     studio.show_compiling()
-    assert calls == [(0, app.PREPARING)]
+    assert calls == [(0, studio_lib.PREPARING)]
 
 
 def test_without_gradio_the_app_names_the_extra_to_install():

@@ -18,8 +18,9 @@
   of the test-only references (torch, kornia, guided_diffusion, clip, the lpips pip package) nor
   gradio when imported: a user without them imports every module.
 - bench/ and tests/ are not installed, so nothing installed imports them.
-- A launch program (edit, batch_edit, extrapolate, app) imports only launch.cli and
-  launch.runtime, never another program.
+- A launch program (edit, batch_edit, extrapolate, app) imports only the shared launch modules
+  (launch.cli, launch.runtime, launch.platform) and its own parts (launch.studio is the app's),
+  never another program or another program's part.
 """
 
 import ast
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTSIDE_BDJAX = ("launch", "checkpoints_convert", "bench")
 NOT_AT_IMPORT = ("torch", "kornia", "guided_diffusion", "clip", "lpips", "gradio")
 LAUNCH_SHARED = ("launch", "launch.cli", "launch.runtime", "launch.platform")
+# A program split into modules: each part is imported by its program only.
+PROGRAM_PARTS = {"launch.studio": "launch.app"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,15 +330,19 @@ def test_a_launch_program_imports_only_the_shared_launch_modules(program):
     path = ROOT / "launch" / f"{program}.py"
     assert path.is_file(), path
     used = {m for m in imported_modules(path) if m.split(".")[0] == "launch"}
-    assert used <= set(LAUNCH_SHARED), used - set(LAUNCH_SHARED)
+    own = {part for part, owner in PROGRAM_PARTS.items() if owner == f"launch.{program}"}
+    assert used <= set(LAUNCH_SHARED) | own, used - set(LAUNCH_SHARED) - own
 
 
-def test_no_launch_module_imports_a_program():
-    programs = {module_name(p) for p in python_files("launch")} - set(LAUNCH_SHARED)
+def test_no_launch_module_imports_a_program_or_another_programs_part():
+    programs = {module_name(p) for p in python_files("launch")} - set(LAUNCH_SHARED) - set(PROGRAM_PARTS)
     assert programs >= {"launch.edit", "launch.batch_edit", "launch.extrapolate", "launch.app"}, programs
     offending = []
     for path in python_files("launch"):
+        name = module_name(path)
         for module in imported_modules(path):
             if module in programs or any(module.startswith(p + ".") for p in programs):
                 offending.append(f"{path.relative_to(ROOT)} imports {module}")
+            elif module in PROGRAM_PARTS and PROGRAM_PARTS[module] not in (name, PROGRAM_PARTS.get(name)):
+                offending.append(f"{path.relative_to(ROOT)} imports {module}, a part of {PROGRAM_PARTS[module]}")
     assert not offending, "\n".join(offending)
