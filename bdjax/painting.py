@@ -37,7 +37,7 @@ from bdjax import window as window_lib
 # The transparent margin `framed` puts around a photo: a fraction of its long side, at least
 # MIN_MARGIN pixels, so that a stroke can begin beside the photo at any zoom.
 MARGIN_FRACTION, MIN_MARGIN = 0.08, 16
-# The colour and opacity of a mask restored as a painted layer (the web app's brush).
+# The web app's brush: its colour and opacity.
 BRUSH_RGBA = (255, 0, 160, 153)
 MAX_GROW = window_lib.MAX_FEATHER  # pixels
 
@@ -102,40 +102,42 @@ def margin_for(size: tuple[int, int]) -> int:
     return max(MIN_MARGIN, round(MARGIN_FRACTION * max(size)))
 
 
-def framed(image, mask=None) -> tuple[dict, dict]:
+def framed(image) -> tuple[dict, dict]:
     """An image editor's value for `image` (a path, PIL image or array) with a transparent margin
-    around it, and its frame ({"margin", "width", "height"}, for `from_editor`). With `mask`
-    ([H, W], non-zero where to edit), the editor's one layer has it painted in BRUSH_RGBA, as a
-    user would have painted it; else the layer is empty."""
+    around it and one empty layer to paint on, and its frame ({"margin", "width", "height"}, for
+    `from_editor`)."""
     photo = np.asarray(image_io.to_pil(image, "image").convert("RGBA"))
     height, width = photo.shape[:2]
     margin = margin_for((width, height))
     canvas = np.zeros((height + 2 * margin, width + 2 * margin, 4), np.uint8)
     canvas[margin:margin + height, margin:margin + width] = photo
-    layer = np.zeros_like(canvas)
-    if mask is not None:
-        region = coverage(mask, (width, height))
-        layer[margin:margin + height, margin:margin + width][region] = BRUSH_RGBA
-    return ({"background": canvas, "layers": [layer], "composite": None},
+    return ({"background": canvas, "layers": [np.zeros_like(canvas)], "composite": None},
             {"margin": margin, "width": width, "height": height})
+
+
+def is_framed(background, frame: Mapping | None) -> bool:
+    """Whether `background` (an editor's) is the photo of `frame` as `framed` put it there: the
+    frame's size, RGBA, its margin fully transparent."""
+    if not frame or background is None:
+        return False
+    image = _array(background, "image")
+    margin, width, height = (int(frame[k]) for k in ("margin", "width", "height"))
+    if margin <= 0 or image.shape != (height + 2 * margin, width + 2 * margin, 4):
+        return False
+    ring = image[..., 3].copy()
+    ring[margin:margin + height, margin:margin + width] = 0
+    return not ring.any()
 
 
 def _unframe(background, layers: Sequence, frame: Mapping | None):
     """The photo and the painted region [H, W] of an editor's value: with the margin of `frame`
-    cut off where the background is that frame (its size, its margin fully transparent); else
-    the background as it is."""
+    cut off where the background is that frame's (`is_framed`); else the background as it is
+    (another image was put in since)."""
     image = _array(background, "image")
     covered = painted_region(image, layers)
-    if not frame:
+    if not is_framed(image, frame):
         return background, covered
     margin, width, height = (int(frame[k]) for k in ("margin", "width", "height"))
-    if margin <= 0 or image.shape[:2] != (height + 2 * margin, width + 2 * margin) \
-            or image.ndim != 3 or image.shape[-1] != 4:
-        return background, covered  # not the framed photo (another image was put in since)
-    ring = image[..., 3].copy()
-    ring[margin:margin + height, margin:margin + width] = 0
-    if ring.any():
-        return background, covered
     inside = (slice(margin, margin + height), slice(margin, margin + width))
     return image[inside], covered[inside]
 

@@ -152,7 +152,7 @@ def components():
         try:
             return preprocess(payload)
         except Exception as e:  # Pillow's and Gradio's errors for files they cannot decode
-            reason = " ".join(str(e).split()) or type(e).__name__
+            reason = " ".join(str(e).split()).rstrip(". ") or type(e).__name__
             return Unreadable(f"{reason[:200]}: upload the {what} as a PNG, JPEG or WebP of at most "
                               f"{image_io.MAX_PIXELS:,} pixels")
 
@@ -447,28 +447,30 @@ class Handlers:
         if not entry.gallery:
             return {page.status: f"{entry.name}: {entry.state} (no results to show)"}
         try:
-            value, frame = painting.framed(os.path.join(entry.directory, SOURCE),
-                                           mask=np.asarray(image_io.to_pil(os.path.join(entry.directory, MASK),
-                                                                           "mask").convert("L")))
+            value, frame = painting.framed(os.path.join(entry.directory, SOURCE))
         except (ValueError, OSError) as e:  # its folder was removed or changed since
             return {page.status: plain(f"error: {entry.name} cannot be reopened: {e}")}
-        restored = {page.photo: value, page.frame: frame, page.mask_file: None, page.invert: False, page.grow: 0,
+        restored = {page.photo: value, page.frame: frame, page.mask_file: os.path.join(entry.directory, MASK),
+                    page.invert: False, page.grow: 0,
                     **{page.advanced[k]: v for k, v in entry.values.items() if k in page.advanced}}
         for field in ("prompt", "num_samples", "seed"):
             restored[getattr(page, field)] = entry.values.get(field)
         restored[page.strength] = strength_of(entry.values.get("skip_timesteps"),
                                               entry.values.get("timestep_respacing"))
         return {**self.show(entry, visitor), **restored,
-                page.status: f"reopened {entry.name}: {entry.state}; its photo and the mask used are in the editor "
-                             "(press edit to run it again, or change them)"}
+                page.status: f"reopened {entry.name}: {entry.state}; its photo is in the editor and the mask used "
+                             "in the mask box (press edit to run it again, or change them)"}
 
-    def upload(self, value) -> dict:
+    def upload(self, value, frame) -> dict:
         """A photo put into the editor: framed by a transparent margin, so that strokes can start
-        beside it (painting.framed)."""
+        beside it (painting.framed). The editor says "upload" for a photo the page put there too
+        (a framed one): that is left as it is."""
         from bdjax import painting
 
         page = self.page
         background = None if value is None else value.get("background") if isinstance(value, dict) else value
+        if painting.is_framed(background, frame):
+            return {}
         if isinstance(background, Unreadable) or isinstance(value, Unreadable):
             return {page.photo: None, page.frame: None,
                     page.status: plain(f"error: the photo could not be read: {background or value}")}
@@ -528,14 +530,14 @@ class Handlers:
                                                        "and options, edit gives the same results again"}
 
     def example(self, index: int) -> dict:
-        """Load example `index`: its photo with its mask painted, its prompt, and invert where it
-        replaces a background."""
+        """Load example `index`: its photo, its mask (in the mask box), its prompt, and invert where
+        it replaces a background."""
         from bdjax import painting
 
         page = self.page
         photo_path, mask_path, prompt, inverted = examples_at_hand()[index]
-        value, frame = painting.framed(photo_path, mask=np.asarray(image_io.to_pil(mask_path, "mask").convert("L")))
-        return {page.photo: value, page.frame: frame, page.mask_file: None, page.invert: inverted,
+        value, frame = painting.framed(photo_path)
+        return {page.photo: value, page.frame: frame, page.mask_file: mask_path, page.invert: inverted,
                 page.prompt: prompt, page.status: "example loaded: press edit (or change the mask or the prompt)"}
 
     def submit(self, session: str) -> float:
@@ -585,7 +587,7 @@ def build_page(studio: Studio):
         page.history.focus(handlers.history_update, page.visitor, page.history, queue=False)
         quiet = dict(show_progress="hidden")  # quick events: no timer over the status
         page.history.input(handlers.reopen, [page.visitor, page.history], page.results + page.restored, **quiet)
-        page.photo.upload(handlers.upload, page.photo, [page.photo, page.frame, page.status], **quiet)
+        page.photo.upload(handlers.upload, [page.photo, page.frame], [page.photo, page.frame, page.status], **quiet)
         page.mask_file.upload(handlers.mask_upload, page.mask_file, [page.mask_file, page.status], queue=False)
         page.preview.click(handlers.preview, page.inputs, [page.source_used, page.mask_used, page.status], **quiet)
         page.gallery.select(select, page.shown, [page.selected, page.compare], queue=False)

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import bdjax
+from bdjax import outputs
 from bdjax import request as request_lib
 from bdjax import smoke
 from launch import app
@@ -315,8 +316,6 @@ def test_a_page_that_goes_away_mid_run_still_gets_its_run_ranked_and_zipped(stud
     import json
     import zipfile
 
-    import gradio  # noqa: F401  the handlers' gr.skip()
-
     from bdjax import outputs
 
     program_flags.unparse_flags()
@@ -378,3 +377,170 @@ def test_without_gradio_the_app_names_the_extra_to_install():
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: the web app needs Gradio: pip install -e '.[app]'"
+
+
+def page_values(studio, **values) -> dict:
+    """A request's page values by field name (named_page), the coffee photo painted at SMALL."""
+    return {"photo": painted(SMALL), "mask_file": None, "invert": False, "prompt": "a cup of tea", "num_samples": 2,
+            "seed": 404, "grow": 0, "submitted": 0.0, "visitor": "", "frame": None, **studio.defaults, **values}
+
+
+def test_each_browsers_history_is_its_own_and_bounded(monkeypatch):
+    monkeypatch.setattr(studio_lib, "MAX_HISTORY", 3)
+    monkeypatch.setattr(studio_lib, "MAX_VISITORS", 2)
+    studio = studio_lib.Studio(None, {}, "")
+    for k in range(5):
+        studio.record("a", studio_lib.Entry(f"run_{k:04d}", "", {"prompt": "x" * 50, "seed": k}))
+    assert [e.name for e in studio.runs_of("a")] == ["run_0004", "run_0003", "run_0002"]  # newest first, 3 kept
+    assert studio.runs_of("b") == [] and studio.runs_of("") == [] and studio.entry("b", "run_0004") is None
+    assert studio.runs_of("a")[0].label == f"run_0004: {'x' * 39 + '...'!r}, seed 4, running"
+    studio.record("b", studio_lib.Entry("run_0005", "", {}))
+    studio.record("c", studio_lib.Entry("run_0006", "", {}))
+    assert studio.runs_of("a") == [] and len(studio.history) == 2  # the least recently active left
+
+
+def test_a_run_joins_its_browsers_history_and_is_reopened_compared_and_used_as_the_next_photo(studio,
+                                                                                               program_flags):
+    """A finished run is listed for its browser only; reopened, it shows its results and puts its
+    photo (framed) and the mask used back; a clicked result is compared with the photo, becomes
+    the next photo at its full size, or gives its seed back."""
+    from bdjax import painting
+
+    program_flags.unparse_flags()
+    program_flags(["app", "--config=smoke"])
+    page = named_page(studio)
+    handlers = app.Handlers(studio, page)
+    said = handlers.load("")
+    visitor = said["visitor"]
+    assert len(visitor) >= 16 and handlers.load(visitor)["visitor"] == visitor  # made once, then kept
+    values = page_values(studio, visitor=visitor, seed=11, submitted=studio.submitted("s"))
+    *_, last = handlers.run(values, "s", progress=None)
+    assert last["status"].startswith("2 results ranked") and studio.pending.get("s", 0) == 0
+    [entry] = studio.runs_of(visitor)
+    assert entry.state.startswith("2 results ranked") and entry.values["seed"] == 11
+    assert [c for _, c in handlers.history_update(visitor)["choices"]] == [entry.name]
+    assert handlers.history_update("someone else")["choices"] == []
+    assert handlers.reopen("someone else", entry.name) == {"history": handlers.history_update("someone else")}
+
+    shown = handlers.reopen(visitor, entry.name)
+    assert shown["status"].startswith(f"reopened {entry.name}: 2 results ranked")
+    assert [path for path, _ in shown["gallery"]] == shown["shown"]["paths"] and len(shown["gallery"]) == 2
+    assert shown["mask_file"] == os.path.join(entry.directory, studio_lib.MASK) and shown["seed"] == 11
+    assert (shown["prompt"], shown["num_samples"], shown["invert"]) == ("a cup of tea", 2, False)
+    reopened = painting.from_editor({**shown["photo"], "layers": []}, shown["mask_file"], frame=shown["frame"])
+    np.testing.assert_array_equal(reopened.image, photo_rgb())
+    # Reopened, it runs again as it ran: the same photo and mask.
+    request, _ = studio.prepare(shown["photo"], shown["mask_file"], False, "a cup of tea", 2, 11,
+                                {**studio.defaults}, frame=shown["frame"])
+    np.testing.assert_array_equal(request.full_mask, outputs_mask(entry.directory))
+
+    best, second = shown["shown"]["paths"]
+    assert handlers.select(shown["shown"], 1) == {"selected": 1, "compare": (shown["shown"]["source"], second)}
+    assert handlers.select(shown["shown"], 5) == {} and handlers.select(None, 0) == {}
+    used = handlers.use(shown["shown"], 1)
+    assert used["mask_file"] is None and used["status"].startswith("result #1 is now the photo")
+    np.testing.assert_array_equal(painting.from_editor({**used["photo"], "layers": [painted(SMALL)["layers"][0]]},
+                                                       frame=used["frame"]).image, outputs.read_png(second))
+    assert handlers.use(None, None) == {"status": "no results yet: run an edit first, then click a result"}
+    assert handlers.reuse(shown["shown"])["seed"] == 11
+
+
+def outputs_mask(directory: str) -> np.ndarray:
+    with Image.open(os.path.join(directory, studio_lib.MASK)) as im:
+        return np.asarray(im.convert("L"))
+
+
+def test_undecodable_uploads_are_one_line_and_the_session_runs_its_next_request(studio, tmp_path):
+    """A file the page's image components cannot decode (not an image, an SVG, a PNG declaring
+    20000 x 20000 pixels) reaches the handlers as its reason; the run says it in one line, counts
+    as finished (cancel then has nothing to stop), and the next request is prepared."""
+    import struct
+    import zlib
+
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import FileData, ImageData
+
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>')
+    Image.new("L", (1, 1)).save(tmp_path / "huge.png")
+    png = bytearray((tmp_path / "huge.png").read_bytes())
+    ihdr = struct.pack(">II", 20000, 20000) + png[24:29]
+    png[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (tmp_path / "huge.png").write_bytes(bytes(png))
+
+    PhotoEditor, MaskImage = app.components()
+    editor, mask = PhotoEditor(type="numpy", image_mode="RGBA", render=False), MaskImage(type="filepath",
+                                                                                       image_mode=None, render=False)
+    assert editor.get_block_name() == "imageeditor" and mask.get_block_name() == "image"
+    handlers = app.Handlers(studio, named_page(studio))
+    for name in ("notes.png", "drawing.svg", "huge.png"):
+        path = str(tmp_path / name)
+        photo = editor.preprocess(EditorData(background=FileData(path=path, orig_name=name)))
+        uploaded = mask.preprocess(ImageData(path=path, orig_name=name))
+        assert isinstance(photo, studio_lib.Unreadable), name
+        # Gradio hands an SVG mask over as its path, which bdjax's decoder refuses in one line.
+        assert isinstance(uploaded, studio_lib.Unreadable) or name.endswith(".svg"), name
+        said = handlers.upload(photo, None)
+        assert said["photo"] is None and said["status"].startswith("error: the photo could not be read: "), said
+        assert "\n" not in said["status"] and "upload the photo as a PNG, JPEG or WebP" in said["status"]
+        if isinstance(uploaded, studio_lib.Unreadable):
+            assert handlers.mask_upload(uploaded)["mask_file"] is None
+        values = page_values(studio, photo=photo, submitted=studio.submitted("u"))
+        [said] = list(handlers.run(values, "u", progress=None))
+        assert said["status"].startswith("error: the photo could not be read: ") and "\n" not in said["status"]
+        assert studio.pending.get("u", 0) == 0 and handlers.cancel("u") == "nothing to cancel"
+        values = page_values(studio, mask_file=uploaded, photo={**painted(SMALL), "layers": []})
+        with pytest.raises(ValueError, match="the uploaded mask could not be read: |is not a readable image") as e:
+            handlers.prepare(values)
+        assert "\n" not in str(e.value)
+    assert "Image size (400000000 pixels) exceeds limit" in photo  # the huge PNG's reason, from Pillow
+    handlers.prepare(page_values(studio))  # the next request is fine
+
+
+def test_an_uploaded_photo_is_framed_once():
+    """The editor reports "upload" for a photo the page put there too: a framed photo is left as it is."""
+    from bdjax import painting
+
+    handlers = app.Handlers(studio_lib.Studio(None, {}, ""), named_page(studio_lib.Studio(None, {}, "")))
+    said = handlers.upload({"background": photo_rgb(), "layers": []}, None)
+    assert said["status"].startswith("photo 480x320 loaded")
+    assert painting.is_framed(said["photo"]["background"], said["frame"])
+    assert handlers.upload(said["photo"], said["frame"]) == {}
+
+
+def test_strength_is_the_share_of_the_steps_run():
+    assert app.strength_of(25, "100") == 0.75 and app.skip_of(0.75, "100") == 25
+    assert app.skip_of(1.0, "100") == 0 and app.skip_of(0.01, "100") == 99 and app.skip_of(0, "100") == 99
+    assert app.strength_of(15, "25") == 0.4 and app.skip_of(0.4, "25") == 15
+    assert app.strength_of(25, "not a schedule") is None and app.skip_of(0.5, "abc") is None
+
+
+def test_examples_load_their_photo_mask_and_prompt(studio):
+    from bdjax import painting
+
+    found = app.examples_at_hand()
+    assert [(os.path.basename(p), os.path.basename(m), t, i) for p, m, t, i in found] == list(app.EXAMPLES)
+    said = app.Handlers(studio, named_page(studio)).example(2)
+    assert (said["prompt"], said["invert"]) == ("the surface of the moon", True)
+    assert said["mask_file"].endswith("astronaut_subject_mask.png") and said["frame"]["width"] == 384
+    assert painting.is_framed(said["photo"]["background"], said["frame"])
+
+
+def test_the_mask_preview_tints_the_region_grown_and_frames_the_window(studio):
+    handlers = app.Handlers(studio, named_page(studio))
+    plain_preview = handlers.preview(page_values(studio))
+    grown = handlers.preview(page_values(studio, grow=10))
+    top, bottom, left, right = SMALL
+    np.testing.assert_array_equal(plain_preview["mask_used"], box_mask(SMALL))
+    assert (grown["mask_used"] > 0).sum() > (box_mask(SMALL) > 0).sum()
+    assert (grown["mask_used"][top - 10:bottom + 10, left - 10:right + 10] > 0).sum() == (grown["mask_used"] > 0).sum()
+    image = plain_preview["source_used"]
+    assert image.shape == (320, 480, 3)
+    inside = image[top + 5:bottom - 5, left + 5:right - 5].astype(int)
+    expected = (photo_rgb()[top + 5:bottom - 5, left + 5:right - 5] * 0.5 + np.array(studio_lib.TINT) * 0.5)
+    assert np.abs(inside - expected).max() <= 1
+    np.testing.assert_array_equal(image[:40, -40:], photo_rgb()[:40, -40:])  # far from the window: the photo
+    assert plain_preview["status"].startswith("mask preview")
+    # With the mask inverted, grow widens what changes: what is kept shrinks.
+    inverted = handlers.preview(page_values(studio, invert=True, grow=10))
+    assert (inverted["mask_used"] == 0).sum() < (box_mask(SMALL) > 0).sum()

@@ -188,3 +188,48 @@ def test_gradio_image_editor_values(tmp_path):
     painted = painting.from_editor(value)
     np.testing.assert_array_equal(painted.mask, expected([(3, 27, 6, 36)], erased=[(10, 12, 0, 40)]))
     np.testing.assert_array_equal(np.asarray(painted.image)[..., :3], photo()[..., :3])
+
+
+def test_a_framed_photo_gets_a_transparent_margin_and_a_stroke_begun_there_paints_its_part():
+    """framed() puts the photo in a transparent margin; a stroke painted from the margin onto the
+    photo (as a user starts one beside the photo) counts where it is on the photo, from its edge."""
+    value, frame = painting.framed(Image.fromarray(photo()[..., :3]))
+    m = painting.margin_for((W, H))
+    assert m == painting.MIN_MARGIN and frame == {"margin": m, "width": W, "height": H}
+    canvas = value["background"]
+    assert canvas.shape == (H + 2 * m, W + 2 * m, 4) and [layer.shape for layer in value["layers"]] == [canvas.shape]
+    assert not canvas[:m].any() and not canvas[:, :m].any() and (canvas[m:m + H, m:m + W, 3] == 255).all()
+    np.testing.assert_array_equal(canvas[m:m + H, m:m + W, :3], photo()[..., :3])
+    stroke = np.zeros_like(canvas)
+    stroke[m + 10:m + 14, 2:m + 6] = (255, 0, 160, 153)  # begun in the margin, 6 pixels onto the photo
+    painted = painting.from_editor({**value, "layers": [stroke]}, frame=frame)
+    np.testing.assert_array_equal(painted.image, photo()[..., :3])  # the photo, its margin cut off
+    np.testing.assert_array_equal(painted.mask, expected([(10, 14, 0, 6)]))
+    # A large photo's margin is a fraction of its long side.
+    assert painting.margin_for((1600, 900)) == round(painting.MARGIN_FRACTION * 1600)
+
+
+def test_a_frame_that_is_not_the_editors_photo_is_ignored():
+    """Another image put into the editor since (a size that differs, or a margin that is not
+    transparent) is taken as it is."""
+    value, frame = painting.framed(photo())
+    other = {"background": photo(), "layers": [layer([(0, 5, 0, 5)])]}
+    assert not painting.is_framed(photo(), frame)
+    np.testing.assert_array_equal(painting.from_editor(other, frame=frame).mask, expected([(0, 5, 0, 5)]))
+    filled = value["background"].copy()
+    filled[0, 0, 3] = 255  # an opaque pixel in the margin: not the framed photo
+    assert painting.is_framed(value["background"], frame) and not painting.is_framed(filled, frame)
+    assert painting.from_editor({"background": filled, "layers": [np.full_like(filled, 255)]},
+                                frame=frame).mask.shape == filled.shape[:2]
+
+
+def test_grow_widens_the_mask_by_euclidean_distance():
+    mask = np.zeros((21, 21), np.uint8)
+    mask[10, 10] = 255
+    grown = painting.grow(mask, 3) > 0
+    ys, xs = np.nonzero(grown)
+    assert ((ys - 10) ** 2 + (xs - 10) ** 2 <= 9).all() and grown.sum() == 29  # the lattice points of a disc
+    np.testing.assert_array_equal(painting.grow(mask, 0), mask)
+    for bad in (-1, painting.MAX_GROW + 1, 1.5, True):
+        with pytest.raises(image_io.InputError, match="grow must be a whole number of pixels"):
+            painting.grow(mask, bad)
