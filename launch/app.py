@@ -218,14 +218,13 @@ def layout(studio: Studio) -> Page:
     smoke = bool(studio.label)
     gr.Markdown(f"## {TITLE}\n"
                 "Upload a photo, paint over the region to change (brush size, eraser, undo and clear are in "
-                "the editor's toolbar; a stroke may start in the checkered margin, to reach the photo's edge) or "
-                "upload a mask, describe the new content, and press **edit**. Click a result to compare it with "
-                "the photo, to keep editing it, or to reuse its seed."
+                "the editor's toolbar) or upload a mask, describe the new content, and press **edit**."
                 + (f"\n\n**{studio.label}.**" if smoke else ""), elem_id="intro")
     with gr.Row():
         with gr.Column():
             photo = PhotoEditor(
-                label="photo: paint the region to change", type="numpy", image_mode="RGBA", format="png",
+                label="photo: paint the region to change (a stroke may start in the margin)", type="numpy",
+                image_mode="RGBA", format="png",
                 sources=("upload", "clipboard"), transforms=(), layers=False,
                 brush=gr.Brush(colors=[(f"rgb{painting.BRUSH_RGBA[:3]}", painting.BRUSH_RGBA[3] / 255)],
                                color_mode="fixed"),
@@ -286,6 +285,8 @@ def layout(studio: Studio) -> Page:
                     else:
                         advanced[field.name] = gr.Number(precision=0 if field.type == "int" else None, **common)
         with gr.Column():
+            gr.Markdown("Click a result to compare it with the photo, to keep editing it, or to reuse its seed.",
+                        elem_id="results-help")
             history = gr.Dropdown(label="your runs (this browser's, until the server stops): pick one to reopen it",
                                   choices=[], value=None, interactive=True, elem_id="history")
             gallery = gr.Gallery(label="results, best first" + (" (SMOKE: random networks)" if smoke else ""),
@@ -325,6 +326,12 @@ class Handlers:
     def say(self, text: str) -> dict:
         """Show `text` as the status."""
         return {self.page.status: text}
+
+    def unchanged(self) -> dict:
+        """Leave the page as it is (Gradio reads an empty dict as one value, not as no update)."""
+        import gradio as gr
+
+        return {self.page.status: gr.skip()}
 
     def run(self, values: dict, session: str, progress):
         """One request of `session`, from the page's `values` (by component), counted as finished
@@ -470,7 +477,7 @@ class Handlers:
         page = self.page
         background = None if value is None else value.get("background") if isinstance(value, dict) else value
         if painting.is_framed(background, frame):
-            return {}
+            return self.unchanged()
         if isinstance(background, Unreadable) or isinstance(value, Unreadable):
             return {page.photo: None, page.frame: None,
                     page.status: plain(f"error: the photo could not be read: {background or value}")}
@@ -488,7 +495,7 @@ class Handlers:
         if isinstance(value, Unreadable):
             return {self.page.mask_file: None, self.page.status: plain(f"error: the uploaded mask could not be "
                                                                         f"read: {value}")}
-        return {}
+        return self.unchanged()
 
     def preview(self, values: dict) -> dict:
         """The photo with the region to change tinted and the edit window drawn, and the mask as
@@ -507,7 +514,7 @@ class Handlers:
         """A result clicked: compared with the photo, and remembered for 'use' and 'reuse'."""
         page = self.page
         if not shown or index is None or not 0 <= index < len(shown["paths"]):
-            return {}
+            return self.unchanged()
         return {page.selected: index, page.compare: (shown["source"], shown["paths"][index])}
 
     def use(self, shown, selected) -> dict:
@@ -582,25 +589,26 @@ def build_page(studio: Studio):
 
         for event in (page.run_button.click, page.prompt.submit):  # the button, or Enter in the prompt
             event(submit, None, page.submitted, queue=False).then(run, page.inputs, page.results)
-        page.cancel_button.click(cancel, None, page.status, queue=False)
-        blocks.load(handlers.load, page.visitor, [page.visitor, page.history, page.status], queue=False)
-        page.history.focus(handlers.history_update, page.visitor, page.history, queue=False)
         quiet = dict(show_progress="hidden")  # quick events: no timer over the status
+        page.cancel_button.click(cancel, None, page.status, queue=False, **quiet)
+        blocks.load(handlers.load, page.visitor, [page.visitor, page.history, page.status], queue=False, **quiet)
+        page.history.focus(handlers.history_update, page.visitor, page.history, queue=False)
         page.history.input(handlers.reopen, [page.visitor, page.history], page.results + page.restored, **quiet)
         page.photo.upload(handlers.upload, [page.photo, page.frame], [page.photo, page.frame, page.status], **quiet)
-        page.mask_file.upload(handlers.mask_upload, page.mask_file, [page.mask_file, page.status], queue=False)
+        page.mask_file.upload(handlers.mask_upload, page.mask_file, [page.mask_file, page.status], queue=False,
+                              **quiet)
         page.preview.click(handlers.preview, page.inputs, [page.source_used, page.mask_used, page.status], **quiet)
-        page.gallery.select(select, page.shown, [page.selected, page.compare], queue=False)
+        page.gallery.select(select, page.shown, [page.selected, page.compare, page.status], queue=False, **quiet)
         page.use_button.click(handlers.use, [page.shown, page.selected],
                               [page.photo, page.frame, page.mask_file, page.invert, page.status], **quiet)
-        page.reuse_button.click(handlers.reuse, page.shown, [page.seed, page.status], queue=False)
-        page.dice.click(lambda: secrets_seed(), None, page.seed, queue=False)
+        page.reuse_button.click(handlers.reuse, page.shown, [page.seed, page.status], queue=False, **quiet)
+        page.dice.click(lambda: secrets_seed(), None, page.seed, queue=False, **quiet)
         respacing, skip = page.advanced["timestep_respacing"], page.advanced["skip_timesteps"]
         page.strength.input(lambda s, r: gr.skip() if skip_of(s, r) is None else skip_of(s, r),
-                            [page.strength, respacing], skip, queue=False)
+                            [page.strength, respacing], skip, queue=False, **quiet)
         for field in (skip, respacing):
             field.input(lambda k, r: gr.skip() if strength_of(k, r) is None else strength_of(k, r),
-                        [skip, respacing], page.strength, queue=False)
+                        [skip, respacing], page.strength, queue=False, **quiet)
         if page.examples is not None:
             page.examples.click(handlers.example, page.examples,
                                 [page.photo, page.frame, page.mask_file, page.invert, page.prompt, page.status],

@@ -436,7 +436,7 @@ def test_a_run_joins_its_browsers_history_and_is_reopened_compared_and_used_as_t
 
     best, second = shown["shown"]["paths"]
     assert handlers.select(shown["shown"], 1) == {"selected": 1, "compare": (shown["shown"]["source"], second)}
-    assert handlers.select(shown["shown"], 5) == {} and handlers.select(None, 0) == {}
+    assert handlers.select(shown["shown"], 5) == handlers.select(None, 0) == handlers.unchanged()
     used = handlers.use(shown["shown"], 1)
     assert used["mask_file"] is None and used["status"].startswith("result #1 is now the photo")
     np.testing.assert_array_equal(painting.from_editor({**used["photo"], "layers": [painted(SMALL)["layers"][0]]},
@@ -505,7 +505,7 @@ def test_an_uploaded_photo_is_framed_once():
     said = handlers.upload({"background": photo_rgb(), "layers": []}, None)
     assert said["status"].startswith("photo 480x320 loaded")
     assert painting.is_framed(said["photo"]["background"], said["frame"])
-    assert handlers.upload(said["photo"], said["frame"]) == {}
+    assert handlers.upload(said["photo"], said["frame"]) == handlers.unchanged()
 
 
 def test_strength_is_the_share_of_the_steps_run():

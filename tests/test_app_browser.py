@@ -10,8 +10,10 @@ the best result, downloaded from the page, is 1600 x 900 and equal to the upload
 feather from the mask. An empty mask then gives its one-line message, and the server
 still serves further requests: one is cancelled after a batch while another user's waits in the
 queue, its position shown, then runs, compiling its new configuration first (a stage the page
-shows). The server is stopped by its PID. Set BDJAX_APP_SCREENSHOT=path to keep the screenshot
-taken after the large photo's run (docs/app.png).
+shows). Beforehand, a stroke begun beside the photo (in the editor's margin) paints from the photo's
+edge; a clicked result is compared with the photo, used as the next photo and edited again; and a
+run reloaded mid-way is reopened from the browser's history. The server is stopped by its PID. Set
+BDJAX_APP_SCREENSHOT=path to keep the screenshot taken after the large photo's run (docs/app.png).
 """
 
 import io
@@ -30,7 +32,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdjax import smoke
+from bdjax import painting, smoke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COFFEE = os.path.join(ROOT, "examples", "coffee.png")
@@ -40,6 +42,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 STROKE = ((180, 110), (280, 110))  # over the cup, in the photo's pixels (480 x 320)
 BIG = (1600, 900)  # the coffee photo enlarged to a large photo of another shape
 BIG_STROKE = ((600, 310), (930, 310))  # over the cup, in its pixels
+EDGE_STROKE = ((-25, 60), (70, 60))  # begun 25 photo pixels left of the photo, in the editor's margin
 
 
 def chromium() -> str:
@@ -117,22 +120,32 @@ def open_page(browser, url: str):
 
 
 def upload_photo(page, path=COFFEE) -> dict:
-    """Upload the photo at `path`; returns where its pixels are on the screen (scale, left, top)."""
+    """Upload the photo at `path`; returns where its pixels are on the screen (scale, left, top).
+    The page puts it in the editor framed by a transparent margin (painting.framed) and says so."""
     page.locator("#photo input[type=file]").set_input_files(str(path))
-    zoom = page.locator("#photo").get_by_text(re.compile(r"^\d+%$"))
-    zoom.wait_for(timeout=30_000)
-    page.wait_for_timeout(500)  # the canvas settles on its zoom
-    box = page.locator("#photo canvas").first.bounding_box()
     with Image.open(path) as photo:
         width, height = photo.size
-    # The zoom shown is rounded to a percent: the photo's width on the canvas is more exact when it
-    # fills it (a large photo, shown zoomed out).
+    wait_status(page, rf"^photo {width}x{height} loaded", 60)
+    return framed_at(page, (width, height))
+
+
+def framed_at(page, size) -> dict:
+    """Where the pixels of a photo of `size`, framed in the editor, are on the screen."""
+    width, height = size
+    margin = painting.margin_for(size)
+    framed = (width + 2 * margin, height + 2 * margin)
+    zoom = page.locator("#photo").get_by_text(re.compile(r"^\d+%$"))
+    zoom.wait_for(timeout=30_000)
+    page.wait_for_timeout(700)  # the canvas settles on its zoom
+    box = page.locator("#photo canvas").first.bounding_box()
+    # The zoom shown is rounded to a percent: the framed photo's width on the canvas is more exact
+    # when it fills it (a large photo, shown zoomed out).
     scale = int(zoom.inner_text()[:-1]) / 100
-    if abs(width * scale - box["width"]) <= width * 0.005 + 1:
-        scale = box["width"] / width
-    # The editor shows the photo centred in its canvas at the zoom it shows.
-    return {"scale": scale, "left": box["x"] + (box["width"] - width * scale) / 2,
-            "top": box["y"] + (box["height"] - height * scale) / 2}
+    if abs(framed[0] * scale - box["width"]) <= framed[0] * 0.005 + 1:
+        scale = box["width"] / framed[0]
+    # The editor shows the framed photo centred in its canvas at the zoom it shows.
+    return {"scale": scale, "left": box["x"] + (box["width"] - framed[0] * scale) / 2 + margin * scale,
+            "top": box["y"] + (box["height"] - framed[1] * scale) / 2 + margin * scale}
 
 
 def paint(page, at: dict, stroke=STROKE, steps: int = 20) -> None:
@@ -232,12 +245,72 @@ def test_enter_submits_and_the_error_shows_by_the_button_without_scrolling(serve
             browser.close()
 
 
+def test_paint_from_beside_the_photo_keep_editing_a_result_and_reopen_a_run_after_a_reload(server):
+    """A stroke begun in the editor's margin, beside the photo, paints its part on the photo; a
+    clicked result is compared with the photo, then used as the next photo and edited again; a
+    reload mid-run leaves the run to end (ranked after its current batch), and this browser's
+    history reopens it, results and inputs."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = open_page(browser, server.url)  # its storage (this browser's id) is kept over reloads
+            paint(page, upload_photo(page), EDGE_STROKE)
+            run_edit(page, "a cup of green tea", 2)
+            assert wait_status(page, r"results ranked|error").startswith("2 results ranked")
+            mask = fetch_png(page, "#mask-used") > 0
+            check_mask_near(mask, ((0, EDGE_STROKE[0][1]), EDGE_STROKE[1]), 60)
+            assert mask[EDGE_STROKE[0][1], 0]  # from the photo's very edge
+
+            # The second result clicked: before/after shows it against the photo; then it is the photo.
+            files = downloads(page)
+            ranked = [name for name in files if re.fullmatch(r"\d{3}_\d+\.\d{4}\.png", name)]
+            second = fetch(page, files[ranked[1]])
+            page.locator("#results .thumbnail-item").nth(1).click()
+            page.wait_for_function("document.querySelectorAll('#compare img').length == 2", timeout=30_000)
+            page.locator("#use").click()
+            wait_status(page, r"^result #1 is now the photo")
+            paint(page, framed_at(page, (480, 320)))
+            run_edit(page, "a cup of coffee", 2)
+            assert wait_status(page, r"results ranked|error").startswith("2 results ranked")
+            np.testing.assert_array_equal(fetch(page, downloads(page)["source.png"]), second)
+
+            # Reloaded mid-run: the run ends after its current batch; the history reopens it.
+            run_edit(page, "a cup of tea", 6)
+            wait_status(page, r"2 of 6 samples done")
+            page.reload(wait_until="domcontentloaded")
+            page.wait_for_selector("#photo canvas", timeout=60_000)
+            deadline = time.monotonic() + 120
+            while True:
+                page.locator("#history input").click()  # its list is refreshed as it opens
+                page.wait_for_timeout(700)
+                ended = page.get_by_role("option", name=re.compile(r"'a cup of tea', seed 404, \d results"))
+                if ended.count():
+                    ended.first.click()
+                    break
+                assert time.monotonic() < deadline, [o.inner_text() for o in page.get_by_role("option").all()]
+                page.keyboard.press("Escape")
+                page.locator("#results-help").click()  # away from the list: the next click focuses it again
+                page.wait_for_timeout(1000)
+            status = wait_status(page, r"^(reopened|error)")
+            finished = re.match(r"reopened run_\d{4}: cancelled after ([246]) of 6 samples; \1 results ranked", status)
+            assert finished, status
+            assert len(captions(page)) == int(finished.group(1))
+            assert page.locator("#prompt textarea").input_value() == "a cup of tea"
+            assert len(page.locator("#mask-upload img").all()) == 1  # the mask used, ready to run again
+        finally:
+            browser.close()
+    assert "Traceback" not in server.log, server.log[-3000:]
+
+
 def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
         try:
+            earlier = set(os.listdir(server.out))
             page = open_page(browser, server.url)
             paint(page, upload_photo(page))
             run_edit(page, "a cup of green tea", 2)
@@ -336,15 +409,17 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
     assert "Traceback" not in server.log, server.log[-3000:]
     # Everything it wrote is in --output_dir: one folder per run that sampled, nothing in HOME or
     # in the directory it ran in.
-    assert sorted(os.listdir(server.out)) == ["run_0001", "run_0002", "run_0003", "run_0004"]
+    runs = sorted(set(os.listdir(server.out)) - earlier)
+    assert len(runs) == 4 and all(re.fullmatch(r"run_\d{4}", run) for run in runs), runs
+    big_run, other_run = server.out / runs[1], server.out / runs[3]
     for name in ("grid.png", "report.json", "source.png", "mask.png", "window.png", "source_model.png",
                  "mask_model.png"):
-        assert (server.out / "run_0002" / name).is_file()
-    with Image.open(server.out / "run_0002" / "ranked" / os.listdir(server.out / "run_0002" / "ranked")[0]) as im:
+        assert (big_run / name).is_file()
+    with Image.open(big_run / "ranked" / os.listdir(big_run / "ranked")[0]) as im:
         assert im.size == BIG and im.mode == "RGB"
-    report = json.loads((server.out / "run_0002" / "report.json").read_text())
+    report = json.loads((big_run / "report.json").read_text())
     assert report["fit"] == "window" and report["window"]["photo_size"] == list(BIG)
-    report = json.loads((server.out / "run_0004" / "report.json").read_text())  # the other user's
+    report = json.loads((other_run / "report.json").read_text())  # the other user's
     assert (report["options"]["aug_num"], report["context"], report["feather"]) == (3, 0.25, 0)
     assert os.listdir(server.workdir) == []
     assert [os.path.join(d, f) for d, _, fs in os.walk(server.home) for f in fs] == []
