@@ -142,13 +142,15 @@ class Page:
                 self.grow, self.strength, *self.advanced.values()]
 
 
-def components():
-    """The page's image inputs, as Gradio's but for uploads they cannot decode (not an image, an
-    SVG, a huge pixel count): those reach the handlers as `Unreadable` (the reason), which the
-    page says in one line, instead of failing before any handler runs."""
-    import gradio as gr
+def readable(component, what: str):
+    """`component` (an image input of the page) with its decoding made safe: an upload it cannot
+    decode (not an image, an SVG, a huge pixel count) reaches the handlers as `Unreadable` (the
+    reason), which the page says in one line, instead of failing before any handler runs. The
+    instance's method is wrapped (a subclass of a Gradio component would make Gradio write a
+    type stub beside this file)."""
+    preprocess = component.preprocess
 
-    def readable(preprocess, payload, what: str):
+    def safe(payload):
         try:
             return preprocess(payload)
         except Exception as e:  # Pillow's and Gradio's errors for files they cannot decode
@@ -156,19 +158,8 @@ def components():
             return Unreadable(f"{reason[:200]}: upload the {what} as a PNG, JPEG or WebP of at most "
                               f"{image_io.MAX_PIXELS:,} pixels")
 
-    class PhotoEditor(gr.ImageEditor):
-        is_template = True  # shown by Gradio's own image editor
-
-        def preprocess(self, payload):
-            return readable(super().preprocess, payload, "photo")
-
-    class MaskImage(gr.Image):
-        is_template = True
-
-        def preprocess(self, payload):
-            return readable(super().preprocess, payload, "mask")
-
-    return PhotoEditor, MaskImage
+    component.preprocess = safe
+    return component
 
 
 def examples_at_hand() -> list[tuple[str, str, str, bool]]:
@@ -213,7 +204,6 @@ def layout(studio: Studio) -> Page:
     from bdjax.options import EditOptions, reference_name
     from bdjax.request import FITS
 
-    PhotoEditor, MaskImage = components()
     options = studio.defaults
     smoke = bool(studio.label)
     gr.Markdown(f"## {TITLE}\n"
@@ -222,13 +212,13 @@ def layout(studio: Studio) -> Page:
                 + (f"\n\n**{studio.label}.**" if smoke else ""), elem_id="intro")
     with gr.Row():
         with gr.Column():
-            photo = PhotoEditor(
+            photo = readable(gr.ImageEditor(
                 label="photo: paint the region to change (a stroke may start in the margin)", type="numpy",
                 image_mode="RGBA", format="png",
                 sources=("upload", "clipboard"), transforms=(), layers=False,
                 brush=gr.Brush(colors=[(f"rgb{painting.BRUSH_RGBA[:3]}", painting.BRUSH_RGBA[3] / 255)],
                                color_mode="fixed"),
-                eraser=gr.Eraser(), height=420, elem_id="photo")
+                eraser=gr.Eraser(), height=420, elem_id="photo"), "photo")
             prompt = gr.Textbox(label="prompt", placeholder="e.g. a glass of orange juice", elem_id="prompt")
             with gr.Row():
                 run_button = gr.Button("edit", variant="primary", elem_id="run")
@@ -252,8 +242,9 @@ def layout(studio: Studio) -> Page:
                     label="feather", value=options["feather"], precision=0, elem_id="option-feather",
                     info=f"{FRAMING_HELP['feather']} (bdjax only, default {FRAMING_DEFAULTS['feather']})")
                 preview = gr.Button("preview mask", elem_id="preview", scale=0, min_width=120)
-            mask_file = MaskImage(label="or upload a mask instead (white: change, black: keep)", type="filepath",
-                                  image_mode=None, sources=("upload",), height=160, elem_id="mask-upload")
+            mask_file = readable(gr.Image(label="or upload a mask instead (white: change, black: keep)",
+                                          type="filepath", image_mode=None, sources=("upload",), height=160,
+                                          elem_id="mask-upload"), "mask")
             invert = gr.Checkbox(label="invert mask: change everything not painted (background replacement)",
                                  value=False, elem_id="invert")
             found = examples_at_hand()

@@ -468,10 +468,11 @@ def test_undecodable_uploads_are_one_line_and_the_session_runs_its_next_request(
     png[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     (tmp_path / "huge.png").write_bytes(bytes(png))
 
-    PhotoEditor, MaskImage = app.components()
-    editor, mask = PhotoEditor(type="numpy", image_mode="RGBA", render=False), MaskImage(type="filepath",
-                                                                                       image_mode=None, render=False)
-    assert editor.get_block_name() == "imageeditor" and mask.get_block_name() == "image"
+    import gradio as gr
+
+    editor = app.readable(gr.ImageEditor(type="numpy", image_mode="RGBA", render=False), "photo")
+    mask = app.readable(gr.Image(type="filepath", image_mode=None, render=False), "mask")
+    assert not os.path.exists(os.path.join(ROOT, "launch", "app.pyi"))  # no type stub written beside the code
     handlers = app.Handlers(studio, named_page(studio))
     for name in ("notes.png", "drawing.svg", "huge.png"):
         path = str(tmp_path / name)
