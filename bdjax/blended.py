@@ -216,12 +216,18 @@ def make_sampler(models: Models, options: EditOptions, *, guided: bool,
     return Sampler(begin=begin, advance=advance, end=end, indices=np.arange(first, -1, -1, dtype=np.int32))
 
 
-def finish(models: Models, options: EditOptions, params, pred_xstart, init, mask, text_embed):
-    """The kept result (hard background paste) and the reference's ranking distance."""
+def result_images(options: EditOptions, pred_xstart, init, mask):
+    """The kept result of a prediction in [0, 1]: the background pasted back (hard) unless the
+    options keep the prediction whole."""
     result = pred_xstart
     if options.enforce_background and not options.local_clip_guided_diffusion:
         result = init * (1 - mask) + pred_xstart * mask
-    images = jnp.clip((result + 1) / 2, 0, 1)
+    return jnp.clip((result + 1) / 2, 0, 1)
+
+
+def finish(models: Models, options: EditOptions, params, pred_xstart, init, mask, text_embed):
+    """The kept result (hard background paste) and the reference's ranking distance."""
+    images = result_images(options, pred_xstart, init, mask)
     # Ranking: mask * image, bilinear resize to CLIP's input size (no antialiasing, like torch's
     # interpolate), fed to CLIP WITHOUT its normalisation, as the reference does.
     masked = images * mask

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bdjax import checkpoint, guidance, parallel, tokenizer
 from bdjax import request as request_lib
-from bdjax.blended import Models, Sampler, make_sampler, steps_per_call
+from bdjax.blended import Models, Sampler, make_sampler, result_images, steps_per_call
 from bdjax.options import EditOptions
 from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib
@@ -111,6 +111,33 @@ class EditStream:
         return getattr(self.request, name)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPreview:
+    """What `edit_batches(..., on_step=fn)` hands `fn` between chunks of steps, on the host: the
+    steps done of the batch's `num_steps`, its samples' ids, and their current predictions of the
+    clean image at the model size: `images` uint8 [b, H, W, 3] as the result would be if sampling
+    stopped here (the background pasted where the result has it pasted; after the last step,
+    exactly the result the model size gives, EditBatch.crops in window mode), and `raw` float32
+    [b, H, W, 3] in [-1, 1], the prediction itself."""
+    step: int
+    num_steps: int
+    sample_ids: np.ndarray
+    images: np.ndarray
+    raw: np.ndarray
+
+
+def previewer(options: EditOptions, request: Request, on_step: Callable) -> Callable:
+    """The `on_chunk` of `sample_batches` that hands `on_step` a StepPreview of `request`."""
+    pasted = jax.jit(lambda pred: result_images(options, pred, request.init, request.region))
+
+    def on_chunk(sample_ids, step, num_steps, pred):
+        raw = np.asarray(pred, np.float32)
+        images = to_uint8(np.asarray(pasted(raw)), np.isfinite(raw).all(axis=(1, 2, 3)))
+        on_step(StepPreview(step=step, num_steps=num_steps, sample_ids=sample_ids, images=images, raw=raw))
+
+    return on_chunk
+
+
 def to_uint8(images: np.ndarray, finite: np.ndarray) -> np.ndarray:
     """Images in [0, 1] as uint8; rows that are not `finite` become black instead of garbage."""
     images = np.where(finite[:, None, None, None], images, 0)
@@ -164,7 +191,8 @@ class BlendedDiffusion:
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str, dtype=jnp.float32, param_dtype=None,
                         unet_dir: str | None = None, remat: str = "none", *, with_lpips: bool | None = None,
-                        image_size: int | None = None, verify_weights: bool = True) -> "BlendedDiffusion":
+                        image_size: int | None = None, verify_weights: bool = True,
+                        mesh=None) -> "BlendedDiffusion":
         """Load converted weights: unet.* and clip.* in `checkpoint_dir`, and lpips.* there when
         `with_lpips` (None: when present; a run without the LPIPS loss does not need it).
 
@@ -173,6 +201,7 @@ class BlendedDiffusion:
         ("none", "dots", "blocks"; see bdjax/models/remat.py). `image_size` refuses a UNet made
         for another size; `verify_weights=False` skips checking the tensors against the digests
         recorded at conversion (bdjax/checkpoint.py). `weights_digest` is built from those digests.
+        `mesh`: the devices the samples are split over (default: every device).
         """
         checkpoint_dir = os.path.expanduser(checkpoint_dir)
         unet_dir = os.path.expanduser(unet_dir or checkpoint_dir)
@@ -189,7 +218,7 @@ class BlendedDiffusion:
             # Checkpoints converted before digests were recorded: the digest of the params as loaded.
             digests[name] = (checkpoint.recorded_digest(directory, name, model=name)
                              or checkpoint.digest(checkpoint.flatten(loaded[name][1])))
-        return cls(loaded["unet"], loaded["clip"], loaded.get("lpips"),
+        return cls(loaded["unet"], loaded["clip"], loaded.get("lpips"), mesh,
                    weights_digest=checkpoint.weights_digest(digests))
 
     def encode_prompt(self, prompt: str) -> jax.Array:
@@ -266,16 +295,23 @@ class BlendedDiffusion:
         return outputs.edit_provenance(options, self.label, run, **fields)
 
     def edit_batches(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
-                     invert_mask: bool = False, progress: bool = True, **options) -> EditStream:
+                     invert_mask: bool = False, progress: bool = True, on_step=None, every_step: bool = False,
+                     **options) -> EditStream:
         """`edit` as a stream: checks and prepares the request now (unless `image` is a prepared
         `Request`), then computes one batch per step of the iteration (see EditStream). Memory
         stays that of one batch whatever `num_samples` is: every sample shares one copy of the
-        inputs."""
+        inputs.
+
+        `on_step(preview)` (a `StepPreview`), if given, is called on the host after each chunk of
+        a batch's steps (about ten per batch), or after every step with `every_step` (a video of
+        the diffusion: more, shorter device calls). Fetching the predictions makes the host wait
+        for each chunk; the samples are the same with or without it, and no host callback enters
+        the compiled programs (they stay in the compilation cache)."""
         if isinstance(image, Request):
             request = image
             if mask is not None or prompt != "" or options or (num_samples, seed, invert_mask) != (32, 404, False):
                 raise TypeError("a prepared Request carries its own mask, prompt, counts and options; pass only "
-                                "progress with it")
+                                "progress, on_step and every_step with it")
             self._check_prepared(request)
         else:
             request = self.prepare(image, mask, prompt, num_samples=num_samples, seed=seed, invert_mask=invert_mask,
@@ -284,12 +320,15 @@ class BlendedDiffusion:
         text_embed = np.asarray(self.encode_tokens(request.tokens))[None]
         rows = lambda a: np.broadcast_to(a, (n, *np.shape(a)[1:]))  # noqa: E731  views, not copies
 
+        on_chunk = None if on_step is None else previewer(opts, request, on_step)
+
         def batches():
             # A batch never holds more rows than there are samples (the loss weights still use
             # batch_size, as the reference's do, so a sample's pixels do not depend on this).
             for out in self.sample_batches(opts, request.prompt != "", rows(request.init), rows(request.region),
                                            rows(text_embed), range(n), rows(np.int32(request.seed)[None]),
-                                           progress=progress, batch_rows=min(opts.batch_size, n)):
+                                           progress=progress, batch_rows=min(opts.batch_size, n),
+                                           on_chunk=on_chunk, every_step=every_step):
                 edits = to_uint8(out["images"], out["finite"])
                 crops = None if request.inputs.photo is None else edits
                 yield EditBatch(sample_ids=out["rows"], images=request.inputs.compose(edits),
@@ -339,9 +378,12 @@ class BlendedDiffusion:
         return {key: np.concatenate([o[key] for o in out]) for key in ("rows", "images", "distances", "finite")}
 
     def sample_batches(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
-                       progress: bool = False, batch_rows: int | None = None) -> Iterator[dict]:
+                       progress: bool = False, batch_rows: int | None = None, on_chunk=None,
+                       every_step: bool = False) -> Iterator[dict]:
         """`sample`, one batch at a time: yields each batch's dict as soon as it is computed.
         `batch_rows` samples run together (default `options.batch_size`), the last batch padded.
+        `on_chunk(sample_ids, steps done, num_steps, pred_xstart [b, H, W, C])` is called on the
+        host after each chunk of steps (each step with `every_step`), this process's real rows only.
 
         Only one batch of inputs is gathered at a time: the inputs may be broadcast views (one
         image for N samples) and are indexed, never copied whole.
@@ -363,7 +405,12 @@ class BlendedDiffusion:
                 on_steps = None if bar is None else (lambda steps: bar.update(steps * (mine.stop - mine.start)))
                 if not run.compiled(*args):
                     self._compile(run, args, bar)
-                out = run(self.params, *args, on_steps=on_steps)
+                chunk_done = None
+                if on_chunk is not None:
+                    chunk_done = (lambda ids, keep: lambda step, pred: on_chunk(  # noqa: E731  this batch's rows
+                        ids, step, run.num_steps, parallel.local_rows(pred)[keep]))(local[keep], keep)
+                out = run(self.params, *args, on_steps=on_steps, on_chunk=chunk_done,
+                          chunk_steps=1 if every_step else None)
                 images = parallel.local_rows(out["images"])[keep]
                 distances = parallel.local_rows(out["distances"])[keep]
                 finite = np.isfinite(distances) & np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
@@ -445,13 +492,22 @@ class CompiledSampler:
         self.end.lower(params, state).compile()
         self._compiled.add(tuple(np.shape(a) for a in (init, mask, text_embed, sample_ids, seeds)))
 
-    def __call__(self, params, init, mask, text_embed, sample_ids, seeds, on_steps=None) -> dict:
+    def __call__(self, params, init, mask, text_embed, sample_ids, seeds, on_steps=None, on_chunk=None,
+                 chunk_steps: int | None = None) -> dict:
         """Run every step; `on_steps(k)` is called on the host as each chunk of k steps finishes.
-        Chunks are queued ahead, so the device never waits for the host."""
+        Chunks are queued ahead, so the device never waits for the host, unless `on_chunk(steps
+        done, pred_xstart)` is given: it is called after each chunk with the current predictions
+        (fetching them waits for the chunk). `chunk_steps` (a divisor of num_steps; 1 for every
+        step) replaces the chunking: advance is then compiled for that chunk length too."""
         state = self.begin(params, init, mask, text_embed, sample_ids, seeds)
         previous = None
-        for chunk in self.chunks:
+        chunks = self.chunks if chunk_steps is None else np.asarray(self.sampler.indices).reshape(-1, chunk_steps)
+        done = 0
+        for chunk in chunks:
             state = self.advance(params, state, chunk)
+            done += len(chunk)
+            if on_chunk is not None:
+                on_chunk(done, state["pred_xstart"])
             if on_steps is not None:
                 if previous is not None:
                     jax.block_until_ready(previous["x"])
@@ -460,5 +516,5 @@ class CompiledSampler:
         out = self.end(params, state)
         if on_steps is not None:
             jax.block_until_ready(out)
-            on_steps(len(self.chunks[-1]))
+            on_steps(len(chunks[-1]))
         return out

@@ -122,8 +122,25 @@ def save_json(path: str, obj) -> None:
     atomic_write(path, write)
 
 
-def ranked_name(rank: int, distance: float) -> str:
+def ranked_name(rank: int, distance: float, sample_id: int = 0) -> str:
     return f"{rank:03d}_{distance:.4f}.png"
+
+
+def reference_naming(stem: str, batch_size: int):
+    """The reference's name of a ranked result: its distance to 4 decimals without the point,
+    then `<stem>_i_<iteration>_b_<row>.png`, sample k being row k % batch_size of iteration
+    k // batch_size. A `ranked_name` for EditWriter."""
+    def name(rank: int, distance: float, sample_id: int) -> str:
+        iteration, row = divmod(int(sample_id), int(batch_size))
+        return f"{distance:.4f}".replace(".", "") + f"_{stem}_i_{iteration}_b_{row}.png"
+    return name
+
+
+def reference_outputs(stem: str, output_file: str | None) -> tuple[str, ...]:
+    """The patterns (as EDIT_OUTPUTS) of the files the reference's naming adds: the ranked files
+    and the best result's copy."""
+    ranked = rf"{RANKED_DIR}/-?\d+_{re.escape(stem)}_i_\d+_b_\d+\.png"
+    return (ranked,) + ((re.escape(output_file),) if output_file else ())
 
 
 # Captions are drawn in the first of these that can be loaded: DejaVu Sans where the system has it
@@ -277,6 +294,30 @@ def clear_for_run(output_dir: str, patterns=EDIT_OUTPUTS, *, overwrite: bool) ->
     return removed + old
 
 
+VIDEOS_DIR, ASSETS_DIR = "videos", "assets"  # --vid's and --export_assets' folders (launch.edit)
+ASSET_MASK = "mask.png"  # --export_assets: the mask at the model size, as every sample used it
+VIDEO_FPS = 10
+
+
+def video_format() -> str:
+    """The format `write_video` writes: animated WebP (lossless) where Pillow has WebP, else GIF."""
+    from PIL import features
+
+    return "webp" if features.check("webp") else "gif"
+
+
+def write_video(path: str, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> None:
+    """`frames` (uint8 [H, W, 3]) as an animation at `path`, in `video_format()`: lossless WebP
+    keeps every frame's pixels exactly; GIF (no WebP in this Pillow) reduces each to 256 colours."""
+    images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
+    extra = {"lossless": True, "method": 0} if video_format() == "webp" else {"loop": 0}
+
+    def write(tmp):
+        images[0].save(tmp, format=video_format().upper(), save_all=True, append_images=images[1:],
+                       duration=round(1000 / fps), **extra)
+    atomic_write(path, write)
+
+
 def sample_name(sample_id: int, ext: str = "png") -> str:
     return f"sample_{sample_id}.{ext}"
 
@@ -323,8 +364,10 @@ class EditWriter:
     per sample, its id and distance; the grid lists its tiles' ranks, sample ids and distances.
     """
 
-    def __init__(self, output_dir: str, seed: int, provenance: dict | None = None):
-        self.output_dir, self.seed = output_dir, seed
+    def __init__(self, output_dir: str, seed: int, provenance: dict | None = None, *, ranked_name=ranked_name):
+        """`ranked_name(rank, distance, sample_id)`: the ranked files' names (bdjax's, or the
+        reference's: `reference_naming`)."""
+        self.output_dir, self.seed, self.ranked_name = output_dir, seed, ranked_name
         self.provenance = {**(provenance or {}), "seed": int(seed)}
         self.done: list[tuple[float, int]] = []      # (distance, sample id) of the finite samples
         self.failed: list[tuple[int, str]] = []      # (sample id, reason)
@@ -362,7 +405,7 @@ class EditWriter:
         """ranked/, grid.png and report.json from what `add` wrote; returns the ranked paths."""
         ranked, samples = [], []
         for rank, (distance, k) in enumerate(sorted(self.done)):
-            path = os.path.join(self.output_dir, RANKED_DIR, ranked_name(rank, distance))
+            path = os.path.join(self.output_dir, RANKED_DIR, self.ranked_name(rank, distance, k))
             link_or_copy(os.path.join(self.output_dir, SAMPLES_DIR, sample_name(k)), path)
             ranked.append(path)
             samples.append({"rank": rank, "sample_id": k, "seed": int(self.seed), "distance": distance,

@@ -67,10 +67,10 @@ def networks(seed: int = 0, image_size: int = IMAGE_SIZE, dtype=jnp.float32, wit
     return {"unet": (unet, unet_params), "clip": (clip, clip_params), "lpips": lpips}
 
 
-def editor(seed: int = 0, image_size: int = IMAGE_SIZE, dtype=jnp.float32, with_lpips: bool = True):
+def editor(seed: int = 0, image_size: int = IMAGE_SIZE, dtype=jnp.float32, with_lpips: bool = True, mesh=None):
     """A BlendedDiffusion on the smoke networks whose edits default to OPTIONS, the short schedule
     `--config=smoke` runs (options passed to `edit` override them)."""
     from bdjax.editor import BlendedDiffusion
 
     nets = networks(seed, image_size, dtype, with_lpips)
-    return BlendedDiffusion(nets["unet"], nets["clip"], nets["lpips"], defaults=OPTIONS, label=LABEL)
+    return BlendedDiffusion(nets["unet"], nets["clip"], nets["lpips"], mesh, defaults=OPTIONS, label=LABEL)

@@ -171,8 +171,8 @@ def user_errors():
 def define_edit_flags():
     """The flags of one edit's inputs and outputs (`preflight` reads them): launch.edit's, and
     launch.extrapolate's beside its own."""
-    flags.DEFINE_string("prompt", None, "Text describing the edit; an empty string runs unguided.")
-    flags.DEFINE_string("init_image", None, "The image to edit.")
+    flags.DEFINE_string("prompt", None, "Text describing the edit; an empty string runs unguided.", short_name="p")
+    flags.DEFINE_string("init_image", None, "The image to edit.", short_name="i")
     flags.DEFINE_string("mask", None, "Mask image: non-zero pixels are edited. Default: the whole image.")
     flags.DEFINE_bool("invert_mask", False, "Edit the zero pixels of the mask instead.")
     flags.DEFINE_integer("seed", 404, "Random seed; sample k of a seed is reproducible on its own.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -32,6 +33,50 @@ def define_flags():
     cli.define_framing_flags()  # --fit, --context, --feather
     flags.adopt_module_key_flags(runtime)  # --help lists them too
     flags.adopt_module_key_flags(cli)
+    # The reference's own spellings (its main.py), beside bdjax's: -p and -i are --prompt's and
+    # --init_image's short names; these are read by `reference_flags`.
+    flags.DEFINE_string("output_path", None, "The reference's name of --output_dir (give one of the two).")
+    flags.DEFINE_string("output_file", None, "The reference's: the best result's file name in the output directory "
+                        "(a .png), and the stem of the ranked files, named as the reference names them "
+                        "(<distance>_<stem>_i_<iteration>_b_<row>.png).", short_name="o")
+    flags.DEFINE_integer("iterations_num", None, "The reference's: samples = iterations_num x --batch_size "
+                         "(give this or --num_samples, not both).")
+    flags.DEFINE_bool("no_enforce_background", False, "The reference's: --noenforce_background.")
+    flags.DEFINE_integer("gpu_id", None, "The reference's: run on this local device only (default: every device).")
+    flags.DEFINE_bool("vid", False, "The reference's: a video of each sample's predicted image at every diffusion step "
+                      "(at the model size, the background pasted as in the result; lossless animated WebP, or GIF "
+                      "where Pillow lacks WebP), in videos/ (the reference's naming: beside the results).")
+    flags.DEFINE_bool("export_assets", False, "The reference's: each sample's raw final prediction at the model size "
+                      "(the model's own pixels, no background pasted) and the mask it used, in assets/.")
+
+
+def reference_flags(options: dict) -> dict:
+    """Apply the reference's spellings to bdjax's flags and `options` (FlagError for a pair given
+    both ways); returns how the run names its results: {"stem": ...} in the reference's naming
+    (any of --output_path, --output_file, --iterations_num given), else {}."""
+    given = lambda name: FLAGS[name].present  # noqa: E731
+    for ours, theirs in (("output_dir", "output_path"), ("num_samples", "iterations_num"),
+                         ("enforce_background", "no_enforce_background")):
+        if given(ours) and given(theirs):
+            raise cli.FlagError(f"--{ours} and --{theirs} (the reference's spelling) say the same thing: give one")
+    if FLAGS.output_path is not None:
+        FLAGS.output_dir = FLAGS.output_path
+    if FLAGS.iterations_num is not None:
+        if FLAGS.iterations_num < 1:
+            raise cli.FlagError(f"--iterations_num={FLAGS.iterations_num} must be at least 1")
+        FLAGS.num_samples = FLAGS.iterations_num * options["batch_size"]
+    if FLAGS.no_enforce_background:
+        options["enforce_background"] = False
+    if FLAGS.output_file is not None:
+        name = FLAGS.output_file
+        if os.path.basename(name) != name or not name.lower().endswith(".png") or name.lower() == ".png":
+            raise cli.FlagError(f"--output_file={name!r} must be a file name ending in .png (the reference's "
+                                "rule), without a folder: the folder is --output_path")
+    if FLAGS.gpu_id is not None and FLAGS.distributed:
+        raise cli.FlagError("--gpu_id runs on one local device: drop --distributed, or drop --gpu_id")
+    if any(given(name) for name in ("output_path", "output_file", "iterations_num")):
+        return {"stem": os.path.splitext(FLAGS.output_file or "output.png")[0]}
+    return {}
 
 
 # What the run has done so far, for the line said after Ctrl-C (`interrupted`).
@@ -54,41 +99,63 @@ def main(argv):
         raise cli.FlagError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.prompt is None or FLAGS.init_image is None:
         raise cli.FlagError("--prompt and --init_image are required (--prompt='' runs unguided)")
+    options = runtime.options_from_flags()
+    naming = reference_flags(options)
     runtime.setup()
     from bdjax import files
 
-    options = runtime.options_from_flags()
     directory = cli.output_dir()
     with files.output_lock(directory):  # a second run into the directory refuses at once, naming this one
-        edit(options, directory)
+        edit(options, directory, naming)
 
 
-def edit(options: dict, directory: str):
+def edit(options: dict, directory: str, naming: dict | None = None):
     """The run, once `directory` is this run's alone."""
     import jax
 
     from bdjax import guidance, outputs, smoke
 
+    naming = naming or {}
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
-    [request] = cli.preflight(options, [FLAGS.prompt], directory, outputs.EDIT_OUTPUTS,
-                              writes=((outputs.RANKED_DIR, outputs.SAMPLES_DIR, outputs.CROPS_DIR),
-                                      (outputs.GRID, outputs.REPORT)))
+    devices = None
+    if FLAGS.gpu_id is not None:
+        local = jax.local_devices()
+        if not 0 <= FLAGS.gpu_id < len(local):
+            raise cli.FlagError(f"--gpu_id={FLAGS.gpu_id}: this machine has {len(local)} local "
+                                f"{local[0].platform} device{'s' * (len(local) != 1)} (ids 0 to {len(local) - 1})")
+        devices = [local[FLAGS.gpu_id]]
+    patterns = outputs.EDIT_OUTPUTS + extra_outputs(naming)
+    if naming:
+        patterns += outputs.reference_outputs(naming["stem"], FLAGS.output_file)
+    [request] = cli.preflight(options, [FLAGS.prompt], directory, patterns,
+                              writes=((outputs.RANKED_DIR, outputs.SAMPLES_DIR, outputs.CROPS_DIR,
+                                       *([outputs.VIDEOS_DIR] if FLAGS.vid and not naming else []),
+                                       *([outputs.ASSETS_DIR] if FLAGS.export_assets else [])),
+                                      (outputs.GRID, outputs.REPORT, *([FLAGS.output_file] if FLAGS.output_file
+                                                                      else []))))
     start = time.perf_counter()
-    editor = runtime.build_editor(guidance.needs_lpips(request.options))
+    editor = runtime.build_editor(guidance.needs_lpips(request.options), devices=devices)
     loaded = time.perf_counter()
-    stream = editor.edit_batches(request)
+    recorder = Recorder(directory, naming, request) if FLAGS.vid or FLAGS.export_assets else None
+    stream = editor.edit_batches(request, on_step=recorder, every_step=FLAGS.vid)
     runtime.announce_run(editor, [(stream.options, stream.prompt != "", stream.num_samples)])
     if jax.process_index() == 0:
         print(stream.inputs.framing_line(), file=sys.stderr, flush=True)
     runtime.announce_compiles(editor)
     # Everything is checked and the networks are ready: only now is the previous run removed.
-    outputs.clear_for_run(directory, outputs.EDIT_OUTPUTS, overwrite=FLAGS.overwrite)
+    outputs.clear_for_run(directory, patterns, overwrite=FLAGS.overwrite)
     about = cli.provenance(editor, stream.options, label, prompt=stream.prompt, **stream.inputs.framing())
-    writer = outputs.EditWriter(directory, FLAGS.seed, about)
+    ranked_name = (outputs.reference_naming(naming["stem"], stream.options.batch_size) if naming
+                   else outputs.ranked_name)
+    writer = outputs.EditWriter(directory, FLAGS.seed, about, ranked_name=ranked_name)
     RUN.update(writer=writer, directory=directory, total=stream.num_samples)
+    if recorder is not None:
+        recorder.start(about)
     try:
         for batch in stream:
             failed = writer.add(batch)
+            if recorder is not None:
+                recorder.write(batch)
             if failed:
                 print(f"warning: sample(s) {', '.join(str(k) for k, _ in failed)} turned non-finite "
                       f"({failed[0][1]}); left out of the results", file=sys.stderr, flush=True)
@@ -101,7 +168,9 @@ def edit(options: dict, directory: str):
               **stream.inputs.framing()}
     if RUN.get("interrupted"):
         report["interrupted"] = {"finished": finished, "asked": stream.num_samples}
-    writer.finish(stream.full_source, stream.full_mask, FLAGS.prompt, report, label=label)
+    ranked = writer.finish(stream.full_source, stream.full_mask, FLAGS.prompt, report, label=label)
+    if FLAGS.output_file and ranked:  # the reference's best result, by the name it was given
+        outputs.link_or_copy(ranked[0], os.path.join(directory, FLAGS.output_file))
     if RUN.get("interrupted"):
         raise KeyboardInterrupt
     if writer.failed and not writer.done:
@@ -113,6 +182,76 @@ def edit(options: dict, directory: str):
         failed = f", {len(writer.failed)} failed" if writer.failed else ""
         print(f"{len(writer.done)} results in {directory}/ranked (best distances {best}{failed}); "
               f"edit took {timings['edit']:.1f} s" + (f"\n{label}" if label else ""))
+
+
+def extra_outputs(naming: dict) -> tuple:
+    """The patterns (as outputs.EDIT_OUTPUTS) of what --vid and --export_assets write."""
+    from bdjax import outputs
+
+    video = r"\.(webp|gif)"
+    stem = rf"{re.escape(naming['stem'])}_i_\d+_b_\d+" if naming else r"sample_\d+"
+    found = ()
+    if FLAGS.vid:
+        found += (stem + video,) if naming else (rf"{outputs.VIDEOS_DIR}/{stem}{video}",)
+    if FLAGS.export_assets:
+        found += (rf"{outputs.ASSETS_DIR}/{stem}\.png", rf"{outputs.ASSETS_DIR}/{re.escape(outputs.ASSET_MASK)}")
+    return found
+
+
+class Recorder:
+    """--vid and --export_assets: the `on_step` of the run. Each sample's frames (one per step)
+    are kept for its batch only, and written when the batch is (`write`): memory is one batch's
+    frames, whatever the number of samples."""
+
+    def __init__(self, directory: str, naming: dict, request):
+        self.directory, self.naming, self.request = directory, naming, request
+        self.frames: dict[int, list] = {}
+        self.final: dict[int, object] = {}
+        self.about: dict = {}
+
+    def start(self, about: dict) -> None:
+        """Before the first batch: the mask the samples use, with --export_assets."""
+        from bdjax import outputs
+
+        self.about = about
+        if FLAGS.export_assets:
+            mask = (self.request.inputs.region[..., 0] > 0).astype("uint8") * 255
+            outputs.save_png(os.path.join(self.directory, outputs.ASSETS_DIR, outputs.ASSET_MASK), mask,
+                             {"kind": "asset_mask", **about})
+
+    def name(self, k: int) -> str:
+        """Sample k's stem: bdjax's sample_<k>, or the reference's <stem>_i_<iteration>_b_<row>."""
+        if not self.naming:
+            return f"sample_{k}"
+        iteration, row = divmod(int(k), self.request.options.batch_size)
+        return f"{self.naming['stem']}_i_{iteration}_b_{row}"
+
+    def __call__(self, preview) -> None:
+        for i, k in enumerate(preview.sample_ids):
+            if FLAGS.vid:
+                self.frames.setdefault(int(k), []).append(preview.images[i])
+            if preview.step == preview.num_steps:
+                self.final[int(k)] = preview.raw[i]
+
+    def write(self, batch) -> None:
+        """Write the videos and assets of `batch` (an EditBatch; its non-finite samples have
+        neither), and forget its frames."""
+        import numpy as np
+
+        from bdjax import outputs
+
+        for k, distance, finite in zip(batch.sample_ids, batch.distances, batch.finite):
+            k = int(k)
+            frames, raw = self.frames.pop(k, None), self.final.pop(k, None)
+            if not finite:
+                continue
+            if frames:
+                where = (self.directory if self.naming else os.path.join(self.directory, outputs.VIDEOS_DIR))
+                outputs.write_video(os.path.join(where, f"{self.name(k)}.{outputs.video_format()}"), frames)
+            if raw is not None and FLAGS.export_assets:
+                image = np.round(np.clip((raw + 1) / 2, 0, 1) * 255).astype(np.uint8)
+                outputs.save_png(os.path.join(self.directory, outputs.ASSETS_DIR, f"{self.name(k)}.png"), image,
+                                 outputs.sample_provenance(self.about, k, float(distance), kind="asset"))
 
 
 if __name__ == "__main__":

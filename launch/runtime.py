@@ -158,8 +158,9 @@ def check_device() -> None:
         print(f"note: {platform.NO_GPU}; running on the CPU", file=sys.stderr, flush=True)
 
 
-def build_editor(need_lpips: bool):
-    """The editor the flags ask for: smoke networks, or converted weights (fetched if allowed)."""
+def build_editor(need_lpips: bool, devices=None):
+    """The editor the flags ask for: smoke networks, or converted weights (fetched if allowed),
+    over `devices` (default: every device)."""
     import jax
     import jax.numpy as jnp
 
@@ -168,10 +169,11 @@ def build_editor(need_lpips: bool):
 
     dtype = jnp.bfloat16 if FLAGS.precision == "bf16" else jnp.float32
     check_device()
+    mesh = None if devices is None else parallel.make_mesh(devices)
     if FLAGS.config == "smoke":
         if FLAGS.checkpoint_dir:
             warnings.warn(f"--checkpoint_dir={FLAGS.checkpoint_dir} is not used: --config=smoke runs random networks")
-        return smoke.editor(dtype=dtype, with_lpips=need_lpips)
+        return smoke.editor(dtype=dtype, with_lpips=need_lpips, mesh=mesh)
     checkpoint_dir = unet_dir = FLAGS.checkpoint_dir
     if checkpoint_dir is None:
         from checkpoints_convert.fetch import ensure_weights  # the one place launch/ fetches
@@ -186,7 +188,7 @@ def build_editor(need_lpips: bool):
     return BlendedDiffusion.from_pretrained(checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir,
                                             remat=FLAGS.remat, with_lpips=need_lpips,
                                             image_size=int(FLAGS.model_output_size),
-                                            verify_weights=FLAGS.verify_weights)
+                                            verify_weights=FLAGS.verify_weights, mesh=mesh)
 
 
 def _on_tpu_pod() -> bool:
