@@ -126,13 +126,17 @@ class StepPreview:
     raw: np.ndarray
 
 
+# The result a prediction would give (blended.result_images), compiled once per configuration
+# and batch shape, as the sampler's `end` computes it.
+_result_images = jax.jit(result_images, static_argnums=0)
+
+
 def previewer(options: EditOptions, request: Request, on_step: Callable) -> Callable:
     """The `on_chunk` of `sample_batches` that hands `on_step` a StepPreview of `request`."""
-    pasted = jax.jit(lambda pred: result_images(options, pred, request.init, request.region))
-
     def on_chunk(sample_ids, step, num_steps, pred):
         raw = np.asarray(pred, np.float32)
-        images = to_uint8(np.asarray(pasted(raw)), np.isfinite(raw).all(axis=(1, 2, 3)))
+        images = to_uint8(np.asarray(_result_images(options, raw, request.init, request.region)),
+                          np.isfinite(raw).all(axis=(1, 2, 3)))
         on_step(StepPreview(step=step, num_steps=num_steps, sample_ids=sample_ids, images=images, raw=raw))
 
     return on_chunk
@@ -405,12 +409,12 @@ class BlendedDiffusion:
                 on_steps = None if bar is None else (lambda steps: bar.update(steps * (mine.stop - mine.start)))
                 if not run.compiled(*args):
                     self._compile(run, args, bar)
-                chunk_done = None
-                if on_chunk is not None:
-                    chunk_done = (lambda ids, keep: lambda step, pred: on_chunk(  # noqa: E731  this batch's rows
-                        ids, step, run.num_steps, parallel.local_rows(pred)[keep]))(local[keep], keep)
-                out = run(self.params, *args, on_steps=on_steps, on_chunk=chunk_done,
-                          chunk_steps=1 if every_step else None)
+                previews = {}
+                if on_chunk is not None:  # this batch's real rows, after each chunk
+                    previews = {"on_chunk": (lambda ids, keep: lambda step, pred: on_chunk(  # noqa: E731
+                        ids, step, run.num_steps, parallel.local_rows(pred)[keep]))(local[keep], keep),
+                        "chunk_steps": 1 if every_step else None}
+                out = run(self.params, *args, on_steps=on_steps, **previews)
                 images = parallel.local_rows(out["images"])[keep]
                 distances = parallel.local_rows(out["distances"])[keep]
                 finite = np.isfinite(distances) & np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
