@@ -130,9 +130,16 @@ def reference_naming(stem: str, batch_size: int):
     """The reference's name of a ranked result: its distance to 4 decimals without the point,
     then `<stem>_i_<iteration>_b_<row>.png`, sample k being row k % batch_size of iteration
     k // batch_size. A `ranked_name` for EditWriter."""
-    def name(rank: int, distance: float, sample_id: int) -> str:
+    sample = reference_sample_name(stem, batch_size)
+    return lambda rank, distance, sample_id: f"{distance:.4f}".replace(".", "") + "_" + sample(sample_id)
+
+
+def reference_sample_name(stem: str, batch_size: int):
+    """The reference's name of sample k's files: `<stem>_i_<iteration>_b_<row>.<ext>`, sample k
+    being row k % batch_size of iteration k // batch_size (a `sample_name`)."""
+    def name(sample_id: int, ext: str = "png") -> str:
         iteration, row = divmod(int(sample_id), int(batch_size))
-        return f"{distance:.4f}".replace(".", "") + f"_{stem}_i_{iteration}_b_{row}.png"
+        return f"{stem}_i_{iteration}_b_{row}.{ext}"
     return name
 
 
@@ -316,6 +323,59 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> No
         images[0].save(tmp, format=video_format().upper(), save_all=True, append_images=images[1:],
                        duration=round(1000 / fps), **extra)
     atomic_write(path, write)
+
+
+class StepRecorder:
+    """The `on_step` of an edit (BlendedDiffusion.edit_batches) that writes, per sample, the video
+    of its predicted image over the steps (`video`; run with every_step=True for a frame per
+    step) and its raw final prediction (`assets`, plus the mask once, ASSET_MASK). Each sample's
+    frames are kept for its batch only and written when the batch is (`write`): memory is one
+    batch's frames, whatever the number of samples. `name(k, ext)` names sample k's files
+    (default sample_<k>.<ext>); videos go to `videos_dir` under `directory` ("" for beside it)."""
+
+    def __init__(self, directory: str, request, *, video: bool, assets: bool, name=None,
+                 videos_dir: str = VIDEOS_DIR):
+        self.directory, self.request, self.video, self.assets = directory, request, video, assets
+        self.name = name or sample_name
+        self.videos = os.path.join(directory, videos_dir)
+        self.frames: dict[int, list] = {}
+        self.final: dict[int, np.ndarray] = {}
+        self.about: dict = {}
+
+    def start(self, about: dict) -> None:
+        """Before the first batch: remember the provenance; with `assets`, write the mask."""
+        self.about = about
+        if self.assets:
+            mask = (np.asarray(self.request.inputs.region)[..., 0] > 0).astype(np.uint8) * 255
+            save_png(os.path.join(self.directory, ASSETS_DIR, ASSET_MASK), mask, {"kind": "asset_mask", **about})
+
+    def __call__(self, preview) -> None:
+        for i, k in enumerate(preview.sample_ids):
+            if self.video:
+                self.frames.setdefault(int(k), []).append(preview.images[i])
+            if preview.step == preview.num_steps:
+                self.final[int(k)] = preview.raw[i]
+
+    def video_path(self, k: int) -> str:
+        return os.path.join(self.videos, self.name(k, video_format()))
+
+    def write(self, batch) -> list[str]:
+        """Write the videos and assets of `batch` (an EditBatch; its non-finite samples get
+        neither), forget its frames; returns the videos written."""
+        written = []
+        for k, distance, finite in zip(batch.sample_ids, batch.distances, batch.finite):
+            k = int(k)
+            frames, raw = self.frames.pop(k, None), self.final.pop(k, None)
+            if not finite:
+                continue
+            if frames and self.video:
+                write_video(self.video_path(k), frames)
+                written.append(self.video_path(k))
+            if raw is not None and self.assets:
+                image = np.round(np.clip((raw + 1) / 2, 0, 1) * 255).astype(np.uint8)
+                save_png(os.path.join(self.directory, ASSETS_DIR, self.name(k)), image,
+                         sample_provenance(self.about, k, float(distance), kind="asset"))
+        return written
 
 
 def sample_name(sample_id: int, ext: str = "png") -> str:

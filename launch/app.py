@@ -102,6 +102,7 @@ class Page:
     dice: Any
     strength: Any
     grow: Any
+    video: Any
     preview: Any
     examples: Any  # None when the examples/ folder is not at hand (an installed package)
     advanced: dict
@@ -127,7 +128,7 @@ class Page:
     def inputs(self) -> set:
         """What a run reads: a set, so that Gradio passes their values as one dict keyed by component."""
         return {self.photo, self.mask_file, self.invert, self.prompt, self.num_samples, self.seed, self.grow,
-                self.submitted, self.visitor, self.frame, *self.advanced.values()}
+                self.video, self.submitted, self.visitor, self.frame, *self.advanced.values()}
 
     @property
     def results(self) -> list:
@@ -255,6 +256,9 @@ def layout(studio: Studio) -> Page:
                          for photo_path, _, prompt_text, inverted in found],
                 type="index", elem_id="examples") if found else None
             with gr.Accordion("advanced: framing and the reference's options", open=False, elem_id="advanced"):
+                video = gr.Checkbox(label="video: record each sample's predicted image at every step (a video per "
+                                    "result in the downloads; slower: one device call per step)", value=False,
+                                    elem_id="video")
                 for name in ("fit", "context"):
                     common = dict(label=name, value=options[name], elem_id=f"option-{name}",
                                   info=f"{FRAMING_HELP[name]} (bdjax only, default {FRAMING_DEFAULTS[name]})")
@@ -298,7 +302,8 @@ def layout(studio: Studio) -> Page:
                                 "mask, grid, report.json", file_count="multiple", interactive=False,
                                 elem_id="downloads")
     return Page(photo=photo, mask_file=mask_file, invert=invert, prompt=prompt, num_samples=num_samples, seed=seed,
-                dice=dice, strength=strength, grow=grow, preview=preview, examples=examples, advanced=advanced,
+                dice=dice, strength=strength, grow=grow, video=video, preview=preview, examples=examples,
+                advanced=advanced,
                 run_button=run_button, cancel_button=cancel_button, status=status, history=history,
                 gallery=gallery, use_button=use_button, reuse_button=reuse_button, compare=compare,
                 source_used=source_used, mask_used=mask_used, grid=grid, downloads=downloads,
@@ -366,13 +371,19 @@ class Handlers:
                "grow": values[page.grow], **{name: values[c] for name, c in page.advanced.items()}}
         studio.progress = progress
         window, mask = os.path.join(job.directory, WINDOW), os.path.join(job.directory, MASK)
-        runs = studio.edit(prepared, job, "uploaded" if values[page.mask_file] is not None else "painted", ran)
+        runs = studio.edit(prepared, job, "uploaded" if values[page.mask_file] is not None else "painted", ran,
+                           video=bool(values[page.video]))
+        current = {}  # the running batch's latest predictions, by sample id
         yield {page.status: f"sampling {n} sample{'s' * (n != 1)}..." + note, page.gallery: [],
                page.source_used: None, page.mask_used: None, page.compare: None, page.selected: None,
                page.history: self.history_update(job.visitor)}
         try:
             for kind, result, writer in runs:
-                if kind == "progress":
+                if kind == "preview":  # the batch's current predictions after the finished samples
+                    current = {int(k): (image, f"sample {k}: step {result.step} of {result.num_steps} (preview)")
+                               for k, image in zip(result.sample_ids, result.images)}
+                    yield {page.gallery: gallery(writer, None, studio.label) + list(current.values())}
+                elif kind == "progress":
                     yield {page.status: f"{result} of {n} samples done" + note,
                            page.gallery: gallery(writer, None, studio.label), page.source_used: window,
                            page.mask_used: mask}

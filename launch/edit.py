@@ -136,7 +136,12 @@ def edit(options: dict, directory: str, naming: dict | None = None):
     start = time.perf_counter()
     editor = runtime.build_editor(guidance.needs_lpips(request.options), devices=devices)
     loaded = time.perf_counter()
-    recorder = Recorder(directory, naming, request) if FLAGS.vid or FLAGS.export_assets else None
+    recorder = None
+    if FLAGS.vid or FLAGS.export_assets:
+        name = (outputs.reference_sample_name(naming["stem"], request.options.batch_size) if naming
+                else outputs.sample_name)
+        recorder = outputs.StepRecorder(directory, request, video=FLAGS.vid, assets=FLAGS.export_assets,
+                                        name=name, videos_dir="" if naming else outputs.VIDEOS_DIR)
     stream = editor.edit_batches(request, on_step=recorder, every_step=FLAGS.vid)
     runtime.announce_run(editor, [(stream.options, stream.prompt != "", stream.num_samples)])
     if jax.process_index() == 0:
@@ -196,62 +201,6 @@ def extra_outputs(naming: dict) -> tuple:
     if FLAGS.export_assets:
         found += (rf"{outputs.ASSETS_DIR}/{stem}\.png", rf"{outputs.ASSETS_DIR}/{re.escape(outputs.ASSET_MASK)}")
     return found
-
-
-class Recorder:
-    """--vid and --export_assets: the `on_step` of the run. Each sample's frames (one per step)
-    are kept for its batch only, and written when the batch is (`write`): memory is one batch's
-    frames, whatever the number of samples."""
-
-    def __init__(self, directory: str, naming: dict, request):
-        self.directory, self.naming, self.request = directory, naming, request
-        self.frames: dict[int, list] = {}
-        self.final: dict[int, object] = {}
-        self.about: dict = {}
-
-    def start(self, about: dict) -> None:
-        """Before the first batch: the mask the samples use, with --export_assets."""
-        from bdjax import outputs
-
-        self.about = about
-        if FLAGS.export_assets:
-            mask = (self.request.inputs.region[..., 0] > 0).astype("uint8") * 255
-            outputs.save_png(os.path.join(self.directory, outputs.ASSETS_DIR, outputs.ASSET_MASK), mask,
-                             {"kind": "asset_mask", **about})
-
-    def name(self, k: int) -> str:
-        """Sample k's stem: bdjax's sample_<k>, or the reference's <stem>_i_<iteration>_b_<row>."""
-        if not self.naming:
-            return f"sample_{k}"
-        iteration, row = divmod(int(k), self.request.options.batch_size)
-        return f"{self.naming['stem']}_i_{iteration}_b_{row}"
-
-    def __call__(self, preview) -> None:
-        for i, k in enumerate(preview.sample_ids):
-            if FLAGS.vid:
-                self.frames.setdefault(int(k), []).append(preview.images[i])
-            if preview.step == preview.num_steps:
-                self.final[int(k)] = preview.raw[i]
-
-    def write(self, batch) -> None:
-        """Write the videos and assets of `batch` (an EditBatch; its non-finite samples have
-        neither), and forget its frames."""
-        import numpy as np
-
-        from bdjax import outputs
-
-        for k, distance, finite in zip(batch.sample_ids, batch.distances, batch.finite):
-            k = int(k)
-            frames, raw = self.frames.pop(k, None), self.final.pop(k, None)
-            if not finite:
-                continue
-            if frames:
-                where = (self.directory if self.naming else os.path.join(self.directory, outputs.VIDEOS_DIR))
-                outputs.write_video(os.path.join(where, f"{self.name(k)}.{outputs.video_format()}"), frames)
-            if raw is not None and FLAGS.export_assets:
-                image = np.round(np.clip((raw + 1) / 2, 0, 1) * 255).astype(np.uint8)
-                outputs.save_png(os.path.join(self.directory, outputs.ASSETS_DIR, f"{self.name(k)}.png"), image,
-                                 outputs.sample_provenance(self.about, k, float(distance), kind="asset"))
 
 
 if __name__ == "__main__":

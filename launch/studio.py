@@ -8,8 +8,10 @@ on disk after that.
 """
 
 import collections
+import contextvars
 import dataclasses
 import os
+import queue
 import sys
 import threading
 import time
@@ -185,11 +187,17 @@ class Studio:
                          "the region on its own)")
         return request, notes
 
-    def edit(self, request, run: Run, mask_source: str, values: dict | None = None):
-        """Run `request` into `run.directory`, yielding ("progress", k, writer) after each batch
+    def edit(self, request, run: Run, mask_source: str, values: dict | None = None, *, video: bool = False):
+        """Run `request` into `run.directory`, yielding ("preview", StepPreview, writer) after each
+        chunk of steps (the current batch's predictions), ("progress", k, writer) after each batch
         and ("done", entry, writer) at the end (also after a cancel, with what finished): `entry`
         holds the run's summary, gallery and downloads. The run joins `run.visitor`'s history as
-        it starts, with the page's `values` it ran with (by field name)."""
+        it starts, with the page's `values` it ran with (by field name). With `video`, each
+        sample's video over the steps is written too (videos/, in the downloads).
+
+        The sampling runs in a thread of its own (in this request's context, so its progress
+        reaches the page) that hands batches and previews over a queue: the previews reach the
+        page while a batch runs."""
         from bdjax import outputs
 
         editor = self.editor
@@ -199,19 +207,60 @@ class Studio:
         about = cli.provenance(editor, request.options, self.label, prompt=request.prompt, **request.inputs.framing())
         write_inputs(request.inputs, run.directory, about)
         writer = outputs.EditWriter(run.directory, request.seed, about)
+        recorder = outputs.StepRecorder(run.directory, request, video=True, assets=False) if video else None
+        if recorder is not None:
+            recorder.start(about)
+        videos: list[str] = []
+        events: queue.Queue = queue.Queue()
+        taken = threading.Event()  # the request's thread has written and shown the batch handed over
+
+        def on_step(preview):
+            if recorder is not None:
+                recorder(preview)
+            events.put(("preview", preview))
+
+        def produce(stream):
+            batches = iter(stream)
+            try:
+                for batch in batches:
+                    events.put(("batch", batch))
+                    taken.wait()  # the batch written and shown, as a run without previews would
+                    taken.clear()
+                    if self.is_cancelled(run):  # checked before the next batch starts
+                        break
+            except BaseException as e:  # handed to the request's thread, which raises it
+                events.put(("error", e))
+            finally:
+                batches.close()  # a cancelled or failed run stops here, its progress bar closed
+                events.put(("end", None))
+
         start = time.perf_counter()
         try:
             with self.lock:
-                stream = editor.edit_batches(request, progress=True)
-                batches = iter(stream)
+                stream = editor.edit_batches(request, progress=True, on_step=on_step, every_step=video)
+                context = contextvars.copy_context()
+                worker = threading.Thread(target=context.run, args=(produce, stream), daemon=True)
+                worker.start()
                 try:
-                    for batch in batches:
-                        writer.add(batch)
-                        yield "progress", len(writer.done) + len(writer.failed), writer
-                        if self.is_cancelled(run):  # checked before the next batch starts
+                    while True:
+                        kind, item = events.get()
+                        if kind == "preview":
+                            yield "preview", item, writer
+                        elif kind == "batch":
+                            writer.add(item)
+                            if recorder is not None:
+                                videos += recorder.write(item)
+                            yield "progress", len(writer.done) + len(writer.failed), writer
+                            taken.set()
+                        elif kind == "error":
+                            raise item
+                        else:
                             break
                 finally:
-                    batches.close()  # a cancelled or failed run stops here, its progress bar closed
+                    if worker.is_alive():  # left early: the run stops after its current batch
+                        self.cancelled[run.session] = time.monotonic()
+                        taken.set()
+                        worker.join()
         except BaseException:
             entry.state = "failed"
             raise
@@ -225,7 +274,7 @@ class Studio:
                             "cancelled_after": finished if finished < request.num_samples else None}
         ranked = writer.finish(request.full_source, request.full_mask, request.prompt, report, label=self.label)
         inputs = [os.path.join(run.directory, name) for name in (SOURCE, MASK, outputs.GRID, outputs.REPORT)]
-        entry.files = [write_zip(run.directory, ranked + inputs), *ranked, *inputs]
+        entry.files = [write_zip(run.directory, ranked + inputs + videos), *ranked, *inputs, *videos]
         entry.gallery = gallery(writer, ranked, self.label)
         entry.state = summary(writer, request.num_samples)
         yield "done", entry, writer

@@ -323,10 +323,13 @@ def test_a_page_that_goes_away_mid_run_still_gets_its_run_ranked_and_zipped(stud
     page = named_page(studio)
     values = {"photo": painted(SMALL), "mask_file": None, "invert": False, "prompt": "a cup of tea",
               "num_samples": 4, "seed": 3, "submitted": studio.submitted("gone"), "visitor": "", "frame": None,
-              "grow": 0, **{name: value for name, value in studio.defaults.items()}, "batch_size": 2}
+              "grow": 0, "video": False, **{name: value for name, value in studio.defaults.items()},
+              "batch_size": 2}
     run = app.Handlers(studio, page).run(values, "gone", progress=None)
-    said = [next(run) for _ in range(2)]  # "sampling ...", then the first batch's progress
-    assert said[1]["status"].startswith("2 of 4 samples done"), said[1]["status"]
+    said = next(run)  # "sampling ...", then previews, then the first batch's progress
+    while "samples done" not in said.get("status", ""):
+        said = next(run)
+    assert said["status"].startswith("2 of 4 samples done"), said["status"]
     run.close()  # as Gradio does when the page is gone
     [folder] = [d for d in os.listdir(studio.output_dir) if os.path.isfile(os.path.join(studio.output_dir, d,
                                                                                            outputs.REPORT))
@@ -382,7 +385,8 @@ def test_without_gradio_the_app_names_the_extra_to_install():
 def page_values(studio, **values) -> dict:
     """A request's page values by field name (named_page), the coffee photo painted at SMALL."""
     return {"photo": painted(SMALL), "mask_file": None, "invert": False, "prompt": "a cup of tea", "num_samples": 2,
-            "seed": 404, "grow": 0, "submitted": 0.0, "visitor": "", "frame": None, **studio.defaults, **values}
+            "seed": 404, "grow": 0, "video": False, "submitted": 0.0, "visitor": "", "frame": None, **studio.defaults,
+            **values}
 
 
 def test_each_browsers_history_is_its_own_and_bounded(monkeypatch):
@@ -545,3 +549,38 @@ def test_the_mask_preview_tints_the_region_grown_and_frames_the_window(studio):
     # With the mask inverted, grow widens what changes: what is kept shrinks.
     inverted = handlers.preview(page_values(studio, invert=True, grow=10))
     assert (inverted["mask_used"] == 0).sum() < (box_mask(SMALL) > 0).sum()
+
+
+def test_the_page_sees_each_chunks_predictions_and_gets_videos_when_asked(studio, program_flags):
+    """While a batch samples, the gallery shows its current predictions (captioned with their
+    step) after the finished samples; with the video box ticked each result's video is among the
+    downloads and in the zip, a frame per step."""
+    import zipfile
+
+    program_flags.unparse_flags()
+    program_flags(["app", "--config=smoke"])
+    handlers = app.Handlers(studio, named_page(studio))
+    said = list(handlers.run(page_values(studio, video=True, submitted=studio.submitted("v")), "v", progress=None))
+    previews = [s["gallery"] for s in said if "gallery" in s and "status" not in s]
+    assert len(previews) >= 2, [list(s) for s in said]
+    captions = [c for g in previews for _, c in g]
+    assert any(re.fullmatch(r"sample [01]: step \d+ of \d+ \(preview\)", c) for c in captions), captions
+    steps = {int(re.search(r"step (\d+)", c).group(1)) for c in captions if "(preview)" in c}
+    assert len(steps) >= 2  # the predictions change as the steps run
+    image = next(i for g in previews for i, c in g if "(preview)" in c)
+    assert image.shape == (smoke.IMAGE_SIZE, smoke.IMAGE_SIZE, 3) and image.dtype == np.uint8
+    last = said[-1]
+    assert last["status"].startswith("2 results ranked"), last["status"]
+    videos = [f for f in last["downloads"] if f"{os.sep}videos{os.sep}" in f]
+    assert [os.path.basename(v) for v in videos] == [f"sample_{k}.{outputs.video_format()}" for k in (0, 1)]
+    with Image.open(videos[0]) as video:
+        assert video.n_frames == steps_run(studio)
+    with zipfile.ZipFile(last["downloads"][0]) as archive:
+        assert {f"videos/sample_{k}.{outputs.video_format()}" for k in (0, 1)} <= set(archive.namelist())
+
+
+def steps_run(studio) -> int:
+    from bdjax import diffusion
+
+    options = studio.defaults
+    return diffusion.respaced_length(options["timestep_respacing"]) - options["skip_timesteps"]
