@@ -9,6 +9,12 @@ warning names it and report.json lists it under "failed"; the run exits 0 if any
 succeeded, else 1. Ctrl-C ranks what finished (report.json says "interrupted"), says so in one
 line and exits 130. A run holds a lock on OUTPUT_DIR: a second run into it refuses at once, naming
 the first. `--config=smoke` runs the whole pipeline on tiny random networks with no weights at all.
+
+The reference's own spellings are accepted too, so that the authors' command runs unchanged: -p,
+-i, --output_path, -o/--output_file, --iterations_num, --no_enforce_background, --gpu_id, --vid and
+--export_assets (docs/flags.md); given --output_path, --output_file or --iterations_num, the ranked
+results take the reference's names. --vid and --export_assets are an `on_step` of the editor
+(bdjax.outputs.StepRecorder).
 """
 
 from __future__ import annotations

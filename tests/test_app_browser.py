@@ -11,8 +11,9 @@ feather from the mask. An empty mask then gives its one-line message, and the se
 still serves further requests: one is cancelled after a batch while another user's waits in the
 queue, its position shown, then runs, compiling its new configuration first (a stage the page
 shows). Beforehand, a stroke begun beside the photo (in the editor's margin) paints from the photo's
-edge; a clicked result is compared with the photo, used as the next photo and edited again; and a
-run reloaded mid-way is reopened from the browser's history. The server is stopped by its PID. Set
+edge; a clicked result is compared with the photo, used as the next photo and edited again; a
+run shows its predictions changing while it samples; and a run reloaded mid-way is reopened from
+the browser's history. The server is stopped by its PID. Set
 BDJAX_APP_SCREENSHOT=path to keep the screenshot taken after the large photo's run (docs/app.png).
 """
 
@@ -278,6 +279,19 @@ def test_paint_from_beside_the_photo_keep_editing_a_result_and_reopen_a_run_afte
 
             # Reloaded mid-run: the run ends after its current batch; the history reopens it.
             run_edit(page, "a cup of tea", 6)
+            # While a batch samples, its current predictions show in the gallery and change.
+            seen = set()
+            deadline = time.monotonic() + 120
+            while len(seen) < 2:
+                for item in page.locator("#results .thumbnail-item").all():
+                    label = item.locator(".caption-label")
+                    text = label.inner_text() if label.count() else ""
+                    src = item.locator("img").get_attribute("src") if item.locator("img").count() else None
+                    if re.fullmatch(r"sample \d: step \d+ of \d+ \(preview\)", text) and src:
+                        seen.add((text, src))
+                assert time.monotonic() < deadline, seen
+                page.wait_for_timeout(200)
+            assert len({src for _, src in seen}) >= 2
             wait_status(page, r"2 of 6 samples done")
             page.reload(wait_until="domcontentloaded")
             page.wait_for_selector("#photo canvas", timeout=60_000)
