@@ -39,8 +39,12 @@ def define_flags():
     cli.define_framing_flags()  # --fit, --context, --feather
     flags.adopt_module_key_flags(runtime)  # --help lists them too
     flags.adopt_module_key_flags(cli)
-    # The reference's own spellings (its main.py), beside bdjax's: -p and -i are --prompt's and
-    # --init_image's short names; these are read by `reference_flags`.
+    define_reference_flags()
+
+
+def define_reference_flags():
+    """The reference's own spellings (its main.py), beside bdjax's: -p and -i are --prompt's and
+    --init_image's short names (cli.define_edit_flags); these are read by `reference_flags`."""
     flags.DEFINE_string("output_path", None, "The reference's name of --output_dir (give one of the two).")
     flags.DEFINE_string("output_file", None, "The reference's: the best result's file name in the output directory "
                         "(a .png), and the stem of the ranked files, named as the reference names them "

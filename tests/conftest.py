@@ -17,13 +17,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 @pytest.fixture(scope="module")
 def program_flags():
-    """The flags of launch/extrapolate.py (which include launch/edit.py's), defined once."""
+    """The flags of launch/extrapolate.py (which include launch/edit.py's) and launch/edit.py's
+    reference spellings, defined once."""
     from absl import flags
 
-    from launch import extrapolate
+    from launch import edit, extrapolate
 
     if "strip" not in flags.FLAGS:
         extrapolate.define_flags()
+    if "output_path" not in flags.FLAGS:  # (some tests define extrapolate's flags alone)
+        edit.define_reference_flags()
     yield flags.FLAGS
     flags.FLAGS.unparse_flags()
 

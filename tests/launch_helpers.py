@@ -77,7 +77,7 @@ def run_program(flags_, monkeypatch, program: str, args: list[str], run: FakeRun
     flags_.unparse_flags()
     flags_([program, "--config=smoke", "--nocompilation_cache", *args])
     editor = fake_editor(run or FakeRun())
-    monkeypatch.setattr(runtime, "build_editor", lambda need_lpips: editor)
+    monkeypatch.setattr(runtime, "build_editor", lambda need_lpips, devices=None: editor)
     try:
         cli.program(module.main)([program])
     except SystemExit as e:

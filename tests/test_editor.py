@@ -262,9 +262,9 @@ def test_edit_batches_inputs_are_views_whatever_num_samples():
     seen = {}
     real = editor.sample_batches
 
-    def spy(options, guided, init, mask, text_embed, sample_ids, seeds, progress=False, batch_rows=None):
+    def spy(options, guided, init, mask, text_embed, sample_ids, seeds, progress=False, batch_rows=None, **previews):
         seen.update(init=init, mask=mask, text_embed=text_embed, sample_ids=sample_ids, seeds=seeds)
-        return real(options, guided, init, mask, text_embed, sample_ids, seeds, progress, batch_rows)
+        return real(options, guided, init, mask, text_embed, sample_ids, seeds, progress, batch_rows, **previews)
 
     editor.sample_batches = spy
     n = MAX_NUM_SAMPLES  # as one full copy each: 4.9 GB of images alone
