@@ -584,3 +584,13 @@ def steps_run(studio) -> int:
 
     options = studio.defaults
     return diffusion.respaced_length(options["timestep_respacing"]) - options["skip_timesteps"]
+
+
+def test_a_run_whose_folder_was_removed_is_named_when_reopened(tmp_path):
+    """Reopening a run of the history whose folder was removed since: one line on the page."""
+    studio = studio_lib.Studio(None, {}, str(tmp_path))
+    gone = tmp_path / "run_0001"
+    studio.record("v", studio_lib.Entry("run_0001", str(gone), {"prompt": "a cup"}, state="2 results ranked",
+                                        gallery=[(str(gone / "ranked" / "000_1.0000.png"), "#0")]))
+    said = app.Handlers(studio, named_page(studio)).reopen("v", "run_0001")
+    assert said["status"].startswith("error: run\\_0001 cannot be reopened: ") and "\n" not in said["status"]
