@@ -20,8 +20,8 @@ import numpy as np
 
 from bdjax import augment as augment_lib
 from bdjax import diffusion
+from bdjax import scores as scores_lib
 from bdjax.guidance import guidance_loss, needs_lpips, value_and_guidance
-from bdjax.models.clip import spherical_distance
 from bdjax.options import EditOptions
 
 
@@ -151,7 +151,7 @@ class Sampler:
     begin(params, init, mask, text_embed, sample_ids, seeds) -> state
     advance(params, state, indices) -> state: the steps at `indices` (descending respaced step
         indices), one `lax.scan`
-    end(params, state) -> {"images", "distances", "pred_xstart"}
+    end(params, state) -> {"images", "distances", "pred_xstart", "scores"}
     Calling the Sampler runs begin, one scan over every step in `indices`, and end. Every leaf of
     the state has the samples along its first axis, so it shards like the inputs.
     """
@@ -168,12 +168,14 @@ class Sampler:
 def make_sampler(models: Models, options: EditOptions, *, guided: bool,
                  augment: Callable | None = None) -> Sampler:
     """The sampler of one configuration (see `Sampler`); its call is
-    sampler(params, init, mask, text_embed, sample_ids, seeds) -> {"images", "distances", "pred_xstart"}.
+    sampler(params, init, mask, text_embed, sample_ids, seeds) -> {"images", "distances", "pred_xstart",
+    "scores"}.
 
     Per sample: init [B, H, W, C] in [-1, 1]; mask [B, H, W, 1] in {0, 1} (1 = edit); text_embed
     [B, D]; sample_ids [B] int; seeds [B] int (inputs of size 1 along B broadcast, so one edit can
     pass [1, ...] arrays and a scalar seed). images are [B, H, W, C] in [0, 1]; distances are the
-    reference's ranking distances (lower is better).
+    reference's ranking distances (lower is better); scores are every result's quality scores
+    (bdjax/scores.py), each [B].
     """
     d = diffusion.make_diffusion(timestep_respacing=options.timestep_respacing)
     # The options are validated with the request (bdjax/request.py); this guards only the schedule
@@ -226,14 +228,9 @@ def result_images(options: EditOptions, pred_xstart, init, mask):
 
 
 def finish(models: Models, options: EditOptions, params, pred_xstart, init, mask, text_embed):
-    """The kept result (hard background paste) and the reference's ranking distance."""
+    """The kept result (hard background paste), the reference's ranking distance and the
+    results' quality scores (bdjax/scores.py)."""
     images = result_images(options, pred_xstart, init, mask)
-    # Ranking: mask * image, bilinear resize to CLIP's input size (no antialiasing, like torch's
-    # interpolate), fed to CLIP WITHOUT its normalisation, as the reference does.
-    masked = images * mask
-    resolution = models.clip.image_resolution
-    size = (masked.shape[0], resolution, resolution, masked.shape[-1])
-    resized = jax.image.resize(masked, size, "bilinear", antialias=False)
-    embeds = models.clip.apply({"params": params["clip"]}, resized, normalize=False, method="encode_image")
-    distances = spherical_distance(embeds.astype(jnp.float32), text_embed.astype(jnp.float32))
-    return {"images": images, "distances": distances, "pred_xstart": pred_xstart}
+    distances = scores_lib.ranking_distance(models, params, images, mask, text_embed)
+    scores = scores_lib.result_scores(models, params, images, init, mask, text_embed, distances)
+    return {"images": images, "distances": distances, "pred_xstart": pred_xstart, "scores": scores}

@@ -2,8 +2,9 @@
 
 Samples run in batches of `batch_size` through one jit-compiled sampler per configuration;
 the last batch is padded to full size (so nothing recompiles) and the padding discarded.
-Results come back ranked best first by the reference's CLIP distance; `edit_batches` yields them
-batch by batch instead, as they finish. Samples that turn NaN or infinite are flagged, never ranked.
+Results come back ranked best first, by the reference's CLIP distance unless the options' `rank_by`
+says otherwise, each with its quality scores (bdjax/scores.py); `edit_batches` yields them batch by
+batch instead, as they finish. Samples that turn NaN or infinite are flagged, never ranked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from bdjax import checkpoint, guidance, parallel, tokenizer
+from bdjax import scores as scores_lib
 from bdjax import request as request_lib
 from bdjax.blended import Models, Sampler, make_sampler, result_images, steps_per_call
 from bdjax.options import EditOptions
@@ -35,7 +37,8 @@ PROGRESS = "blended diffusion"  # the progress bar's description
 
 @dataclasses.dataclass
 class EditResult:
-    """Edited images ranked best first (lowest CLIP distance).
+    """Edited images ranked best first: lowest `options.rank_by` value (`rank_values`; by default
+    the reference's CLIP distance, `distances`).
 
     In window mode (the default) `images` are the photo at its own size with the edit pasted
     in, and `crops` the model-size edits CLIP ranked; with fit="stretch" both are the model-size
@@ -54,6 +57,15 @@ class EditResult:
     framing: dict = dataclasses.field(default_factory=dict)  # the window (Inputs.framing); {} with stretch
     # What every saved result records (outputs.edit_provenance: prompt, options, the networks, ...).
     provenance: dict = dataclasses.field(default_factory=dict)
+    # Every result's quality scores, in the order above: {name: [N] float} (bdjax/scores.py; NaN
+    # where a score does not apply), and the run's diversity (None: fewer than 2 results, or no LPIPS).
+    scores: dict = dataclasses.field(default_factory=dict)
+    diversity: float | None = None
+
+    @property
+    def rank_values(self) -> np.ndarray:
+        """The values the results are ranked by ([N], ascending): `options.rank_by`'s."""
+        return scores_lib.rank_values(self.scores, self.options) if self.scores else np.asarray(self.distances)
 
     def pil_images(self) -> list[Image.Image]:
         """The results as PIL images, best first (their pixels only: `save` also writes where each
@@ -68,15 +80,16 @@ class EditResult:
         paths."""
         from bdjax import outputs
 
-        paths = [os.path.join(directory, outputs.ranked_name(rank, d)) for rank, d in enumerate(self.distances)]
+        paths = [os.path.join(directory, outputs.ranked_name(rank, v)) for rank, v in enumerate(self.rank_values)]
         there = [p for p in paths if os.path.lexists(p)]
         if there and not overwrite:
             raise FileExistsError(f"{there[0]} already exists ({len(there)} of the {len(paths)} files): save into "
                                   "another directory or pass overwrite=True")
         os.makedirs(directory, exist_ok=True)
         about = {**self.provenance, "seed": int(self.seed)}
-        for path, image, k, distance in zip(paths, self.images, self.sample_ids, self.distances):
-            outputs.save_png(path, image, outputs.sample_provenance(about, k, distance))
+        for i, (path, image, k, distance) in enumerate(zip(paths, self.images, self.sample_ids, self.distances)):
+            scores = scores_lib.row(self.scores, i) if self.scores else None
+            outputs.save_png(path, image, outputs.sample_provenance(about, k, distance, scores=scores))
         return paths
 
 
@@ -88,6 +101,7 @@ class EditBatch:
     distances: np.ndarray     # [n] float
     finite: np.ndarray        # [n] bool: False where the image or the distance is NaN or infinite
     crops: np.ndarray | None = None  # [n, S, S, 3] uint8: the model-size edits (None: the same as images)
+    scores: dict = dataclasses.field(default_factory=dict)  # {name: [n] float}: bdjax/scores.py's NAMES
 
 
 @dataclasses.dataclass
@@ -189,6 +203,7 @@ class BlendedDiffusion:
         self.params = parallel.put_replicated(params, self.mesh)
         self.image_size = self.models.unet.image_size
         self._samplers: collections.OrderedDict = collections.OrderedDict()  # least recently used first
+        self._diversity = self._score = None  # compiled on first use
         self._encode_text = jax.jit(lambda p, tokens: self.models.clip.apply({"params": p}, tokens,
                                                                              method="encode_text"))
 
@@ -236,11 +251,11 @@ class BlendedDiffusion:
     def sampler(self, options: EditOptions, guided: bool) -> "CompiledSampler":
         """The jit-compiled sampler for a configuration (compiled once, then kept among the
         `max_samplers` most recently used)."""
-        key = (options, guided)
+        key = (options.sampling, guided)  # the ranking options do not change the sampler
         if key in self._samplers:
             self._samplers.move_to_end(key)
         else:
-            self._samplers[key] = CompiledSampler(make_sampler(self.models, options, guided=guided), self.mesh)
+            self._samplers[key] = CompiledSampler(make_sampler(self.models, key[0], guided=guided), self.mesh)
             while len(self._samplers) > self.max_samplers:
                 self._samplers.popitem(last=False)
         return self._samplers[key]
@@ -278,16 +293,20 @@ class BlendedDiffusion:
         batches = list(stream)
         ids, images, distances, finite = (np.concatenate([getattr(b, key) for b in batches])
                                           for key in ("sample_ids", "images", "distances", "finite"))
-        order = np.argsort(distances[finite], kind="stable")
+        scores = {name: np.concatenate([b.scores[name] for b in batches])[finite] for name in scores_lib.NAMES}
+        order = np.argsort(scores_lib.rank_values(scores, stream.options), kind="stable")
         crops = None
         if stream.inputs.photo is not None:
             crops = np.concatenate([b.crops for b in batches])[finite][order]
         framing = stream.inputs.framing()
+        ranked_edits = images[finite][order] if crops is None else crops
         return EditResult(images=images[finite][order], distances=distances[finite][order],
                           sample_ids=ids[finite][order], seed=stream.seed, source=stream.full_source,
                           mask=stream.full_mask, prompt=stream.prompt, options=stream.options,
                           failed=np.sort(ids[~finite]), crops=crops, framing=framing,
-                          provenance=self.provenance(stream.options, prompt=stream.prompt, **framing))
+                          provenance=self.provenance(stream.options, prompt=stream.prompt, **framing),
+                          scores={name: values[order] for name, values in scores.items()},
+                          diversity=self.diversity(ranked_edits[:scores_lib.DIVERSITY_MAX], stream.request.region))
 
     def provenance(self, options: EditOptions, **fields) -> dict:
         """What a result of this editor records (outputs.edit_provenance): `fields` (the prompt, the
@@ -336,7 +355,7 @@ class BlendedDiffusion:
                 edits = to_uint8(out["images"], out["finite"])
                 crops = None if request.inputs.photo is None else edits
                 yield EditBatch(sample_ids=out["rows"], images=request.inputs.compose(edits),
-                                distances=out["distances"], finite=out["finite"], crops=crops)
+                                distances=out["distances"], finite=out["finite"], crops=crops, scores=out["scores"])
 
         return EditStream(request=request, batches=batches())
 
@@ -364,7 +383,46 @@ class BlendedDiffusion:
             raise ValueError("background_preservation_loss needs the LPIPS weights, which this editor was built "
                              "without: convert them (python -m checkpoints_convert.lpips) and load them with "
                              "from_pretrained(..., with_lpips=True), or set lpips_sim_lambda=0")
+        if opts.rank_by == "combined" and opts.rank_background_weight != 0 and self.models.lpips is None:
+            raise ValueError("rank_by=combined weighs background_lpips, which needs the LPIPS weights this editor was "
+                             "built without: load them (from_pretrained(..., with_lpips=True)) or set "
+                             "rank_background_weight=0")
         return opts
+
+    def score(self, images: np.ndarray, init, region, text_embed, rows: int = 8) -> dict:
+        """The quality scores (bdjax/scores.py) of finished results: `images` uint8 [n, S, S, 3]
+        at this editor's model size (edits as written to crops/, say), scored against `init`
+        [S, S, 3] in [-1, 1] (the input as the model saw it), `region` [S, S, 1] (1 = edited) and
+        the prompt's `text_embed` [D]. Runs `rows` images at a time (one compiled program, the
+        last call padded). Returns {name: [n] float32}; clip_masked is computed from the 8-bit
+        images, so it matches the sampler's (from unrounded ones) to about 1e-3."""
+        images = np.asarray(images)
+        if self._score is None:
+            self._score = jax.jit(lambda params, images, init, mask, text: scores_lib.score_images(
+                self.models, params, images, init, mask, text))
+        one = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.float32)[None], (rows, *np.shape(a)))  # noqa: E731
+        init, region, text_embed = one(init), one(region), one(text_embed)
+        out = {name: [] for name in scores_lib.NAMES}
+        for start in range(0, len(images), rows):
+            chunk = images[start:start + rows].astype(np.float32) / 255
+            padded = np.concatenate([chunk, np.zeros((rows - len(chunk), *chunk.shape[1:]), np.float32)])
+            got = self._score(self.params, padded, init, region, text_embed)
+            for name in scores_lib.NAMES:
+                out[name].append(np.asarray(got[name])[:len(chunk)])
+        return {name: np.concatenate(v) if v else np.zeros(0, np.float32) for name, v in out.items()}
+
+    def diversity(self, images: np.ndarray, region) -> float | None:
+        """The mean LPIPS between every pair of `images` (uint8 [n, S, S, 3], model-size edits)
+        inside `region` (the mask at the model size, [S, S, 1] or [1, S, S, 1]): higher is more
+        varied (bdjax/scores.py). None for fewer than 2 images or an editor without LPIPS."""
+        images = np.asarray(images)
+        if len(images) < 2 or self.models.lpips is None:
+            return None
+        if self._diversity is None:
+            self._diversity = jax.jit(lambda params, images, mask: scores_lib.diversity(self.models, params, images,
+                                                                                         mask))
+        value = self._diversity(self.params, images.astype(np.float32) / 255, np.asarray(region, np.float32))
+        return scores_lib.plain(value)
 
     def sample(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
                progress: bool = False, batch_rows: int | None = None) -> dict:
@@ -373,13 +431,15 @@ class BlendedDiffusion:
 
         init [N, S, S, 3] in [-1, 1], mask [N, S, S, 1], text_embed [N, D], sample_ids [N] (an array
         or a range), seeds [N]. Returns {"rows", "images" [n, S, S, 3] in [0, 1], "distances" [n],
-        "finite" [n] bool} for the n rows this process computed (all N on one host); "rows" are
-        their indices into the inputs, and "finite" is False where a row's image or distance is NaN
-        or infinite.
+        "finite" [n] bool, "scores" {name: [n]}} for the n rows this process computed (all N on one
+        host); "rows" are their indices into the inputs, "finite" is False where a row's image or
+        distance is NaN or infinite, and "scores" are the results' quality scores (bdjax/scores.py).
         """
         out = list(self.sample_batches(options, guided, init, mask, text_embed, sample_ids, seeds, progress,
                                        batch_rows))
-        return {key: np.concatenate([o[key] for o in out]) for key in ("rows", "images", "distances", "finite")}
+        merged = {key: np.concatenate([o[key] for o in out]) for key in ("rows", "images", "distances", "finite")}
+        merged["scores"] = {name: np.concatenate([o["scores"][name] for o in out]) for name in scores_lib.NAMES}
+        return merged
 
     def sample_batches(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
                        progress: bool = False, batch_rows: int | None = None, on_chunk=None,
@@ -418,7 +478,9 @@ class BlendedDiffusion:
                 images = parallel.local_rows(out["images"])[keep]
                 distances = parallel.local_rows(out["distances"])[keep]
                 finite = np.isfinite(distances) & np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
-                yield {"rows": local[keep], "images": images, "distances": distances, "finite": finite}
+                scores = {name: np.asarray(parallel.local_rows(v)[keep], np.float32) for name, v in out["scores"].items()}
+                yield {"rows": local[keep], "images": images, "distances": distances, "finite": finite,
+                       "scores": scores}
         finally:
             if bar is not None:
                 bar.close()

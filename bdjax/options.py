@@ -51,6 +51,13 @@ class EditOptions:
                                    "as the reference samples; off: class 0.", reference="")
     symmetric_translation: bool = option(False, "Augmentations translate both ways; off: the reference's "
                                          "vertical-only translation.", reference="")
+    # How the results are ranked (bdjax/scores.py); the sampling does not depend on these.
+    rank_by: str = option("clip_masked", "Rank the results by clip_masked (the reference's CLIP distance of the "
+                          "masked result), clip_whole (of the whole result) or combined (see rank_*_weight).",
+                          reference="")
+    rank_whole_weight: float = option(1.0, "rank_by=combined: weight of clip_whole.", reference="")
+    rank_seam_weight: float = option(0.02, "rank_by=combined: weight of ln(seam).", reference="")
+    rank_background_weight: float = option(1.0, "rank_by=combined: weight of background_lpips.", reference="")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -61,6 +68,13 @@ class EditOptions:
         """Every option's field: .name, .type ("bool", "int", "float", "str"), .default,
         .metadata["help"], and `reference_name(field)`."""
         return dataclasses.fields(cls)
+
+    @property
+    def sampling(self) -> "EditOptions":
+        """These options with the ranking ones (RANKING) at their defaults: what the sampler
+        depends on, so that ranking differently reuses the compiled sampler."""
+        defaults = EditOptions()
+        return dataclasses.replace(self, **{name: getattr(defaults, name) for name in RANKING})
 
     @property
     def sampler(self) -> str:
@@ -96,12 +110,18 @@ class EditOptions:
             raise OptionError("aug_num", f"aug_num={self.aug_num} must be at least 1")
         if self.batch_size < 1:
             raise OptionError("batch_size", f"batch_size={self.batch_size} must be at least 1")
+        if self.rank_by not in RANK_BY:
+            raise OptionError("rank_by", f"rank_by={self.rank_by!r} must be one of {', '.join(RANK_BY)}")
 
     def check_start(self, num_timesteps: int) -> None:
         """ValueError unless skip_timesteps leaves a step of the `num_timesteps`-step schedule to run."""
         if not 0 <= self.skip_timesteps < num_timesteps:
             raise OptionError("skip_timesteps", f"skip_timesteps={self.skip_timesteps} must be in "
                               f"[0, {num_timesteps}) for timestep_respacing={self.timestep_respacing!r}")
+
+
+RANK_BY = ("clip_masked", "clip_whole", "combined")  # what results may be ranked by (bdjax/scores.py)
+RANKING = ("rank_by", "rank_whole_weight", "rank_seam_weight", "rank_background_weight")
 
 
 def reference_name(field: dataclasses.Field) -> str:

@@ -240,14 +240,21 @@ def sheet(tiles, captions, heading: str, columns: int = 8, offsets=None) -> np.n
     return np.asarray(canvas)
 
 
-def tile_caption(rank: int, distance: float) -> str:
-    return f"#{rank} d={distance:.4f}"
+def tile_caption(rank: int, distance: float, scores: dict | None = None) -> str:
+    """A result's caption: rank and CLIP distance, then its other scores in short form."""
+    from bdjax.scores import short
+
+    text = f"#{rank} d={distance:.4f}"
+    rest = short(scores) if scores else ""
+    return f"{text} {rest}" if rest else text
 
 
-def grid(source: np.ndarray, mask: np.ndarray, images, distances, heading: str, columns: int = 8) -> np.ndarray:
-    """Source, mask, then the results in rank order, each captioned (rank and CLIP distance),
-    under a heading; uint8 [H', W', 3]."""
-    captions = ["source", "mask", *(tile_caption(r, d) for r, d in enumerate(distances))]
+def grid(source: np.ndarray, mask: np.ndarray, images, distances, heading: str, columns: int = 8,
+         scores=None) -> np.ndarray:
+    """Source, mask, then the results in rank order, each captioned (rank, CLIP distance and, given
+    `scores` (one dict per result), the other scores in short form), under a heading; uint8 [H', W', 3]."""
+    scores = [None] * len(distances) if scores is None else scores
+    captions = ["source", "mask", *(tile_caption(r, d, s) for r, (d, s) in enumerate(zip(distances, scores)))]
     return sheet([source, mask, *images], captions, heading, columns)
 
 
@@ -411,25 +418,29 @@ class EditWriter:
     """Writes an edit to disk as its batches finish, then ranks it from disk.
 
     `add(batch)` writes each finished sample k at once, as samples/sample_<k>.png with its entry
-    samples/sample_<k>.json ({sample_id, seed, distance, file}) and, in window mode (where the
+    samples/sample_<k>.json ({sample_id, seed, distance, scores, file}) and, in window mode (where the
     results are the full-size photo), the model-size edit CLIP ranked as crops/sample_<k>.png; a
     sample whose image or distance is not finite gets only its entry, with distance null and the
     reason in "failed". So a run
-    that stops early leaves every finished sample on disk. Only (sample id, distance) pairs stay
-    in memory. `finish` then writes ranked/NNN_<distance>.png best first (links to the sample
-    files), grid.png from the best `grid_size` read back, and report.json, whose "failed" lists
+    that stops early leaves every finished sample on disk. Only each sample's id, ranking value and
+    scores stay in memory. `finish` then writes ranked/NNN_<value>.png best first (links to the
+    sample files; the value is the one ranked by, the CLIP distance unless `options.rank_by` says
+    otherwise), grid.png from the best `grid_size` read back, and report.json, whose "failed" lists
     the samples left out.
 
     Every PNG carries `provenance` (`edit_provenance`: prompt, options, ...) with the seed and,
-    per sample, its id and distance; the grid lists its tiles' ranks, sample ids and distances.
+    per sample, its id, distance and scores; the grid lists its tiles' ranks, sample ids and distances.
     """
 
-    def __init__(self, output_dir: str, seed: int, provenance: dict | None = None, *, ranked_name=ranked_name):
-        """`ranked_name(rank, distance, sample_id)`: the ranked files' names (bdjax's, or the
-        reference's: `reference_naming`)."""
-        self.output_dir, self.seed, self.ranked_name = output_dir, seed, ranked_name
+    def __init__(self, output_dir: str, seed: int, provenance: dict | None = None, *, ranked_name=ranked_name,
+                 options=None):
+        """`ranked_name(rank, value, sample_id)`: the ranked files' names (bdjax's, or the
+        reference's: `reference_naming`). `options` (EditOptions) say what to rank by (None: the
+        reference's CLIP distance)."""
+        self.output_dir, self.seed, self.ranked_name, self.options = output_dir, seed, ranked_name, options
         self.provenance = {**(provenance or {}), "seed": int(seed)}
-        self.done: list[tuple[float, int]] = []      # (distance, sample id) of the finite samples
+        self.done: list[tuple[float, int]] = []      # (ranking value, sample id) of the finite samples
+        self.scores: dict[int, dict] = {}            # sample id -> its scores (bdjax/scores.py), finite samples
         self.failed: list[tuple[int, str]] = []      # (sample id, reason)
         self.model_size = 0                          # the edits' width, for the grid's tiles
 
@@ -438,19 +449,26 @@ class EditWriter:
         failed = []
         crops = getattr(batch, "crops", None)
         self.model_size = (batch.images if crops is None else crops).shape[2]
+        from bdjax import scores as scores_lib
+
+        batch_scores = getattr(batch, "scores", None) or {"clip_masked": np.asarray(batch.distances)}
         for i, (k, image, distance, finite) in enumerate(zip(batch.sample_ids, batch.images, batch.distances,
                                                             batch.finite)):
             k, distance = int(k), float(distance)
-            entry = {"sample_id": k, "seed": int(self.seed), "distance": finite_or_none(distance)}
+            scores = scores_lib.row(batch_scores, i)
+            entry = {"sample_id": k, "seed": int(self.seed), "distance": finite_or_none(distance), "scores": scores}
             if finite:
                 if crops is not None:
                     entry["crop"] = f"{CROPS_DIR}/{sample_name(k)}"
                     save_png(os.path.join(self.output_dir, entry["crop"]), crops[i],
-                             sample_provenance(self.provenance, k, distance, kind="crop"))
+                             sample_provenance(self.provenance, k, distance, kind="crop", scores=scores))
                 entry["file"] = f"{SAMPLES_DIR}/{sample_name(k)}"
                 save_png(os.path.join(self.output_dir, entry["file"]), image,
-                         sample_provenance(self.provenance, k, distance))
-                self.done.append((distance, k))
+                         sample_provenance(self.provenance, k, distance, scores=scores))
+                value = float(scores_lib.rank_values({n: np.float64(np.nan if v is None else v)
+                                                      for n, v in scores.items()}, self.options))
+                self.done.append((value, k))
+                self.scores[k] = scores
             else:
                 reason = (f"its CLIP distance is {distance}" if not np.isfinite(distance)
                           else "its image holds NaN or infinite values")
@@ -460,40 +478,61 @@ class EditWriter:
         self.failed += failed
         return failed
 
+    def ranked_edits(self, count: int) -> list[str]:
+        """The model-size edits (crops/ in window mode, else the samples) of the best `count`
+        results, best first: what a run's diversity compares."""
+        paths = []
+        for _, k in sorted(self.done)[:count]:
+            crop = os.path.join(self.output_dir, CROPS_DIR, sample_name(k))
+            paths.append(crop if os.path.exists(crop) else os.path.join(self.output_dir, SAMPLES_DIR, sample_name(k)))
+        return paths
+
     def finish(self, source: np.ndarray, mask: np.ndarray, prompt: str, report: dict, *, label: str = "",
                grid_size: int = 8) -> list[str]:
-        """ranked/, grid.png and report.json from what `add` wrote; returns the ranked paths."""
+        """ranked/, grid.png and report.json from what `add` wrote; returns the ranked paths.
+        report.json holds `report`, the ranking used ("rank_by"), every sample's scores and the
+        scores' aggregates (mean, median, best)."""
+        from bdjax import scores as scores_lib
+
         ranked, samples = [], []
-        for rank, (distance, k) in enumerate(sorted(self.done)):
-            path = os.path.join(self.output_dir, RANKED_DIR, self.ranked_name(rank, distance, k))
+        for rank, (value, k) in enumerate(sorted(self.done)):
+            path = os.path.join(self.output_dir, RANKED_DIR, self.ranked_name(rank, value, k))
             link_or_copy(os.path.join(self.output_dir, SAMPLES_DIR, sample_name(k)), path)
             ranked.append(path)
+            distance = self.scores[k].get("clip_masked", value)
             samples.append({"rank": rank, "sample_id": k, "seed": int(self.seed), "distance": distance,
-                            "file": os.path.relpath(path, self.output_dir)})
+                            "rank_value": value, "scores": self.scores[k], "file": os.path.relpath(path, self.output_dir)})
         shown = samples[:grid_size]
         heading = f"{prompt!r}: source, mask, best {len(shown)} of {len(ranked)}"
         if self.failed:
             heading += f" ({len(self.failed)} failed)"
         if label:
             heading = f"{label}\n{heading}"
-        tiles = [{k: s[k] for k in ("rank", "sample_id", "distance")} for s in shown]
+        tiles = [{k: s[k] for k in ("rank", "sample_id", "distance", "scores")} for s in shown]
         # Full-size results (window mode) are shown downscaled; model-size ones as they are.
         width = max(GRID_TILE, self.model_size)
         save_png(os.path.join(self.output_dir, GRID),
                  grid(at_most(source, width), at_most(mask, width),
                       [at_most(read_png(p), width) for p in ranked[:grid_size]], [s["distance"] for s in shown],
-                      heading),
+                      heading, scores=[s["scores"] for s in shown]),
                  {"kind": "grid", "prompt": prompt, **self.provenance, "tiles": tiles})
         failed = [{"sample_id": k, "reason": reason} for k, reason in sorted(self.failed)]
+        rank_by = "clip_masked" if self.options is None else self.options.rank_by
         save_json(os.path.join(self.output_dir, REPORT),
-                  {**finite_or_none(report), "label": label or None, "samples": samples, "failed": failed})
+                  {**finite_or_none(report), "label": label or None, "rank_by": rank_by,
+                   "aggregates": scores_lib.aggregate([s["scores"] for s in samples]),
+                   "samples": samples, "failed": failed})
         return ranked
 
 
-def sample_provenance(about: dict, sample_id: int, distance: float, kind: str = "sample") -> dict:
+def sample_provenance(about: dict, sample_id: int, distance: float, kind: str = "sample",
+                      scores: dict | None = None) -> dict:
     """What a sample's PNG (or its crop's, `kind="crop"`) records: the edit's `about`
-    (`edit_provenance`, with the seed) plus the sample's id and CLIP distance."""
-    return {"kind": kind, **about, "sample_id": int(sample_id), "distance": float(distance)}
+    (`edit_provenance`, with the seed) plus the sample's id, CLIP distance and, given, its scores."""
+    record = {"kind": kind, **about, "sample_id": int(sample_id), "distance": float(distance)}
+    if scores:
+        record["scores"] = dict(scores)
+    return record
 
 
 def edit_provenance(options, label: str = "", run: dict | None = None, **fields) -> dict:

@@ -238,7 +238,9 @@ def model_fields(config: str) -> tuple[dict, dict, dict]:
 
 
 def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, mesh):
-    """The editor's CompiledSampler for the configuration, the options, and the params as shapes."""
+    """The editor's CompiledSampler for the configuration, the options, and the params as shapes.
+    The networks are those the launch programs load: the UNet, CLIP and LPIPS (for the scores the
+    end program computes; bdjax/scores.py)."""
     import jax
     import jax.numpy as jnp
 
@@ -246,6 +248,7 @@ def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, 
     from bdjax.options import EditOptions
     from bdjax.editor import CompiledSampler
     from bdjax.models import clip as clip_lib
+    from bdjax.models import lpips as lpips_lib
     from bdjax.models import unet as unet_lib
     from bdjax import parallel
 
@@ -255,9 +258,10 @@ def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, 
         options["aug_num"] = aug_num
     options = EditOptions(**options)
     models = Models(unet=unet_lib.UNetModel(**unet_fields, dtype=dtype, remat=remat),
-                    clip=clip_lib.CLIP(**clip_fields, dtype=dtype, remat=remat))
+                    clip=clip_lib.CLIP(**clip_fields, dtype=dtype, remat=remat), lpips=lpips_lib.LPIPS(dtype=dtype))
     size = models.unet.image_size
-    shapes = {"unet": unet_lib.param_shapes(models.unet), "clip": clip_lib.param_shapes(models.clip)}
+    shapes = {"unet": unet_lib.param_shapes(models.unet), "clip": clip_lib.param_shapes(models.clip),
+              "lpips": lpips_lib.param_shapes(models.lpips)}
     replicated = parallel.replicated_sharding(mesh)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating)
                                                          else s.dtype, sharding=replicated), shapes)
@@ -446,9 +450,15 @@ def main(argv):
     # figures are one step of the per-device batch.
     per_sample_step = {k: None if v is None else v / FLAGS.per_device_batch for k, v in loop["cost"].items()}
     peak = max(p["memory"]["total_bytes"] for p in report["programs"].values())
+    # The end program: the result, its ranking distance and every quality score, once per sample.
+    end_flops = report["programs"]["end"]["cost"]["flops"]
+    end_per_sample = None if end_flops is None else end_flops / FLAGS.per_device_batch
     sample_steps = FLAGS.edits * sampler.num_steps / len(devices)  # per device, all devices busy
     report.update({
         "flops_per_sample_step": per_sample_step["flops"],
+        "end_flops_per_sample": end_per_sample,
+        "end_share_of_edit_flops": None if end_per_sample is None or not per_sample_step["flops"] else
+        end_per_sample / (end_per_sample + sampler.num_steps * per_sample_step["flops"]),
         "bytes_accessed_per_sample_step": per_sample_step["bytes_accessed"],
         "peak_program_bytes": peak,
         "hbm_headroom_bytes": chip["hbm_bytes"] - peak,

@@ -44,9 +44,10 @@ import numpy as np
 from absl import app, flags
 
 from bdjax import image_io
+from bdjax.options import RANK_BY
 from launch import cli, runtime
-from launch.studio import (FRAMING_DEFAULTS, MASK, SOURCE, WINDOW, Run, Studio, Unreadable, gallery,
-                           window_preview)
+from launch.studio import (FRAMING_DEFAULTS, MASK, SOURCE, TABLE_HEADERS, WINDOW, Run, Studio, Unreadable, gallery,
+                           score_table, window_preview)
 
 FLAGS = flags.FLAGS
 
@@ -111,6 +112,7 @@ class Page:
     status: Any
     history: Any
     gallery: Any
+    scores: Any
     use_button: Any
     reuse_button: Any
     compare: Any
@@ -133,8 +135,8 @@ class Page:
     @property
     def results(self) -> list:
         """What shows a run's results (a run's, or a reopened one's)."""
-        return [self.status, self.gallery, self.source_used, self.mask_used, self.grid, self.downloads, self.shown,
-                self.selected, self.compare, self.history]
+        return [self.status, self.gallery, self.scores, self.source_used, self.mask_used, self.grid, self.downloads,
+                self.shown, self.selected, self.compare, self.history]
 
     @property
     def restored(self) -> list:
@@ -275,6 +277,8 @@ def layout(studio: Studio) -> Page:
                                   elem_id=f"option-{field.name}")
                     if field.type == "bool":
                         advanced[field.name] = gr.Checkbox(**common)
+                    elif field.name == "rank_by":
+                        advanced[field.name] = gr.Dropdown(choices=list(RANK_BY), **common)
                     elif field.type == "str":
                         advanced[field.name] = gr.Textbox(**common)
                     else:
@@ -289,6 +293,10 @@ def layout(studio: Studio) -> Page:
             with gr.Row():
                 use_button = gr.Button("use the clicked result as the photo", elem_id="use")
                 reuse_button = gr.Button("reuse its seed", elem_id="reuse")
+            scores = gr.Dataframe(label="scores, best first: click a column's header to sort by it (clip_*, "
+                                  "background_lpips, seam: lower is better; background_psnr: higher)",
+                                  headers=list(TABLE_HEADERS), datatype=["number"] * len(TABLE_HEADERS),
+                                  interactive=False, wrap=False, elem_id="scores")
             compare = gr.ImageSlider(label="before / after: drag the handle", type="filepath", format="png",
                                      interactive=False, elem_id="compare")
             mark = " (smoke)" if smoke else ""  # short: the label sits over the image
@@ -305,7 +313,7 @@ def layout(studio: Studio) -> Page:
                 dice=dice, strength=strength, grow=grow, video=video, preview=preview, examples=examples,
                 advanced=advanced,
                 run_button=run_button, cancel_button=cancel_button, status=status, history=history,
-                gallery=gallery, use_button=use_button, reuse_button=reuse_button, compare=compare,
+                gallery=gallery, scores=scores, use_button=use_button, reuse_button=reuse_button, compare=compare,
                 source_used=source_used, mask_used=mask_used, grid=grid, downloads=downloads,
                 submitted=gr.State(0.0), visitor=gr.BrowserState("", storage_key="bdjax-visitor"),
                 frame=gr.State(None), shown=gr.State(None), selected=gr.State(None))
@@ -374,7 +382,7 @@ class Handlers:
         runs = studio.edit(prepared, job, "uploaded" if values[page.mask_file] is not None else "painted", ran,
                            video=bool(values[page.video]))
         current = {}  # the running batch's latest predictions, by sample id
-        yield {page.status: f"sampling {n} sample{'s' * (n != 1)}..." + note, page.gallery: [],
+        yield {page.status: f"sampling {n} sample{'s' * (n != 1)}..." + note, page.gallery: [], page.scores: None,
                page.source_used: None, page.mask_used: None, page.compare: None, page.selected: None,
                page.history: self.history_update(job.visitor)}
         try:
@@ -385,7 +393,8 @@ class Handlers:
                     yield {page.gallery: gallery(writer, None, studio.label) + list(current.values())}
                 elif kind == "progress":
                     yield {page.status: f"{result} of {n} samples done" + note,
-                           page.gallery: gallery(writer, None, studio.label), page.source_used: window,
+                           page.gallery: gallery(writer, None, studio.label), page.scores: score_table(writer) or None,
+                           page.source_used: window,
                            page.mask_used: mask}
                 else:
                     yield {**self.show(result, job.visitor), page.status: self.headline(result) + note}
@@ -415,7 +424,8 @@ class Handlers:
         page = self.page
         paths = [path for path, _ in entry.gallery]
         source = os.path.join(entry.directory, SOURCE)
-        return {page.gallery: entry.gallery, page.source_used: os.path.join(entry.directory, WINDOW),
+        return {page.gallery: entry.gallery, page.scores: entry.table or None,
+                page.source_used: os.path.join(entry.directory, WINDOW),
                 page.mask_used: os.path.join(entry.directory, MASK), page.grid: os.path.join(entry.directory, GRID),
                 page.downloads: entry.files, page.shown: {"paths": paths, "source": source,
                                                           "seed": entry.values.get("seed")},
@@ -668,8 +678,8 @@ def main(argv):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
     start = time.perf_counter()
-    editor = runtime.build_editor(guidance.needs_lpips(EditOptions(**options)) or FLAGS.config == "smoke"
-                                  or _lpips_available())
+    editor = runtime.build_editor(runtime.with_lpips(guidance.needs_lpips(EditOptions(**options)))
+                                  or FLAGS.config == "smoke" or _lpips_available())
     studio = Studio(editor, {**options, **framing}, output_dir, label=label, load_s=time.perf_counter() - start,
                     max_samples=FLAGS.max_samples, program=__name__)
     runtime.announce_compiles(editor, show=studio.show_compiling)

@@ -158,7 +158,7 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     say = print if lead else (lambda *a, **k: None)
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
     need_lpips = any(guidance.needs_lpips(job.options) for job in jobs)
-    editor = runtime.build_editor(need_lpips)
+    editor = runtime.build_editor(runtime.with_lpips(need_lpips))
     for job in jobs:  # what the manifest cannot know: e.g. LPIPS weights present
         editor.options(**dataclasses.asdict(job.options))
     loaded = time.perf_counter()
@@ -187,7 +187,7 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     missing = stats.total - sum(len(samples) for samples in stats.finished)
     if lead:  # also a job finished by an earlier, killed run whose summary was never written
         stats.summaries += batch.write_summaries(FLAGS.output_dir, jobs, image_size, label, stats.finished,
-                                                 stats.job_errors)
+                                                 stats.job_errors, diversity=editor.diversity)
         done = time.perf_counter()
         report = run_report(jobs, skipped_lines + conflicts, stats, label,
                             {"load": loaded - start, "sample": stats.sample_s, "total": done - start,

@@ -243,6 +243,19 @@ def run_report(options: dict, timings: dict, program) -> dict:
             **environment()}
 
 
+def diversity(editor, writer, request) -> float | None:
+    """The run's diversity (bdjax/scores.py) over the best of what `writer` wrote, read back from
+    disk (nothing of the samples is held in memory meanwhile)."""
+    import numpy as np
+
+    from bdjax import outputs, scores
+
+    paths = writer.ranked_edits(scores.DIVERSITY_MAX)
+    if len(paths) < 2 or editor.models.lpips is None:
+        return None
+    return editor.diversity(np.stack([outputs.read_png(p) for p in paths]), request.region)
+
+
 def provenance(editor, options, label: str, **fields) -> dict:
     """What every PNG of a launch program's run records (outputs.edit_provenance): `fields`
     (the prompt, ...), the options as run, the run's identity and the smoke label."""

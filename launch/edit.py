@@ -144,7 +144,7 @@ def edit(options: dict, directory: str, naming: dict | None = None):
                                       (outputs.GRID, outputs.REPORT, *([FLAGS.output_file] if FLAGS.output_file
                                                                       else []))))
     start = time.perf_counter()
-    editor = runtime.build_editor(guidance.needs_lpips(request.options), devices=devices)
+    editor = runtime.build_editor(runtime.with_lpips(guidance.needs_lpips(request.options)), devices=devices)
     loaded = time.perf_counter()
     recorder = None
     if FLAGS.vid or FLAGS.export_assets:
@@ -162,7 +162,7 @@ def edit(options: dict, directory: str, naming: dict | None = None):
     about = cli.provenance(editor, stream.options, label, prompt=stream.prompt, **stream.inputs.framing())
     ranked_name = (outputs.reference_naming(naming["stem"], stream.options.batch_size) if naming
                    else outputs.ranked_name)
-    writer = outputs.EditWriter(directory, FLAGS.seed, about, ranked_name=ranked_name)
+    writer = outputs.EditWriter(directory, FLAGS.seed, about, ranked_name=ranked_name, options=stream.options)
     RUN.update(writer=writer, directory=directory, total=stream.num_samples)
     if recorder is not None:
         recorder.start(about)
@@ -183,6 +183,7 @@ def edit(options: dict, directory: str, naming: dict | None = None):
               **stream.inputs.framing()}
     if RUN.get("interrupted"):
         report["interrupted"] = {"finished": finished, "asked": stream.num_samples}
+    report["diversity"] = cli.diversity(editor, writer, request)
     ranked = writer.finish(stream.full_source, stream.full_mask, FLAGS.prompt, report, label=label)
     if FLAGS.output_file and ranked:  # the reference's best result, by the name it was given
         outputs.link_or_copy(ranked[0], os.path.join(directory, FLAGS.output_file))
@@ -195,7 +196,8 @@ def edit(options: dict, directory: str, naming: dict | None = None):
     if jax.process_index() == 0:
         best = ", ".join(f"{d:.4f}" for d, _ in sorted(writer.done)[:4])
         failed = f", {len(writer.failed)} failed" if writer.failed else ""
-        print(f"{len(writer.done)} results in {directory}/ranked (best distances {best}{failed}); "
+        ranked_by = "distances" if stream.options.rank_by == "clip_masked" else f"{stream.options.rank_by} values"
+        print(f"{len(writer.done)} results in {directory}/ranked (best {ranked_by} {best}{failed}); "
               f"edit took {timings['edit']:.1f} s" + (f"\n{label}" if label else ""))
 
 

@@ -108,6 +108,12 @@ def check_flags() -> dict:
     if FLAGS["context"].present or FLAGS["feather"].present:
         raise cli.FlagError("--context/--feather do not apply: each round edits the square at the canvas' edge and "
                             "pastes only the new strip")
+    from bdjax.options import RANKING
+
+    ranking = [name for name in RANKING + ("lpips_scores",) if FLAGS[name].present]
+    if ranking:
+        raise cli.FlagError(f"--{ranking[0]} does not apply: each round keeps the result of lowest CLIP distance "
+                            "(clip_masked), as the reference extrapolates")
     prompts = prompts_from_flags(SIDES[FLAGS.side])
     if FLAGS.repeats < 1:
         raise cli.FlagError(f"--repeats={FLAGS.repeats} must be at least 1")

@@ -205,6 +205,13 @@ def define_option_flags(flag_values: flags.FlagValues = FLAGS) -> None:
               "str": flags.DEFINE_string}
     for field in EditOptions.declaration():
         define[field.type](field.name, field.default, field.metadata["help"], flag_values=flag_values)
+    flags.DEFINE_bool("lpips_scores", True, "Load the LPIPS network for the background_lpips and diversity scores "
+                      "(a 528 MB download, once); off: those scores are null.", flag_values=flag_values)
+
+
+def with_lpips(needed: bool) -> bool:
+    """Whether to load the LPIPS network: the options need it, or --lpips_scores asks for its scores."""
+    return needed or bool(FLAGS["lpips_scores"].value if "lpips_scores" in FLAGS else False)
 
 
 def options_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict:

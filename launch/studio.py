@@ -29,6 +29,8 @@ MAX_HISTORY = 50  # runs kept in each visitor's history (the oldest leaves it; i
 MAX_VISITORS = 1000  # visitors with a history (the least recently active leaves)
 SOURCE, MASK, WINDOW = "source.png", "mask.png", "window.png"  # a run's inputs, beside the results
 RESULTS_ZIP = "results.zip"  # the run's downloads in one file
+# The score table's columns: a result's rank, sample id and seed, then its scores (bdjax/scores.py).
+TABLE_HEADERS = ("rank", "sample", "seed", "clip_masked", "clip_whole", "background_psnr", "background_lpips", "seam")
 MODEL_INPUTS = ("source_model.png", "mask_model.png")  # window mode: the window as the model saw it
 PREVIEW_WIDTH = 1024  # window.png's widest
 TINT = (255, 0, 160)  # the mask's colour over the photo in previews (the brush's)
@@ -54,6 +56,7 @@ class Entry:
     state: str = "running"  # then the summary line: "2 results ranked (best distance ...)", ...
     gallery: list = dataclasses.field(default_factory=list)  # (path, caption), best first
     files: list = dataclasses.field(default_factory=list)  # the downloads
+    table: list = dataclasses.field(default_factory=list)  # the results' scores, a row each (TABLE_HEADERS)
 
     @property
     def label(self) -> str:
@@ -206,7 +209,7 @@ class Studio:
             self.record(run.visitor, entry)
         about = cli.provenance(editor, request.options, self.label, prompt=request.prompt, **request.inputs.framing())
         write_inputs(request.inputs, run.directory, about)
-        writer = outputs.EditWriter(run.directory, request.seed, about)
+        writer = outputs.EditWriter(run.directory, request.seed, about, options=request.options)
         recorder = outputs.StepRecorder(run.directory, request, video=True, assets=False) if video else None
         if recorder is not None:
             recorder.start(about)
@@ -272,11 +275,13 @@ class Studio:
         report["inputs"] = {"prompt": request.prompt, "num_samples": request.num_samples, "seed": request.seed,
                             "invert_mask": request.invert_mask, "mask": mask_source,
                             "cancelled_after": finished if finished < request.num_samples else None}
+        report["diversity"] = cli.diversity(editor, writer, request)
         ranked = writer.finish(request.full_source, request.full_mask, request.prompt, report, label=self.label)
         inputs = [os.path.join(run.directory, name) for name in (SOURCE, MASK, outputs.GRID, outputs.REPORT)]
         entry.files = [write_zip(run.directory, ranked + inputs + videos), *ranked, *inputs, *videos]
         entry.gallery = gallery(writer, ranked, self.label)
-        entry.state = summary(writer, request.num_samples)
+        entry.table = score_table(writer)
+        entry.state = summary(writer, request.num_samples, report["diversity"])
         yield "done", entry, writer
 
 
@@ -288,17 +293,29 @@ def gallery(writer, ranked: list[str] | None, label: str) -> list:
     order = sorted(writer.done)
     if ranked is None:
         ranked = [os.path.join(writer.output_dir, outputs.SAMPLES_DIR, outputs.sample_name(k)) for _, k in order]
-    return [(path, caption(rank, d, writer.seed, k, label)) for rank, ((d, k), path) in enumerate(zip(order, ranked))]
+    return [(path, caption(rank, writer.scores[k]["clip_masked"], writer.seed, k, label, writer.scores[k]))
+            for rank, ((_, k), path) in enumerate(zip(order, ranked))]
 
 
-def summary(writer, asked: int) -> str:
+def score_table(writer) -> list[list]:
+    """The finished samples of `writer` best first, a row of TABLE_HEADERS each (None where a
+    score does not apply)."""
+    return [[rank, k, int(writer.seed), *(writer.scores[k].get(name) for name in TABLE_HEADERS[3:])]
+            for rank, (_, k) in enumerate(sorted(writer.done))]
+
+
+def summary(writer, asked: int, diversity: float | None = None) -> str:
     """The line that ends a run: how many results were ranked (after a cancel, of how many asked),
-    the best distance, and those that turned non-finite."""
+    the best value ranked by (the CLIP distance unless the run ranks otherwise), the results'
+    diversity, and those that turned non-finite."""
     done = len(writer.done) + len(writer.failed)
     head = (f"cancelled after {done} of {asked} samples; " if done < asked else "") + \
         f"{len(writer.done)} results ranked"
     if writer.done:
-        head += f" (best distance {sorted(writer.done)[0][0]:.4f})"
+        rank_by = "clip_masked" if writer.options is None else writer.options.rank_by
+        what = "distance" if rank_by == "clip_masked" else rank_by
+        head += f" (best {what} {sorted(writer.done)[0][0]:.4f}"
+        head += f", diversity {diversity:.3f})" if diversity is not None else ")"
     if writer.failed:
         head += f", {len(writer.failed)} turned non-finite and were left out"
     return head
@@ -380,12 +397,16 @@ def _int(value):
     return value
 
 
-def caption(rank: int, distance: float, seed: int, sample_id: int, label: str) -> str:
+def caption(rank: int, distance: float, seed: int, sample_id: int, label: str, scores: dict | None = None) -> str:
     """A result's caption: rank (0 is best), CLIP distance, seed and sample index (the sample is
-    reproduced by the same seed and index), and the smoke preset's mark."""
+    reproduced by the same seed and index), its other scores in short form, and the smoke preset's
+    mark."""
     from bdjax import outputs
+    from bdjax.scores import short
 
     text = f"{outputs.tile_caption(rank, distance)} seed {seed} sample {sample_id}"
+    if scores and short(scores):
+        text += f" {short(scores)}"
     return f"{text} (smoke)" if label else text
 
 

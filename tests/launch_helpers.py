@@ -17,6 +17,7 @@ import numpy as np
 from bdjax import parallel
 from bdjax.blended import Models
 from bdjax.editor import BlendedDiffusion
+from bdjax.scores import PSNR_CAP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64  # the smoke preset's model size, which the launch programs check against
@@ -25,7 +26,9 @@ SIZE = 64  # the smoke preset's model size, which the launch programs check agai
 class FakeRun:
     """Stands in for a CompiledSampler: sample k's image is a flat grey of k / 100, its distance
     1 / (k + 1) (so later samples rank first); samples in `nan` come out NaN, those in `inf`
-    get an infinite distance. Records the shape of every batch it is given."""
+    get an infinite distance. Its scores: clip_masked the distance, clip_whole 1 + k / 100 (so
+    rank_by=clip_whole ranks earlier samples first), the background kept (PSNR at its cap, LPIPS
+    0) and seam 1. Records the shape of every batch it is given."""
     num_steps = 1
 
     def __init__(self, nan=(), inf=()):
@@ -43,7 +46,11 @@ class FakeRun:
             images[ids == k] = np.nan
         for k in self.inf:
             distances[ids == k] = np.inf
-        return {"images": jnp.asarray(images, jnp.float32), "distances": jnp.asarray(distances, jnp.float32)}
+        scores = {"clip_masked": distances, "clip_whole": 1 + ids / 100.0,
+                  "background_psnr": np.full(len(ids), PSNR_CAP), "background_lpips": np.zeros(len(ids)),
+                  "seam": np.ones(len(ids))}
+        return {"images": jnp.asarray(images, jnp.float32), "distances": jnp.asarray(distances, jnp.float32),
+                "scores": {k: jnp.asarray(v, jnp.float32) for k, v in scores.items()}}
 
 
 def fake_editor(run: FakeRun) -> BlendedDiffusion:

@@ -3,6 +3,7 @@ refusals, the one-line messages a page shows for bad inputs, captions, run folde
 compile stage. The page's requests go through `Studio`, tested here on the smoke networks
 (nothing compiles: preparing a request runs no network)."""
 
+import json
 import os
 import re
 import shutil
@@ -232,8 +233,6 @@ def test_a_sample_of_the_app_is_reproduced_by_launch_edit_from_its_seed_and_k(st
     """The app's run folder holds the photo and mask it edited (source.png, mask.png); launch.edit
     given them, the prompt and the seed writes sample k with the same pixels and distance (the
     same networks: both run the smoke preset)."""
-    import json
-
     from bdjax import outputs
 
     program_flags.unparse_flags()
@@ -263,6 +262,10 @@ def test_a_sample_of_the_app_is_reproduced_by_launch_edit_from_its_seed_and_k(st
 def test_captions_and_messages():
     assert studio_lib.caption(0, 0.71234, 404, 5, "") == "#0 d=0.7123 seed 404 sample 5"
     assert studio_lib.caption(3, 1.0, 1, 2, smoke.LABEL) == "#3 d=1.0000 seed 1 sample 2 (smoke)"
+    scores = {"clip_masked": 1.0, "clip_whole": 1.23456, "background_psnr": 100.0, "background_lpips": 0.0,
+              "seam": 1.5}
+    assert studio_lib.caption(0, 1.0, 1, 2, "", scores) == \
+        "#0 d=1.0000 seed 1 sample 2 whole 1.235 psnr 100 bg 0.000 seam 1.50"
     assert app.plain("error: skip_timesteps=[0, 25) *x* <b>") == r"error: skip\_timesteps=\[0, 25) \*x\* \<b\>"
 
 
@@ -313,7 +316,6 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(studio, monkeypatch):
 def test_a_page_that_goes_away_mid_run_still_gets_its_run_ranked_and_zipped(studio, program_flags):
     """A reload drops the page's connection: Gradio closes the run's generator after a batch. The
     run then ends as a cancel does: what finished is ranked, with its grid, report and zip."""
-    import json
     import zipfile
 
     from bdjax import outputs
@@ -428,6 +430,14 @@ def test_a_run_joins_its_browsers_history_and_is_reopened_compared_and_used_as_t
 
     shown = handlers.reopen(visitor, entry.name)
     assert shown["status"].startswith(f"reopened {entry.name}: 2 results ranked")
+    # The score table: a row per result, best first, as report.json has them; the captions carry them.
+    report = json.loads(open(os.path.join(entry.directory, "report.json")).read())
+    assert shown["scores"] == entry.table and len(entry.table) == 2
+    for row, sample in zip(entry.table, report["samples"]):
+        assert row == [sample["rank"], sample["sample_id"], 11, *(sample["scores"][name]
+                                                                  for name in studio_lib.TABLE_HEADERS[3:])]
+    assert all(" whole " in caption and " seam " in caption for _, caption in shown["gallery"])
+    assert f"diversity {report['diversity']:.3f}" in entry.state
     assert [path for path, _ in shown["gallery"]] == shown["shown"]["paths"] and len(shown["gallery"]) == 2
     assert shown["mask_file"] == os.path.join(entry.directory, studio_lib.MASK) and shown["seed"] == 11
     assert (shown["prompt"], shown["num_samples"], shown["invert"]) == ("a cup of tea", 2, False)

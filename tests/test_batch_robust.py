@@ -88,6 +88,9 @@ class FakeEditor:
     def encode_tokens(self, tokens):
         return np.zeros(4, np.float32)
 
+    def diversity(self, images, region):
+        return None  # no LPIPS network
+
     def sample(self, options, guided, init, mask, text_embed, sample_ids, seeds, progress=False, batch_rows=None):
         n = len(sample_ids)
         self.batch_rows.append(batch_rows)
@@ -98,11 +101,15 @@ class FakeEditor:
             if tuple(map(int, key)) in self.poison:
                 images[row], distances[row] = np.nan, np.nan
         finite = np.isfinite(distances) & np.isfinite(images).reshape(n, -1).all(axis=1)
-        return {"rows": np.arange(n), "images": images, "distances": distances, "finite": finite}
+        ids = np.asarray(sample_ids, np.float32)
+        scores = {"clip_masked": distances, "clip_whole": 10 - ids, "background_psnr": np.full(n, 100.0),
+                  "background_lpips": np.zeros(n), "seam": 1 + ids / 10}  # clip_whole ranks later samples first
+        return {"rows": np.arange(n), "images": images, "distances": distances, "finite": finite, "scores": scores}
 
 
-def jobs_of(manifest, identity=IDENTITY, batch_size=1, framing=None):
-    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions(batch_size=batch_size), framing=framing)
+def jobs_of(manifest, identity=IDENTITY, batch_size=1, framing=None, **options):
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions(batch_size=batch_size, **options),
+                                       framing=framing)
     assert not errors, errors
     return batch.with_run(jobs, identity)
 
@@ -125,6 +132,33 @@ def fake_tree(tmp_path):
 
 
 # -- identity --------------------------------------------------------------------------------
+
+def test_summaries_carry_every_score_and_a_new_ranking_reranks_without_computing(fake_tree):
+    """ranked.json lists each sample's scores, their aggregates and the ranking used; run again
+    with rank_by=clip_whole, the job is the same job (nothing computed) and its summary is
+    ranked again from the stored scores."""
+    root, manifest = fake_tree
+    out = root / "out"
+    run_fake(out, jobs_of(manifest))
+    ranked = json.loads((out / "a" / "ranked.json").read_text())
+    assert ranked["rank_by"] == "clip_masked" and [s["sample_id"] for s in ranked["samples"]] == [0, 1, 2]
+    assert ranked["samples"][2]["scores"] == {"clip_masked": pytest.approx(2.1), "clip_whole": 8.0,
+                                              "background_psnr": 100.0, "background_lpips": 0.0,
+                                              "seam": pytest.approx(1.2)}
+    assert ranked["aggregates"]["seam"]["best"] == pytest.approx(1.0) and ranked["diversity"] is None
+    grid = outputs.read_provenance(str(out / "a" / "grid.png"))
+    assert [t["scores"] for t in grid["tiles"]] == [s["scores"] for s in ranked["samples"]]
+
+    jobs = jobs_of(manifest, rank_by="clip_whole")
+    kept, items, conflicts, finished = batch.pending_items(str(out), jobs)
+    assert items == [] and conflicts == [] and len(kept) == 2
+    assert batch.write_summaries(str(out), kept, 8, finished=finished) == 2
+    ranked = json.loads((out / "a" / "ranked.json").read_text())
+    assert ranked["rank_by"] == "clip_whole" and [s["sample_id"] for s in ranked["samples"]] == [2, 1, 0]
+    assert [s["rank_value"] for s in ranked["samples"]] == [8.0, 9.0, 10.0]
+    assert [r["rank_by"] for r in batch.job_results(kept, batch.RunStats(total=5, finished=finished))] == \
+        ["clip_whole"] * 2
+
 
 def test_job_identity_is_content_and_run_not_paths(fake_tree):
     root, manifest = fake_tree
@@ -193,7 +227,9 @@ def test_each_input_file_is_hashed_once_per_manifest(fake_tree, monkeypatch):
 
 
 STRETCH_SPEC = {"image_sha256", "mask_sha256", "prompt", "seed", "invert_mask", "options", "run"}
-STRETCH_ENTRY = {"name", "line", "sample_id", "seed", "distance", "file", "image", "mask", "job", "process_index"}
+# The entry as before window mode, plus each sample's quality scores and the value it is ranked by.
+STRETCH_ENTRY = {"name", "line", "sample_id", "seed", "distance", "file", "image", "mask", "job", "process_index",
+                 "scores", "rank_value"}
 FRAMING_KEYS = {"fit", "window", "scale", "context", "feather", "note"}
 
 
@@ -214,7 +250,7 @@ def test_stretch_jobs_write_what_they_always_did_and_window_mode_refuses_them(fa
         assert not set(outputs.read_provenance(str(out / name / "sample_1.png"))) & FRAMING_KEYS
         assert not set(outputs.read_provenance(str(out / name / "grid.png"))) & FRAMING_KEYS
         assert set(json.loads((out / name / "ranked.json").read_text())) == {
-            "name", "line", "num_samples", "job", "label", "samples"}
+            "name", "line", "num_samples", "job", "label", "samples", "rank_by", "diversity", "aggregates"}
         assert np.asarray(Image.open(out / name / "grid.png")).shape[1] == 4 * 8 + (name == "a") * 8
     assert not [r for r in batch.job_results(jobs, stats) if "framing" in r]
     _, items, conflicts, _ = batch.pending_items(str(out), jobs_of(manifest, framing={
@@ -778,8 +814,11 @@ def test_run_reads_no_sample_files_per_batch(fake_tree, monkeypatch):
     monkeypatch.setattr(batch.store, "_read_json", lambda path: reads.append(path) or None)
     monkeypatch.setattr(batch.run_module, "read_finished", lambda *a: pytest.fail("a batch re-read the disk"))
     stats = batch.run(FakeEditor(), jobs, str(out), items, finished=finished)
-    # Per batch nothing is read; a completed job's summary compares with the one on disk once.
-    assert stats.computed == 5 and sorted(reads) == [str(out / "a" / "ranked.json"), str(out / "b" / "ranked.json")]
+    # Per batch nothing is read; a completed job's summary reads its samples' entries (their scores)
+    # and compares with the summary on disk, once.
+    entries = [str(out / job.name / f"sample_{k}.json") for job in jobs for k in range(job.num_samples)]
+    assert stats.computed == 5
+    assert sorted(reads) == sorted(entries + [str(out / "a" / "ranked.json"), str(out / "b" / "ranked.json")])
 
 
 # -- one smoke run of the program --------------------------------------------------------------

@@ -372,6 +372,7 @@ def test_extrapolate_preflight_runs_before_any_network(image_file, tmp_path):
         (["--strip=20"], "--strip=20 must be in (0, 20) photo pixels"),  # the photo is 20 pixels tall
         (["--strip=0"], "--strip=0 must be at least 1"),
         (["--strip=8", "--context=0.2"], "--context/--feather do not apply"),
+        (["--strip=8", "--rank_by=clip_whole"], "--rank_by does not apply: each round keeps the result of lowest CLIP"),
         (["--strip=8", "--seed=-1"], "--seed=-1"),
         (["--strip=8", f"--output_dir={tmp_path / 'a_file' / 'out'}"], "is a file"),
         (["--strip=8", f"--init_image={tmp_path / 'truncated.png'}"], "not a readable image"),

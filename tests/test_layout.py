@@ -325,7 +325,7 @@ def test_installed_modules_import_without_the_test_references_or_gradio():
     assert not report["brought"], report["brought"]
 
 
-@pytest.mark.parametrize("program", ["edit", "batch_edit", "extrapolate", "app"])
+@pytest.mark.parametrize("program", ["edit", "batch_edit", "extrapolate", "app", "evaluate"])
 def test_a_launch_program_imports_only_the_shared_launch_modules(program):
     path = ROOT / "launch" / f"{program}.py"
     assert path.is_file(), path

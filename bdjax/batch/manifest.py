@@ -24,7 +24,7 @@ import numpy as np
 from bdjax import outputs
 from bdjax import request as request_lib
 from bdjax import window as window_lib
-from bdjax.options import EditOptions, check_type
+from bdjax.options import RANKING, EditOptions, check_type
 
 OPTION_NAMES = EditOptions.names()
 JOB_FIELDS = ("image", "mask", "prompt", "num_samples", "seed", "name", "invert_mask") + request_lib.FRAMING
@@ -105,9 +105,12 @@ class Job:
         """Everything a sample's pixels depend on, stored with each item so a rerun with a changed
         job is caught instead of mixing two jobs' samples in one directory. The image and mask
         count by content, so moving the files (or the whole project) keeps finished samples. The
-        framing counts in window mode only: a fit="stretch" job's identity is what it always was."""
+        framing counts in window mode only: a fit="stretch" job's identity is what it always was.
+        The ranking options are not part of it: they change no pixel, and a rerun ranks the
+        finished samples again from their stored scores."""
+        options = {name: value for name, value in dataclasses.asdict(self.options).items() if name not in RANKING}
         spec = {"image_sha256": self.image_sha256, "mask_sha256": self.mask_sha256, "prompt": self.prompt,
-                "seed": self.seed, "invert_mask": self.invert_mask, "options": dataclasses.asdict(self.options)}
+                "seed": self.seed, "invert_mask": self.invert_mask, "options": options}
         if self.windowed:
             spec.update(self.framing())
         spec["run"] = dict(self.run)

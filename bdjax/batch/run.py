@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from bdjax import parallel
+from bdjax import scores as scores_lib
 from bdjax.batch.manifest import Job, ManifestError
 from bdjax.batch.store import Samples, ranked, read_finished, sample_png, write_sample, write_summary
 
@@ -104,7 +105,8 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
     stats = RunStats(total=total, skipped=total - len(items), finished=finished)
     groups: dict[tuple, list] = {}
     for j, k in items:  # manifest order within a group, so a job's samples stay together
-        groups.setdefault((jobs[j].options, jobs[j].prompt != ""), []).append((j, k))
+        # Jobs that differ only in how they rank share batches.
+        groups.setdefault((jobs[j].options.sampling, jobs[j].prompt != ""), []).append((j, k))
     embeds: dict[str, np.ndarray] = {}
     count = 0
     for (options, guided), group in groups.items():
@@ -152,7 +154,7 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
             if jax.process_index() == 0:
                 for j in completed:
                     stats.summaries += _summarize(output_dir, jobs[j], j, finished[j], editor.image_size, label,
-                                                  stats.job_errors)
+                                                  stats.job_errors, editor.diversity)
             if on_batch is not None:
                 on_batch(len(chunk))
     parallel.barrier("run finished")
@@ -160,7 +162,8 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
 
 
 def _write_rows(output_dir, jobs, chunk, out, label, prepared) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """Write this process's rows of a batch: (outcome and distance per row of `chunk`, why a job's
+    """Write this process's rows of a batch: (outcome and ranking value (by default the distance)
+    per row of `chunk`, why a job's
     files could not be written). `prepared` holds the rows' jobs' Inputs: in window mode each
     model-size edit is pasted into its photo (`Inputs.compose`) one row at a time, so a batch
     holds one full-size result at most."""
@@ -170,7 +173,8 @@ def _write_rows(output_dir, jobs, chunk, out, label, prepared) -> tuple[np.ndarr
     finite = out.get("finite")
     if finite is None:
         finite = np.ones(len(out["rows"]), bool)
-    for row, image, distance, ok in zip(out["rows"], out["images"], out["distances"], finite):
+    all_scores = out.get("scores") or {"clip_masked": np.asarray(out["distances"])}
+    for i, (row, image, distance, ok) in enumerate(zip(out["rows"], out["images"], out["distances"], finite)):
         j, k = chunk[row]
         job = jobs[j]
         if not ok:
@@ -182,12 +186,15 @@ def _write_rows(output_dir, jobs, chunk, out, label, prepared) -> tuple[np.ndarr
             try:
                 edit = np.round(np.asarray(image) * 255).astype(np.uint8)
                 inputs = prepared[j]
+                scores = scores_lib.row(all_scores, i)
+                value = float(scores_lib.rank_values({n: np.nan if v is None else v for n, v in scores.items()},
+                                                     job.options))
                 if inputs.photo is None:  # fit="stretch": the model-size edit is the result
-                    write_sample(output_dir, job, k, edit, distance, label)
+                    write_sample(output_dir, job, k, edit, distance, label, scores=scores, rank_value=value)
                 else:
                     write_sample(output_dir, job, k, inputs.compose(edit[None])[0], distance, label, crop=edit,
-                                 framing=inputs.framing())
-                outcome[row], distances[row] = _WRITTEN, distance
+                                 framing=inputs.framing(), scores=scores, rank_value=value)
+                outcome[row], distances[row] = _WRITTEN, value
             except OSError as e:
                 outcome[row] = _UNWRITABLE
                 errors[j] = (f"cannot write {e.filename or sample_png(output_dir, job, k)} ({e.strerror or e}); its "
@@ -210,10 +217,10 @@ def _exchange(outcome: np.ndarray, distances: np.ndarray, name: str) -> tuple[np
 
 
 def _summarize(output_dir: str, job: Job, j: int, samples: Samples, image_size: int, label: str,
-               job_errors: dict) -> int:
+               job_errors: dict, diversity=None) -> int:
     """Write a complete job's summary; a failure to write it is recorded in `job_errors`."""
     try:
-        return int(write_summary(output_dir, job, samples, image_size, label))
+        return int(write_summary(output_dir, job, samples, image_size, label, diversity=diversity))
     except OSError as e:
         job_errors[j] = f"cannot write its summary {e.filename or ''} ({e.strerror or e}); a rerun retries it"
         _say(f"failed: job {job.name!r} (manifest line {job.line}): {job_errors[j]}")
@@ -229,8 +236,12 @@ def job_results(jobs: list[Job], stats: RunStats, image_size: int | None = None)
         samples = stats.finished[j]
         result = {"name": job.name, "line": job.line, "prompt": job.prompt, "num_samples": job.num_samples,
                   "options": dataclasses.asdict(job.options), "complete": len(samples) == job.num_samples,
-                  "samples": [{"seed": job.seed, "sample_id": e["sample_id"], "distance": e["distance"],
+                  "rank_by": job.options.rank_by,
+                  "samples": [{"seed": job.seed, "sample_id": e["sample_id"], "rank_value": e["rank_value"],
                                "file": e["file"], "process_index": e["process_index"]} for e in ranked(samples)]}
+        if job.options.rank_by == "clip_masked":  # the value ranked by is the distance
+            for e in result["samples"]:
+                e["distance"] = e["rank_value"]
         if job.windowed:
             size = dict(job.run).get("image_size") if image_size is None else image_size
             result["framing"] = job.framing_of(size) if size else job.framing()
@@ -243,7 +254,7 @@ def job_results(jobs: list[Job], stats: RunStats, image_size: int | None = None)
 
 
 def write_summaries(output_dir: str, jobs: list[Job], image_size: int, label: str = "",
-                    finished: list[Samples] | None = None, job_errors: dict | None = None) -> int:
+                    finished: list[Samples] | None = None, job_errors: dict | None = None, diversity=None) -> int:
     """Summaries of the complete jobs among `jobs` (`finished`: their Samples, else read from
     disk) but those in `job_errors`, where a failure to write one is recorded; returns how many
     were (re)written."""
@@ -252,5 +263,5 @@ def write_summaries(output_dir: str, jobs: list[Job], image_size: int, label: st
     for j, job in enumerate(jobs):
         samples = read_finished(output_dir, job) if finished is None else finished[j]
         if len(samples) == job.num_samples and j not in job_errors:
-            written += _summarize(output_dir, job, j, samples, image_size, label, job_errors)
+            written += _summarize(output_dir, job, j, samples, image_size, label, job_errors, diversity)
     return written

@@ -107,7 +107,9 @@ def claim_output_dir(output_dir: str, jobs: list[Job], label: str | None = None
 # ---------------------------------------------------------------------------------------------
 # Work items on disk.
 
-Samples = dict  # {sample id: (distance, index of the process that wrote it)}: a job's finished samples
+# {sample id: (ranking value, index of the process that wrote it)}: a job's finished samples. The
+# ranking value is the one the job's options rank by (bdjax/scores.py): by default the CLIP distance.
+Samples = dict
 
 
 def sample_png(output_dir: str, job: Job, k: int) -> str:
@@ -176,7 +178,15 @@ def finished_samples(output_dir: str, job: Job) -> dict[int, dict]:
 
 def read_finished(output_dir: str, job: Job) -> Samples:
     """`job`'s finished samples on disk, as the small entries a run keeps in memory."""
-    return {k: (float(e["distance"]), int(e.get("process_index", 0))) for k, e in _finished_entries(output_dir, job)}
+    from bdjax import scores as scores_lib
+
+    def value(entry: dict) -> float:  # ranked as this job's options say, from the stored scores
+        scores = entry.get("scores")
+        if not isinstance(scores, dict) or "clip_masked" not in scores:
+            return float(entry["distance"])
+        return float(scores_lib.rank_values({n: np.nan if v is None else v for n, v in scores.items()}, job.options))
+
+    return {k: (value(e), int(e.get("process_index", 0))) for k, e in _finished_entries(output_dir, job)}
 
 
 def provenance(job: Job, label: str = "") -> dict:
@@ -189,19 +199,25 @@ def provenance(job: Job, label: str = "") -> dict:
 
 
 def write_sample(output_dir: str, job: Job, k: int, image: np.ndarray, distance: float, label: str = "", *,
-                 crop: np.ndarray | None = None, framing: dict | None = None) -> dict:
+                 crop: np.ndarray | None = None, framing: dict | None = None, scores: dict | None = None,
+                 rank_value: float | None = None) -> dict:
     """The item's files, each PNG with its provenance: in window mode first `crop` (the
     model-size edit, crops/sample_<k>.png), then the sample `image` (the result the user gets:
     the photo at its own size in window mode, RGBA where the input has alpha), then its report
     entry (whose presence marks the item as done). `framing` (`Inputs.framing()`: the window,
-    scale, context, feather; {} with fit="stretch") is recorded in all three."""
+    scale, context, feather; {} with fit="stretch") is recorded in all three, and `scores` (the
+    sample's quality scores, bdjax/scores.py) with `rank_value` (what the job ranks it by; default
+    the distance) in the PNGs and the entry."""
     framing = framing or {}
+    scores = {"clip_masked": float(distance)} if scores is None else scores
     save = sample_png(output_dir, job, k)
     about = {**provenance(job, label), **framing}
     if crop is not None:
-        outputs.save_png(crop_png(output_dir, job, k), crop, outputs.sample_provenance(about, k, distance, kind="crop"))
-    outputs.save_png(save, image, outputs.sample_provenance(about, k, distance))
+        outputs.save_png(crop_png(output_dir, job, k), crop,
+                         outputs.sample_provenance(about, k, distance, kind="crop", scores=scores))
+    outputs.save_png(save, image, outputs.sample_provenance(about, k, distance, scores=scores))
     entry = {"name": job.name, "line": job.line, "sample_id": k, "seed": job.seed, "distance": float(distance),
+             "rank_value": float(distance if rank_value is None else rank_value), "scores": scores,
              "file": os.path.basename(save), "image": job.image, "mask": job.mask, "job": job.spec(),
              "process_index": jax.process_index()}
     if crop is not None:
@@ -215,39 +231,57 @@ def write_sample(output_dir: str, job: Job, k: int, image: np.ndarray, distance:
 
 
 def ranked(samples: Samples) -> list[dict]:
-    """A job's samples best first: {rank, sample_id, distance, file, process_index}."""
+    """A job's samples best first: {rank, sample_id, rank_value, file, process_index}."""
     order = sorted(samples.items(), key=lambda item: (item[1][0], item[0]))
-    return [{"rank": r, "sample_id": k, "distance": distance, "file": f"sample_{k}.png", "process_index": writer}
-            for r, (k, (distance, writer)) in enumerate(order)]
+    return [{"rank": r, "sample_id": k, "rank_value": value, "file": f"sample_{k}.png", "process_index": writer}
+            for r, (k, (value, writer)) in enumerate(order)]
 
 
 def write_summary(output_dir: str, job: Job, samples: Samples, image_size: int, label: str = "",
-                  grid_size: int = 8) -> bool:
-    """ranked.json (samples best first; in window mode with the job's framing) and grid.png (the
+                  grid_size: int = 8, diversity=None) -> bool:
+    """ranked.json (samples best first, each with its distance and scores, the scores'
+    aggregates, the ranking used and, given `diversity(images, region)` (BlendedDiffusion.
+    diversity), the job's diversity; in window mode with the job's framing) and grid.png (the
     source and mask the results replace, then the best results, full-size ones downscaled to
-    max(outputs.GRID_TILE, image_size) pixels wide) for a complete job; returns whether anything
-    was written (nothing when the summary on disk already lists these samples)."""
+    max(outputs.GRID_TILE, image_size) pixels wide, captioned with their scores) for a complete
+    job; returns whether anything was written (nothing when the summary on disk already lists
+    these samples)."""
+    from bdjax import scores as scores_lib
+
     best = ranked(samples)
+    entries = finished_samples(output_dir, job)
+    for e in best:
+        entry = entries.get(e["sample_id"], {})
+        e["distance"] = entry.get("distance", e["rank_value"])
+        e["scores"] = entry.get("scores") or {"clip_masked": e["distance"]}
     framing = job.framing_of(image_size)
+    inputs = job.inputs(image_size)
+    value = None
+    if diversity is not None:
+        edits = [crop_png(output_dir, job, e["sample_id"]) if job.windowed else sample_png(output_dir, job, e["sample_id"])
+                 for e in best[:scores_lib.DIVERSITY_MAX]]
+        value = diversity(np.stack([outputs.read_png(p) for p in edits]), inputs.region) if len(edits) > 1 else None
     summary = {"name": job.name, "line": job.line, "num_samples": job.num_samples, "job": job.spec(),
-               "label": label or None,
-               "samples": [{k: e[k] for k in ("rank", "sample_id", "distance", "file")} for e in best]}
+               "label": label or None, "rank_by": job.options.rank_by, "diversity": value,
+               "aggregates": scores_lib.aggregate([e["scores"] for e in best]),
+               "samples": [{k: e[k] for k in ("rank", "sample_id", "distance", "rank_value", "scores", "file")}
+                           for e in best]}
     if framing:
         summary["framing"] = framing
     path = os.path.join(output_dir, job.name, RANKED)
     grid_path = os.path.join(output_dir, job.name, outputs.GRID)
     if _read_json(path) == summary and os.path.exists(grid_path):
         return False
-    inputs = job.inputs(image_size)
     width = max(outputs.GRID_TILE, image_size)  # model-size results are shown as they are
     shown = best[:grid_size]
     images = [outputs.at_most(outputs.read_png(os.path.join(output_dir, job.name, e["file"])), width) for e in shown]
     heading = f"{job.prompt!r}: source, mask, best {len(images)} of {len(best)}"
     heading = f"{label}\n{heading}" if label else heading
-    tiles = [{k: e[k] for k in ("rank", "sample_id", "distance")} for e in shown]
+    tiles = [{k: e[k] for k in ("rank", "sample_id", "distance", "scores")} for e in shown]
     outputs.save_png(grid_path, outputs.grid(outputs.at_most(inputs.full_source, width),
                                              outputs.at_most(inputs.full_mask, width), images,
-                                             [e["distance"] for e in shown], heading),
+                                             [e["distance"] for e in shown], heading,
+                                             scores=[e["scores"] for e in shown]),
                      {"kind": "grid", **provenance(job, label), **framing, "tiles": tiles})
     outputs.save_json(path, summary)  # last: its presence means the grid is current
     return True
