@@ -203,7 +203,7 @@ class BlendedDiffusion:
         self.params = parallel.put_replicated(params, self.mesh)
         self.image_size = self.models.unet.image_size
         self._samplers: collections.OrderedDict = collections.OrderedDict()  # least recently used first
-        self._diversity = self._score = None  # compiled on first use
+        self._diversity = self._score = self._local_params = None  # made on first use
         self._encode_text = jax.jit(lambda p, tokens: self.models.clip.apply({"params": p}, tokens,
                                                                              method="encode_text"))
 
@@ -406,10 +406,18 @@ class BlendedDiffusion:
         for start in range(0, len(images), rows):
             chunk = images[start:start + rows].astype(np.float32) / 255
             padded = np.concatenate([chunk, np.zeros((rows - len(chunk), *chunk.shape[1:]), np.float32)])
-            got = self._score(self.params, padded, init, region, text_embed)
+            got = self._score(self.local_params(), padded, init, region, text_embed)
             for name in scores_lib.NAMES:
                 out[name].append(np.asarray(got[name])[:len(chunk)])
         return {name: np.concatenate(v) if v else np.zeros(0, np.float32) for name, v in out.items()}
+
+    def local_params(self):
+        """The params on this process's first device alone (each device holds a whole copy): what
+        a computation of this process alone runs with, such as a score after sampling, so that it
+        never waits for the other processes of a multi-process run."""
+        if self._local_params is None:
+            self._local_params = jax.tree.map(lambda a: a.addressable_data(0), self.params)
+        return self._local_params
 
     def diversity(self, images: np.ndarray, region) -> float | None:
         """The mean LPIPS between every pair of `images` (uint8 [n, S, S, 3], model-size edits)
@@ -421,7 +429,7 @@ class BlendedDiffusion:
         if self._diversity is None:
             self._diversity = jax.jit(lambda params, images, mask: scores_lib.diversity(self.models, params, images,
                                                                                          mask))
-        value = self._diversity(self.params, images.astype(np.float32) / 255, np.asarray(region, np.float32))
+        value = self._diversity(self.local_params(), images.astype(np.float32) / 255, np.asarray(region, np.float32))
         return scores_lib.plain(value)
 
     def sample(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
@@ -478,7 +486,8 @@ class BlendedDiffusion:
                 images = parallel.local_rows(out["images"])[keep]
                 distances = parallel.local_rows(out["distances"])[keep]
                 finite = np.isfinite(distances) & np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
-                scores = {name: np.asarray(parallel.local_rows(v)[keep], np.float32) for name, v in out["scores"].items()}
+                scores = {name: np.asarray(parallel.local_rows(v)[keep], np.float32)
+                          for name, v in out["scores"].items()}
                 yield {"rows": local[keep], "images": images, "distances": distances, "finite": finite,
                        "scores": scores}
         finally:

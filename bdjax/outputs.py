@@ -446,11 +446,11 @@ class EditWriter:
 
     def add(self, batch) -> list[tuple[int, str]]:
         """Write one EditBatch; returns its failed samples as (sample id, reason)."""
+        from bdjax import scores as scores_lib
+
         failed = []
         crops = getattr(batch, "crops", None)
         self.model_size = (batch.images if crops is None else crops).shape[2]
-        from bdjax import scores as scores_lib
-
         batch_scores = getattr(batch, "scores", None) or {"clip_masked": np.asarray(batch.distances)}
         for i, (k, image, distance, finite) in enumerate(zip(batch.sample_ids, batch.images, batch.distances,
                                                             batch.finite)):
@@ -501,7 +501,8 @@ class EditWriter:
             ranked.append(path)
             distance = self.scores[k].get("clip_masked", value)
             samples.append({"rank": rank, "sample_id": k, "seed": int(self.seed), "distance": distance,
-                            "rank_value": value, "scores": self.scores[k], "file": os.path.relpath(path, self.output_dir)})
+                            "rank_value": value, "scores": self.scores[k],
+                            "file": os.path.relpath(path, self.output_dir)})
         shown = samples[:grid_size]
         heading = f"{prompt!r}: source, mask, best {len(shown)} of {len(ranked)}"
         if self.failed:

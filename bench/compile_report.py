@@ -42,10 +42,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("per_device_batch", 8, "Samples per device.")
     flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"], "UNet and CLIP rematerialisation in the guidance gradient.")
     flags.DEFINE_integer("aug_num", None, "CLIP augmentations per sample; default: 8 (smoke: the smoke preset's).")
-    flags.DEFINE_enum("part", "sampler", ["sampler", "augmentations"],
+    flags.DEFINE_enum("part", "sampler", ["sampler", "augmentations", "end"],
                       "sampler: the editor's whole sampler; augmentations: the extending augmentations' forward and "
                       "gradient alone, as one guided step runs them (float32 images of the config's size, --aug_num "
-                      "copies per sample), e.g. to compare formulations of the warps.")
+                      "copies per sample), e.g. to compare formulations of the warps; end: the sampler's end program "
+                      "alone (the result, its ranking distance and the quality scores), what a batch adds after "
+                      "its steps.")
     flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
     flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch that fits in HBM, per remat policy.")
     flags.DEFINE_list("max_batch_remat", ["none", "dots", "blocks"], "Remat policies for --max_batch.")
@@ -425,6 +427,18 @@ def main(argv):
             outputs.save_json(FLAGS.output, report)
             log(f"wrote {FLAGS.output}")
         return
+    if FLAGS.part == "end":
+        report = end_report(mesh, devices, batch, source)
+        log(f"{FLAGS.topology}: the end program, per-device batch {FLAGS.per_device_batch}: "
+            f"{report['end_flops_per_sample']} FLOP per sample "
+            f"({report['end_share_of_edit_flops']} of an edit's analytic FLOPs); "
+            f"temporaries {report['memory']['temp_bytes'] / GIB:.2f} GiB; compile {report['compile_s']:.1f} s")
+        if FLAGS.output:
+            from bdjax import outputs
+
+            outputs.save_json(FLAGS.output, report)
+            log(f"wrote {FLAGS.output}")
+        return
     log(f"compiling bdjax's sampler for {FLAGS.topology} ({len(devices)} x {devices[0].device_kind}), "
         f"config={FLAGS.config} precision={FLAGS.precision} remat={FLAGS.remat} per-device batch "
         f"{FLAGS.per_device_batch}")
@@ -483,6 +497,29 @@ def main(argv):
 
         outputs.save_json(FLAGS.output, report)
         log(f"wrote {FLAGS.output}")
+
+
+def end_report(mesh, devices, batch: int, source: str) -> dict:
+    """--part=end: the end program alone (no UNet: the result, CLIP of the masked and of the
+    whole result, LPIPS of the background, PSNR, the seam), against the analytic FLOPs of an edit
+    with the real networks (75 steps, the options' crops; bdjax/cost.py)."""
+    import jax
+
+    from bdjax import cost as cost_lib
+
+    sampler, options, params, size, embed_dim = build_sampler(FLAGS.config, FLAGS.precision, FLAGS.remat,
+                                                              FLAGS.aug_num, mesh)
+    compiled, seconds = compile_programs(sampler, params, size, embed_dim, batch, mesh, which=("end",))["end"]
+    figures = cost(compiled)
+    per_sample = None if figures["flops"] is None else figures["flops"] / FLAGS.per_device_batch
+    edit = sampler.num_steps * cost_lib.guided_step_flops(options.aug_num) if FLAGS.config == "real" else None
+    return {"command": " ".join(["python -m bench.compile_report", *sys.argv[1:]]), "source": source,
+            "jax_version": jax.__version__, "topology": FLAGS.topology, "devices": len(devices),
+            "device_kind": devices[0].device_kind, "part": "end", "config": FLAGS.config,
+            "precision": FLAGS.precision, "per_device_batch": FLAGS.per_device_batch, "global_batch": batch,
+            "compile_s": seconds, "memory": memory(compiled), "cost": figures, "end_flops_per_sample": per_sample,
+            "edit_flops_per_sample_analytic": edit,
+            "end_share_of_edit_flops": None if per_sample is None or edit is None else per_sample / edit}
 
 
 def summary(r: dict) -> str:

@@ -53,7 +53,8 @@ def networks(config: str, dtype):
     models = Models(unet=unet_lib.UNetModel(**unet_fields, dtype=dtype), clip=clip_lib.CLIP(**clip_fields, dtype=dtype),
                     lpips=lpips_lib.LPIPS(dtype=dtype))
     shapes = {"clip": clip_lib.param_shapes(models.clip), "lpips": lpips_lib.param_shapes(models.lpips)}
-    cast = lambda s: jax.ShapeDtypeStruct(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype)  # noqa: E731
+    def cast(s):
+        return jax.ShapeDtypeStruct(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype)
     return models, jax.tree.map(cast, shapes)
 
 

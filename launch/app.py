@@ -293,7 +293,7 @@ def layout(studio: Studio) -> Page:
             with gr.Row():
                 use_button = gr.Button("use the clicked result as the photo", elem_id="use")
                 reuse_button = gr.Button("reuse its seed", elem_id="reuse")
-            scores = gr.Dataframe(label="scores, best first: click a column's header to sort by it (clip_*, "
+            scores = gr.Dataframe(label="scores, best first: sort by a column from the menu of its header (clip_*, "
                                   "background_lpips, seam: lower is better; background_psnr: higher)",
                                   headers=list(TABLE_HEADERS), datatype=["number"] * len(TABLE_HEADERS),
                                   interactive=False, wrap=False, elem_id="scores")

@@ -187,6 +187,13 @@ def record_status(page) -> None:
     }""")
 
 
+def score_rows(page, columns: int = 8) -> list[list[float]]:
+    """The score table's rows as shown (headers, then the cells row by row)."""
+    cells = [t.strip() for t in page.locator("#scores").inner_text().split("\n") if t.strip() not in ("", "⋮")]
+    values = [float(v) for v in cells[columns:]]
+    return [values[i:i + columns] for i in range(0, len(values), columns)]
+
+
 def captions(page) -> list[str]:
     return [c.inner_text() for c in page.locator("#results .caption-label").all()]
 
@@ -333,9 +340,26 @@ def test_paint_edit_and_recover_in_a_real_browser(server, tmp_path):
             assert smoke.LABEL in status
             shown = captions(page)
             assert len(shown) == 2 and len(page.locator("#results img").all()) == 2, shown
-            distances = [float(re.match(r"#(\d) d=(\d+\.\d{4}) seed 404 sample \d \(smoke\)$", c).group(2))
+            scored = r"whole \d+\.\d{3} psnr \d+ bg \d+\.\d{3} seam \d+\.\d{2}"  # the scores, short
+            distances = [float(re.match(rf"#(\d) d=(\d+\.\d{{4}}) seed 404 sample \d {scored} \(smoke\)$", c).group(2))
                          for c in shown]
             assert [c[:2] for c in shown] == ["#0", "#1"] and distances == sorted(distances)
+            # The score table: a row per result, best first; sorted by a column from its header's menu.
+            rows = score_rows(page)
+            assert [row[0] for row in rows] == [0, 1] and [row[3] for row in rows] == pytest.approx(distances, abs=1e-4)
+            page.locator('#scores [data-testid="header-7"]').hover()  # seam
+            page.locator('#scores [data-testid="header-7"] button[aria-label="Open cell menu"]').click()
+            seams = [row[7] for row in rows]
+            descending = seams != sorted(seams, reverse=True)  # the order the table is not in yet
+            page.get_by_role("menuitem", name="Sort descending" if descending else "Sort ascending").click()
+            want = sorted(seams, reverse=descending)
+            for _ in range(50):  # the table re-renders sorted within a frame or two
+                by_seam = score_rows(page)
+                if [row[7] for row in by_seam] == want:
+                    break
+                page.wait_for_timeout(100)
+            assert [row[7] for row in by_seam] == want, by_seam
+            assert sorted(map(tuple, by_seam)) == sorted(map(tuple, rows))
 
             # The window and its scale are stated, the run's inputs shown: the photo with the
             # window drawn, and the mask used at the photo's size.

@@ -178,7 +178,9 @@ def test_every_png_carries_its_provenance(first_run):
         assert {k: about[k] for k in common} == common and about["kind"] == "grid"
         assert {k: about[k] for k in framing} == framing and ("window" in about) == bool(framing)
         ranked = json.loads((out / result["name"] / "ranked.json").read_text())["samples"]
-        assert about["tiles"] == [{k: s[k] for k in ("rank", "sample_id", "distance")} for s in ranked]
+        assert about["tiles"] == [{k: s[k] for k in ("rank", "sample_id", "distance", "scores")} for s in ranked]
+        for s in ranked:  # each sample's PNG carries the scores its summary lists
+            assert outputs.read_provenance(str(out / result["name"] / s["file"]))["scores"] == s["scores"]
         assert [t["sample_id"] for t in about["tiles"]] == [s["sample_id"] for s in result["samples"]]
 
 

@@ -111,3 +111,21 @@ def test_flags_that_cannot_run_stop_before_any_network(flags, message, tmp_path)
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert not output.exists()
+
+
+def test_scores_cost_times_a_batch_with_and_without_the_scores(tmp_path):
+    """bench.scores_cost on the smoke networks: XLA's FLOPs of the scores, and the end program
+    timed with the scores against the ranking alone, after a whole batch."""
+    output = tmp_path / "scores.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.scores_cost", "--config=smoke", "--batch_size=1", "--iters=1",
+                           f"--output={output}"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["scores_flops_per_sample"] > 0 and report["machine"]["platform"] == "cpu"
+    timed = report["time"]
+    assert timed["batch_s"] > 0 and timed["num_steps"] == 10
+    assert timed["scores_added_s"] == pytest.approx(timed["end_with_scores_s"] - timed["end_ranking_only_s"])
+    refused = subprocess.run([sys.executable, "-m", "bench.scores_cost", "--config=real"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert refused.returncode == 2 and "use --config=smoke, or --notime" in refused.stderr.strip().splitlines()[-1]

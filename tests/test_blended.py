@@ -268,12 +268,17 @@ def test_background_loss_computes_the_init_images_lpips_features_once(scene):
     jaxpr = jax.make_jaxpr(sampler)(shapes, init, mask, RED, ids, 3).jaxpr
     trunk = len([i for indices in lpips_lib.VGG16_SLICES for i in indices])
 
-    outside = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
-    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
-    assert len(outside) == trunk and all(e.invars[0].aval.shape[0] == init.shape[0] for e in outside)
+    (at,) = [i for i, e in enumerate(jaxpr.eqns) if e.primitive.name == "scan"]
+    scan = jaxpr.eqns[at]
+    convolutions = lambda eqns: [e for e in eqns if e.primitive.name == "conv_general_dilated"]  # noqa: E731
+    before, after = convolutions(jaxpr.eqns[:at]), convolutions(jaxpr.eqns[at + 1:])
+    assert len(before) == trunk and all(e.invars[0].aval.shape[0] == init.shape[0] for e in before)
     inside = count_convolutions(scan.params["jaxpr"].jaxpr)
     heads = len(lpips_lib.VGG16_CHANNELS)
     assert inside == 2 * (trunk + heads), inside  # the background's forward and input gradient only
+    # After the scan, once: the background_lpips score (bdjax/scores.py), the results' and the
+    # inputs' backgrounds through the trunk as one batch, then the heads.
+    assert len(after) == trunk + heads and {e.invars[0].aval.shape[0] for e in after[:trunk]} == {2 * len(ids)}
 
     image = jax.ShapeDtypeStruct(init.shape, jnp.float32)
     params = {"unet": {}, "clip": {}, "lpips": smoke.random_params(module, image, image, seed=1)}

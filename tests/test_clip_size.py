@@ -73,8 +73,10 @@ def test_sampler_feeds_clip_images_of_its_resolution(networks):
     out = jax.jit(sampler)(params, init, mask, text_embed, jnp.arange(B), 0)
 
     # Guidance: aug_num copies of each sample, normalised inside CLIP; ranking: one unnormalised
-    # image per sample. Both at the CLIP's resolution, not 224.
+    # image per sample; the clip_whole score: one normalised image per sample. All at the CLIP's
+    # resolution, not 224.
     assert sorted(set(recording.encoded)) == [((B, RESOLUTION, RESOLUTION, 3), False),
+                                              ((B, RESOLUTION, RESOLUTION, 3), True),
                                               ((AUG * B, RESOLUTION, RESOLUTION, 3), True)]
     images, distances = np.asarray(out["images"]), np.asarray(out["distances"])
     assert images.shape == (B, SIZE, SIZE, 3) and np.isfinite(images).all()

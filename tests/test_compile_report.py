@@ -120,3 +120,17 @@ def test_augmentations_part_reports_the_warps_alone(tmp_path):
     assert report["part"] == "augmentations" and report["aug_num"] == 4 and report["image_size"] == 64
     assert report["ops"]["gather"] == 8 and report["ops"]["scatter"] == 8 and report["ops"]["collective"] == 0
     assert report["per_sample_step"]["bytes_accessed"] == report["cost"]["bytes_accessed"] / 2 > 0
+
+
+def test_end_part_reports_what_the_scores_and_ranking_cost_per_sample(tmp_path):
+    """--part=end compiles the sampler's end program alone: the result, its ranking distance and
+    the quality scores (CLIP twice, LPIPS on the background), no UNet."""
+    output = tmp_path / "end.json"
+    proc = run("--topology=v5e:2x2", "--config=smoke", "--part=end", "--per_device_batch=2", f"--output={output}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["part"] == "end" and report["global_batch"] == 8
+    assert report["end_flops_per_sample"] == report["cost"]["flops"] / 2 > 0
+    # The edit's analytic count is that of the real networks: none for the smoke ones.
+    assert report["edit_flops_per_sample_analytic"] is None and report["end_share_of_edit_flops"] is None
+    assert 0 < report["memory"]["temp_bytes"] and "end program" in proc.stdout

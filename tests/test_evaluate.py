@@ -167,5 +167,6 @@ def test_rank_by_reorders_an_edit_s_results_and_the_default_keeps_the_reference_
     assert "best clip_whole values 1.0000, 1.0100, 1.0200" in capsys.readouterr().out
     status = run_program(program_flags, monkeypatch, "edit", [*common, f"--output_dir={tmp_path / 'c'}",
                                                                "--rank_by=whole"])
-    assert status == 2 and "--rank_by='whole' must be one of clip_masked, clip_whole, combined" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert status == 2 and "--rank_by='whole' must be one of clip_masked, clip_whole, combined" in err
     assert not (tmp_path / "c").exists()

@@ -189,8 +189,9 @@ def test_an_edit_returns_scores_and_rank_by_reorders_the_same_samples_without_re
     assert default.diversity is not None and default.diversity > 0
     whole = editor.edit(image, mask, "a red ball", rank_by="clip_whole", **common)
     assert (np.diff(whole.scores["clip_whole"]) >= 0).all()
-    by_id = lambda r: {int(k): (float(d), r.images[i].tobytes()) for i, (k, d) in enumerate(zip(r.sample_ids,  # noqa: E731
-                                                                                                   r.distances))}
+    def by_id(result):
+        return {int(k): (float(d), result.images[i].tobytes())
+                for i, (k, d) in enumerate(zip(result.sample_ids, result.distances))}
     assert by_id(whole) == by_id(default)  # the same samples, ranked otherwise
     assert len(editor._samplers) == 1  # the ranking options do not make another sampler
     loose = editor.edit(image, mask, "a red ball", enforce_background=False, **common)

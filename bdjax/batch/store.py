@@ -258,8 +258,8 @@ def write_summary(output_dir: str, job: Job, samples: Samples, image_size: int, 
     inputs = job.inputs(image_size)
     value = None
     if diversity is not None:
-        edits = [crop_png(output_dir, job, e["sample_id"]) if job.windowed else sample_png(output_dir, job, e["sample_id"])
-                 for e in best[:scores_lib.DIVERSITY_MAX]]
+        where = crop_png if job.windowed else sample_png  # the model-size edits
+        edits = [where(output_dir, job, e["sample_id"]) for e in best[:scores_lib.DIVERSITY_MAX]]
         value = diversity(np.stack([outputs.read_png(p) for p in edits]), inputs.region) if len(edits) > 1 else None
     summary = {"name": job.name, "line": job.line, "num_samples": job.num_samples, "job": job.spec(),
                "label": label or None, "rank_by": job.options.rank_by, "diversity": value,
