@@ -206,7 +206,7 @@ def define_option_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     for field in EditOptions.declaration():
         define[field.type](field.name, field.default, field.metadata["help"], flag_values=flag_values)
     flags.DEFINE_bool("lpips_scores", True, "Load the LPIPS network for the background_lpips and diversity scores "
-                      "(a 528 MB download, once); off: those scores are null.", flag_values=flag_values)
+                      "(a 553 MB download, once); off: those scores are null.", flag_values=flag_values)
 
 
 def with_lpips(needed: bool) -> bool:

@@ -133,4 +133,4 @@ def test_end_part_reports_what_the_scores_and_ranking_cost_per_sample(tmp_path):
     assert report["end_flops_per_sample"] == report["cost"]["flops"] / 2 > 0
     # The edit's analytic count is that of the real networks: none for the smoke ones.
     assert report["edit_flops_per_sample_analytic"] is None and report["end_share_of_edit_flops"] is None
-    assert 0 < report["memory"]["temp_bytes"] and "end program" in proc.stdout
+    assert report["memory"]["argument_bytes"] > 0 and "end program" in proc.stdout

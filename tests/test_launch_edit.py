@@ -95,10 +95,11 @@ def test_every_png_carries_its_provenance(smoke_run):
             about = outputs.read_provenance(str(path))
             assert {k: about[k] for k in common} == common
             assert (about["kind"], about["sample_id"], about["distance"]) == ("sample", s["sample_id"], s["distance"])
+            assert about["scores"] == s["scores"]
             assert about["run"]["config"] == "smoke" and about["run"]["image_size"] == 64
     about = outputs.read_provenance(str(out / "grid.png"))
     assert {k: about[k] for k in common} == common and about["kind"] == "grid"
-    assert about["tiles"] == [{k: s[k] for k in ("rank", "sample_id", "distance")} for s in report["samples"]]
+    assert about["tiles"] == [{k: s[k] for k in ("rank", "sample_id", "distance", "scores")} for s in report["samples"]]
 
 
 def test_existing_results_are_kept_unless_overwrite(smoke_run):

@@ -139,6 +139,9 @@ class FakeEditor:
         distances = np.asarray(sample_ids, np.float32)
         return {"rows": np.arange(n), "images": images, "distances": distances, "finite": np.ones(n, bool)}
 
+    def diversity(self, images, region):
+        return None  # no LPIPS network
+
 
 def test_a_batch_run_decodes_each_input_and_tokenizes_each_job_once(files, monkeypatch):
     lines = [{"name": "a", "image": "img.png", "mask": "mask.png", "prompt": "x", "num_samples": 2, "seed": 1},
