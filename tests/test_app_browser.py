@@ -188,9 +188,9 @@ def record_status(page) -> None:
 
 
 def score_rows(page, columns: int = 8) -> list[list[float]]:
-    """The score table's rows as shown (headers, then the cells row by row)."""
+    """The score table's rows as shown (its label, the headers up to "seam", then the cells row by row)."""
     cells = [t.strip() for t in page.locator("#scores").inner_text().split("\n") if t.strip() not in ("", "⋮")]
-    values = [float(v) for v in cells[columns:]]
+    values = [float(v) for v in cells[cells.index("seam") + 1:]]
     return [values[i:i + columns] for i in range(0, len(values), columns)]
 
 
