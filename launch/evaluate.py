@@ -14,7 +14,8 @@ mode); its scores reproduce the report's.
 
 --jsonl=FILE holds one edit per line: {"source": PATH, "mask": PATH, "prompt": TEXT, "results":
 [PATH, ...]} ("result": PATH for one; optional "invert_mask" and "id"); relative paths are read
-from the file's folder. A result of another size than its source is resized to it first (said in
+from the file's folder; blank lines and lines starting with '#' are skipped, and the file is bounded
+as a batch manifest is (64 MiB, 100,000 lines, 1 MiB a line). A result of another size than its source is resized to it first (said in
 its row). The window is chosen from the mask with --fit, --context (as bdjax chooses it).
 """
 
@@ -138,22 +139,21 @@ def jsonl_edits(path: str, size: int) -> list[Edit]:
     from PIL import Image
 
     from bdjax import request
+    from bdjax.batch.manifest import MAX_LINE_BYTES, manifest_lines
 
     base = os.path.dirname(os.path.abspath(path))
     resolve = lambda p: os.path.abspath(os.path.join(base, os.path.expanduser(p)))  # noqa: E731
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"--jsonl={path} not found") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--jsonl={path} is not UTF-8 text") from None
+    # Read as a batch manifest is: UTF-8 (a byte-order mark dropped), at most 64 MiB and 100,000
+    # lines, blank and '#' lines skipped, each line at most 1 MiB.
+    lines = manifest_lines(path, label=f"--jsonl={path}")
     framing = {"fit": FLAGS.fit, "context": FLAGS.context} if FLAGS.fit == "window" else {"fit": "stretch"}
     edits = []
     for number, text in enumerate(lines, 1):
-        if not text.strip():
+        if not text.strip() or text.lstrip().startswith("#"):
             continue
         where = f"{path} line {number}"
+        if len(text.encode("utf-8")) > MAX_LINE_BYTES:
+            raise ValueError(f"{where} is over {MAX_LINE_BYTES >> 20} MiB: an edit is one short JSON object")
         try:
             line = json.loads(text)
         except json.JSONDecodeError as e:
@@ -188,8 +188,6 @@ def jsonl_edits(path: str, size: int) -> list[Edit]:
             images.append(request.prepare_inputs(rgb, inputs.full_mask, image_size=size, **framing).source)
         edits.append(Edit(str(line.get("id", f"line {number}")), inputs, line["prompt"], np.stack(images),
                           [resolve(r) for r in results], resized=resized))
-    if not edits:
-        raise ValueError(f"--jsonl={path} holds no edits")
     return edits
 
 

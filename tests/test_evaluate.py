@@ -119,7 +119,8 @@ def test_evaluate_scores_a_jsonl_of_foreign_images_and_writes_every_field(edited
     (["--results=.", "--jsonl=x.jsonl"], "give one of --results=DIR"),
     (["--results=no/such/folder"], "is not a folder"),
     (["--results=docs"], "report.json not found: --results must be a folder bdjax wrote"),
-    (["--jsonl=no_such.jsonl"], "--jsonl=no_such.jsonl not found"),
+    (["--jsonl=no_such.jsonl"], "--jsonl=no_such.jsonl: no such file"),
+    (["--jsonl=EMPTY"], "holds no job (it is empty or only blank and '#' lines)"),
     (["--jsonl=BAD"], "line 1 is not JSON"),
     (["--jsonl=MISSING"], "line 2 lacks 'mask', 'results'"),
     (["--jsonl=NORESULT"], "result {}/gone.png not found"),
@@ -132,7 +133,8 @@ def test_evaluate_bad_inputs_are_one_line_errors_before_any_network(args, expect
     (tmp_path / "missing.jsonl").write_text(json.dumps(present) + "\n" + json.dumps({"source": "a", "prompt": "p"})
                                             + "\n")
     (tmp_path / "noresult.jsonl").write_text(json.dumps(good) + "\n")
-    names = {"BAD": "bad.jsonl", "MISSING": "missing.jsonl", "NORESULT": "noresult.jsonl"}
+    (tmp_path / "empty.jsonl").write_text("# nothing\n\n")
+    names = {"BAD": "bad.jsonl", "MISSING": "missing.jsonl", "NORESULT": "noresult.jsonl", "EMPTY": "empty.jsonl"}
     args = [a.split("=")[0] + "=" + str(tmp_path / names[a.split("=")[1]]) if a.split("=")[-1] in names else a
             for a in args]
     proc = run_module("launch.evaluate", "--config=smoke", *args, timeout=300)
