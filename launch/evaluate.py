@@ -28,6 +28,7 @@ import os
 import sys
 
 from absl import app, flags
+from tqdm.auto import tqdm
 
 from launch import cli, runtime
 
@@ -133,9 +134,11 @@ def folder_edit(directory: str, size: int) -> Edit:
                 np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), files, ids)
 
 
-def jsonl_edits(path: str, size: int) -> list[Edit]:
-    """The edits of a JSON-lines file; ValueError naming the line for a bad one."""
-    import numpy as np
+def jsonl_edits(path: str, size: int) -> list[dict]:
+    """The edits of a JSON-lines file, checked (every field, every file there and its image
+    readable), as {name, source, mask, invert_mask, prompt, results, where}; ValueError naming the
+    line for a bad one. Their images are decoded again, one edit at a time, by `load_edit`, so
+    that memory holds one edit's images whatever the file's length."""
     from PIL import Image
 
     from bdjax import request
@@ -169,31 +172,53 @@ def jsonl_edits(path: str, size: int) -> list[Edit]:
         if not isinstance(line["prompt"], str) or not isinstance(results, list) or not results \
                 or not all(isinstance(r, str) for r in results + [line["source"], line["mask"]]):
             raise ValueError(f"{where}: source, mask and prompt must be strings and results a non-empty list of paths")
+        spec = {"name": str(line.get("id", f"line {number}")), "source": resolve(line["source"]),
+                "mask": resolve(line["mask"]), "invert_mask": bool(line.get("invert_mask", False)),
+                "prompt": line["prompt"], "results": [resolve(r) for r in results], "where": where}
         try:
-            inputs = request.prepare_inputs(resolve(line["source"]), resolve(line["mask"]),
-                                            invert_mask=bool(line.get("invert_mask", False)), image_size=size,
-                                            **framing)
+            request.prepare_inputs(spec["source"], spec["mask"], invert_mask=spec["invert_mask"], image_size=size,
+                                   **framing)
         except (ValueError, OSError) as e:
             raise ValueError(f"{where}: {e}") from None
-        full = inputs.full_source
-        images, resized = [], []
-        for result in results:
-            if not os.path.isfile(resolve(result)):
-                raise ValueError(f"{where}: result {resolve(result)} not found")
-            rgb = _png(resolve(result), "result")
-            resized.append(rgb.shape[:2] != full.shape[:2])
-            if resized[-1]:
-                rgb = np.asarray(Image.fromarray(rgb).resize((full.shape[1], full.shape[0]), Image.LANCZOS))
-            # The result framed as its source is: the same window, cut and resized the same way.
-            images.append(request.prepare_inputs(rgb, inputs.full_mask, image_size=size, **framing).source)
-        edits.append(Edit(str(line.get("id", f"line {number}")), inputs, line["prompt"], np.stack(images),
-                          [resolve(r) for r in results], resized=resized))
+        for result in spec["results"]:
+            if not os.path.isfile(result):
+                raise ValueError(f"{where}: result {result} not found")
+            try:
+                with Image.open(result) as im:
+                    im.verify()
+            except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a file that is no image
+                raise ValueError(f"{where}: result {result} is not a readable image ({e})") from None
+        edits.append(spec)
     return edits
 
 
-def evaluate(editor, edits: list[Edit], options) -> dict:
+def load_edit(spec: dict, size: int) -> Edit:
+    """A checked JSON-lines edit (`jsonl_edits`) decoded: its inputs framed as bdjax frames them,
+    and each result cut to the same window (resized to the source's size first where it differs)."""
+    import numpy as np
+    from PIL import Image
+
+    from bdjax import request
+
+    framing = {"fit": FLAGS.fit, "context": FLAGS.context} if FLAGS.fit == "window" else {"fit": "stretch"}
+    inputs = request.prepare_inputs(spec["source"], spec["mask"], invert_mask=spec["invert_mask"], image_size=size,
+                                    **framing)
+    full = inputs.full_source
+    images, resized = [], []
+    for result in spec["results"]:
+        rgb = _png(result, f"{spec['where']}: result")
+        resized.append(rgb.shape[:2] != full.shape[:2])
+        if resized[-1]:
+            rgb = np.asarray(Image.fromarray(rgb).resize((full.shape[1], full.shape[0]), Image.LANCZOS))
+        # The result framed as its source is: the same window, cut and resized the same way.
+        images.append(request.prepare_inputs(rgb, inputs.full_mask, image_size=size, **framing).source)
+    return Edit(spec["name"], inputs, spec["prompt"], np.stack(images), spec["results"], resized=resized)
+
+
+def evaluate(editor, edits, options) -> dict:
     """Every result's scores, ranked per edit by `options.rank_by`, with each edit's diversity,
-    aggregates and best of N, and the aggregates over all results and over the edits' best."""
+    aggregates and best of N, and the aggregates over all results and over the edits' best.
+    `edits` is an iterable of Edit, scored one at a time."""
     import numpy as np
 
     from bdjax import scores as scores_lib
@@ -251,17 +276,23 @@ def main(argv):
         raise FileExistsError(f"{there[0]} already exists: pass --overwrite or another --output_dir")
     size = cli.model_size()
     # The inputs are read and checked before any network loads.
-    edits = [folder_edit(FLAGS.results, size)] if FLAGS.results is not None else jsonl_edits(FLAGS.jsonl, size)
+    if FLAGS.results is not None:
+        edit = folder_edit(FLAGS.results, size)
+        edits, count, number = [edit], len(edit.files), 1
+    else:
+        specs = jsonl_edits(FLAGS.jsonl, size)
+        edits = (load_edit(s, size) for s in specs)  # decoded one at a time, as they are scored
+        count, number = sum(len(s["results"]) for s in specs), len(specs)
     runtime.setup()
     from bdjax import outputs, smoke
     from bdjax.files import atomic_write
 
     editor = runtime.build_editor(True)
     label = smoke.LABEL if FLAGS.config == "smoke" else ""
-    count = sum(len(e.files) for e in edits)
-    print(f"scoring {count} result{'s' * (count != 1)} of {len(edits)} edit{'s' * (len(edits) != 1)}",
-          file=sys.stderr, flush=True)
-    found = evaluate(editor, edits, options)
+    print(f"scoring {count} result{'s' * (count != 1)} of {number} edit{'s' * (number != 1)}", file=sys.stderr,
+          flush=True)
+    with tqdm(edits, total=number, desc="scoring", unit="edit", disable=number < 2) as bar:
+        found = evaluate(editor, bar, options)
     found = {**found, "label": label or None, "config": FLAGS.config, "image_size": editor.image_size}
     os.makedirs(directory, exist_ok=True)
     outputs.save_json(targets[0], outputs.finite_or_none(found))

@@ -121,6 +121,7 @@ def test_evaluate_scores_a_jsonl_of_foreign_images_and_writes_every_field(edited
     (["--results=docs"], "report.json not found: --results must be a folder bdjax wrote"),
     (["--jsonl=no_such.jsonl"], "--jsonl=no_such.jsonl: no such file"),
     (["--jsonl=EMPTY"], "holds no job (it is empty or only blank and '#' lines)"),
+    (["--jsonl=NOTIMAGE"], "line 1: result {}/notes.txt is not a readable image"),
     (["--jsonl=BAD"], "line 1 is not JSON"),
     (["--jsonl=MISSING"], "line 2 lacks 'mask', 'results'"),
     (["--jsonl=NORESULT"], "result {}/gone.png not found"),
@@ -134,7 +135,10 @@ def test_evaluate_bad_inputs_are_one_line_errors_before_any_network(args, expect
                                             + "\n")
     (tmp_path / "noresult.jsonl").write_text(json.dumps(good) + "\n")
     (tmp_path / "empty.jsonl").write_text("# nothing\n\n")
-    names = {"BAD": "bad.jsonl", "MISSING": "missing.jsonl", "NORESULT": "noresult.jsonl", "EMPTY": "empty.jsonl"}
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "notimage.jsonl").write_text(json.dumps({**good, "result": "notes.txt"}) + "\n")
+    names = {"BAD": "bad.jsonl", "MISSING": "missing.jsonl", "NORESULT": "noresult.jsonl", "EMPTY": "empty.jsonl",
+             "NOTIMAGE": "notimage.jsonl"}
     args = [a.split("=")[0] + "=" + str(tmp_path / names[a.split("=")[1]]) if a.split("=")[-1] in names else a
             for a in args]
     proc = run_module("launch.evaluate", "--config=smoke", *args, timeout=300)
