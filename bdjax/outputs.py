@@ -465,9 +465,7 @@ class EditWriter:
                 entry["file"] = f"{SAMPLES_DIR}/{sample_name(k)}"
                 save_png(os.path.join(self.output_dir, entry["file"]), image,
                          sample_provenance(self.provenance, k, distance, scores=scores))
-                value = float(scores_lib.rank_values({n: np.float64(np.nan if v is None else v)
-                                                      for n, v in scores.items()}, self.options))
-                self.done.append((value, k))
+                self.done.append((scores_lib.rank_value(scores, self.options), k))
                 self.scores[k] = scores
             else:
                 reason = (f"its CLIP distance is {distance}" if not np.isfinite(distance)

@@ -198,6 +198,11 @@ def rank_values(scores: Mapping, options=None) -> np.ndarray:
     return np.asarray(scores[rank_by], np.float64)
 
 
+def rank_value(row: Mapping, options=None) -> float:
+    """`rank_values` of one result's scores as `row` gives them (floats, None where missing)."""
+    return float(rank_values({name: np.nan if v is None else v for name, v in row.items()}, options))
+
+
 def plain(value) -> float | None:
     """A score as JSON holds it: a float, None where it is NaN or infinite."""
     value = float(value)

@@ -187,8 +187,7 @@ def _write_rows(output_dir, jobs, chunk, out, label, prepared) -> tuple[np.ndarr
                 edit = np.round(np.asarray(image) * 255).astype(np.uint8)
                 inputs = prepared[j]
                 scores = scores_lib.row(all_scores, i)
-                value = float(scores_lib.rank_values({n: np.nan if v is None else v for n, v in scores.items()},
-                                                     job.options))
+                value = scores_lib.rank_value(scores, job.options)
                 if inputs.photo is None:  # fit="stretch": the model-size edit is the result
                     write_sample(output_dir, job, k, edit, distance, label, scores=scores, rank_value=value)
                 else:

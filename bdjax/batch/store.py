@@ -184,7 +184,7 @@ def read_finished(output_dir: str, job: Job) -> Samples:
         scores = entry.get("scores")
         if not isinstance(scores, dict) or "clip_masked" not in scores:
             return float(entry["distance"])
-        return float(scores_lib.rank_values({n: np.nan if v is None else v for n, v in scores.items()}, job.options))
+        return scores_lib.rank_value(scores, job.options)
 
     return {k: (value(e), int(e.get("process_index", 0))) for k, e in _finished_entries(output_dir, job)}
 
