@@ -31,6 +31,7 @@ setup(
         "test": [
             "pytest",
             "jax[tpu]",  # libtpu: the compile report's test compiles for TPU chips without TPUs
+            "jax[cuda12]",  # JAX's CUDA plugin: the compile report's test compiles for an H200 without a GPU
             "torch",
             "torchvision",
             "guided-diffusion-sdk",

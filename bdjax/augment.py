@@ -307,13 +307,17 @@ def augment_copy(image: jax.Array, params: AugmentationParams) -> jax.Array:
     return _from_planes(_augment_planes(_to_planes(image), params, height, width), image.shape)
 
 
-def _augment_planes(planes: jax.Array, params: AugmentationParams, height: int, width: int) -> jax.Array:
+def _augment_planes(planes: jax.Array, params: AugmentationParams, height: int, width: int,
+                    unroll_warps: bool = False) -> jax.Array:
     """augment_copy of a channel-major stack (C, count * H * W), see _to_planes.
 
     The stack stays channel-major from the first warp to the second, and the two warps are the
     two iterations of a loop. Written one after the other, XLA fuses the affine warp into the
     perspective's gathers and recomputes it for each of their four taps (an optimization barrier
     does not stop XLA:CPU from doing so); a loop iteration's input is materialised.
+    `unroll_warps` writes the two iterations out instead (the same values): XLA's cost analysis
+    counts a loop body once whatever its trip count, so a program meant for counting the work
+    (bench/compile_report.py) must have no loop.
     """
     count = int(np.prod(params.apply_affine.shape, dtype=np.int64))
     if count == 0:  # an empty stack: nothing to warp (a loop over it breaks under shard_map)
@@ -335,7 +339,7 @@ def _augment_planes(planes: jax.Array, params: AugmentationParams, height: int, 
     def step(planes, which):
         return jax.lax.switch(which, (affine, perspective), planes), None
 
-    return jax.lax.scan(step, planes, jnp.arange(2))[0]
+    return jax.lax.scan(step, planes, jnp.arange(2), unroll=unroll_warps)[0]
 
 
 def sample_extending_params(keys: jax.Array, aug_num: int, output_size: int, p: float = P,
@@ -354,10 +358,12 @@ def sample_extending_params(keys: jax.Array, aug_num: int, output_size: int, p: 
     return jax.vmap(sample_copies)(keys)
 
 
-def apply_extending_augmentations(images: jax.Array, params: AugmentationParams, output_size: int) -> jax.Array:
+def apply_extending_augmentations(images: jax.Array, params: AugmentationParams, output_size: int,
+                                  unroll_warps: bool = False) -> jax.Array:
     """Pool (B, H, W, C) images to output_size and stack the unaugmented copy with the copies that
     `params` (leading axes (B, aug_num - 1)) describe, in the reference's order [B samples] x aug_num:
-    row a * B + b is copy a of sample b, and rows 0..B-1 are the pooled images unchanged."""
+    row a * B + b is copy a of sample b, and rows 0..B-1 are the pooled images unchanged.
+    `unroll_warps`: the warps without a loop, for counting the work (see _augment_planes)."""
     if images.ndim != 4:
         raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
     batch = images.shape[0]
@@ -372,22 +378,24 @@ def apply_extending_augmentations(images: jax.Array, params: AugmentationParams,
     height, width, channels = pooled.shape[1:]
     planes_shape = (channels, batch, params.apply_affine.shape[1], height, width)
     planes = jnp.broadcast_to(jnp.moveaxis(pooled, -1, 0)[:, :, None], planes_shape).reshape(channels, -1)
-    planes = _augment_planes(planes, params, height, width).reshape(planes_shape)
+    planes = _augment_planes(planes, params, height, width, unroll_warps).reshape(planes_shape)
     copies_first = jnp.concatenate([pooled[None], jnp.transpose(planes, (2, 1, 3, 4, 0))])  # (aug_num, B, S, S, C)
     return copies_first.reshape((-1,) + pooled.shape[1:])
 
 
 def extending_augmentations(images: jax.Array, keys: jax.Array, aug_num: int, output_size: int,
-                            p: float = P, symmetric_translation: bool = False) -> jax.Array:
+                            p: float = P, symmetric_translation: bool = False,
+                            unroll_warps: bool = False) -> jax.Array:
     """The reference's ImageAugmentations on (B, H, W, C) images in [-1, 1], with one PRNG key per sample.
     output_size is CLIP's input resolution (`image_resolution`).
 
     Returns (aug_num * B, output_size, output_size, C): row a * B + b is copy a of sample b;
     copy 0 is the pooled image, copies 1..aug_num-1 are augmented (see sample_extending_params).
+    `unroll_warps` gives the same values from a program without a loop, for counting its work.
     """
     if keys.shape[0] != images.shape[0]:
         raise ValueError(f"need one key per sample: {images.shape[0]} images, keys of shape {keys.shape}")
     if aug_num < 1:
         raise ValueError(f"aug_num must be at least 1, got {aug_num}")
     params = sample_extending_params(keys, aug_num, output_size, p, symmetric_translation)
-    return apply_extending_augmentations(images, params, output_size)
+    return apply_extending_augmentations(images, params, output_size, unroll_warps)

@@ -1,6 +1,7 @@
 """The Python API: `BlendedDiffusion.from_pretrained(dir).edit(image, mask, prompt)`.
 
-Samples run in batches of `batch_size` through one jit-compiled sampler per configuration;
+Samples run in batches of `batch_size` (with "auto", the largest that fits the device's memory:
+bdjax/fit.py) through one jit-compiled sampler per configuration;
 the last batch is padded to full size (so nothing recompiles) and the padding discarded.
 Results come back ranked best first, by the reference's CLIP distance unless the options' `rank_by`
 says otherwise, each with its quality scores (bdjax/scores.py); `edit_batches` yields them batch by
@@ -22,11 +23,11 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bdjax import checkpoint, guidance, parallel, tokenizer
+from bdjax import checkpoint, fit, guidance, parallel, tokenizer
 from bdjax import scores as scores_lib
 from bdjax import request as request_lib
 from bdjax.blended import Models, Sampler, make_sampler, result_images, steps_per_call
-from bdjax.options import EditOptions
+from bdjax.options import AUTO, MAX_NUM_SAMPLES, EditOptions
 from bdjax.models import clip as clip_lib
 from bdjax.models import lpips as lpips_lib
 from bdjax.models import unet as unet_lib
@@ -174,6 +175,11 @@ class BlendedDiffusion:
     # new options (a float nudged each time) holds a bounded number of compiled programs. A
     # dropped configuration asked for again compiles again, or loads from the compilation cache.
     max_samplers: int = 8
+    # Where batch_size="auto" keeps its decisions on disk (bdjax/fit.py; the launch programs give
+    # their compilation cache directory), None: in memory only; and who hears what its search
+    # does (a function taking a line; None: nothing is said).
+    fit_cache_dir: str | None = None
+    on_fit: Callable[[str], None] | None = None
 
     def __init__(self, unet: tuple[Any, dict], clip: tuple[Any, dict], lpips: tuple[Any, dict] | None = None,
                  mesh=None, *, weights_digest: str | None = None, defaults: dict | None = None, label: str = ""):
@@ -260,6 +266,33 @@ class BlendedDiffusion:
                 self._samplers.popitem(last=False)
         return self._samplers[key]
 
+    def batch_choice(self, options: EditOptions, guided: bool, num_samples: int) -> fit.Choice:
+        """How many rows of an edit of `num_samples` samples run together (`.rows`), and how that
+        was decided: `options.batch_size` (never more rows than samples), or with batch_size="auto"
+        the largest batch whose compiled sampler fits the device's memory (bdjax/fit.py: on a
+        GPU or TPU, the first time for a configuration, a few candidate batches are compiled for
+        XLA's memory analysis; on a CPU the default 4)."""
+        if options.batch_size != AUTO:
+            return fit.fixed(options.batch_size, num_samples)
+        devices = self.mesh.devices.size
+
+        def measure(per_device: int) -> int:
+            return fit.footprint(self.sampler(options, guided), self.params, self.image_size,
+                                 self.models.clip.embed_dim, per_device * devices, self.mesh)
+
+        return fit.choose(self.configuration(options, guided), measure, self.mesh, num_samples,
+                          cache_dir=self.fit_cache_dir, say=self.on_fit)
+
+    def configuration(self, options: EditOptions, guided: bool) -> dict:
+        """What the compiled sampler of (options, guided) depends on, batch_size apart: the
+        networks' configurations (dtype and remat among them), the parameter dtype, the image
+        size, the sampling options and guided or not (bdjax/fit.py keys its decisions by it)."""
+        sampling = {k: v for k, v in dataclasses.asdict(options.sampling).items() if k != "batch_size"}
+        modules = {"unet": self.models.unet, "clip": self.models.clip, "lpips": self.models.lpips}
+        networks = {name: None if module is None else fit.module_fields(module) for name, module in modules.items()}
+        return {"networks": networks, "param_dtype": self.param_dtype, "image_size": self.image_size,
+                "options": sampling, "guided": guided}
+
     def prepare(self, image, mask=None, prompt: str = "", *, num_samples: int = 32, seed: int = 404,
                 invert_mask: bool = False, **options) -> Request:
         """The edit `edit` runs, checked and prepared once (bdjax/request.py): the image and mask
@@ -344,13 +377,15 @@ class BlendedDiffusion:
         rows = lambda a: np.broadcast_to(a, (n, *np.shape(a)[1:]))  # noqa: E731  views, not copies
 
         on_chunk = None if on_step is None else previewer(opts, request, on_step)
+        # A batch never holds more rows than there are samples (the loss weights still use
+        # batch_size, or 4 with "auto", as the reference's do, so a sample's pixels do not depend
+        # on this). With "auto" the rows are decided now, before the stream is handed back.
+        batch_rows = self.batch_choice(opts, request.prompt != "", n).rows
 
         def batches():
-            # A batch never holds more rows than there are samples (the loss weights still use
-            # batch_size, as the reference's do, so a sample's pixels do not depend on this).
             for out in self.sample_batches(opts, request.prompt != "", rows(request.init), rows(request.region),
                                            rows(text_embed), range(n), rows(np.int32(request.seed)[None]),
-                                           progress=progress, batch_rows=min(opts.batch_size, n),
+                                           progress=progress, batch_rows=batch_rows,
                                            on_chunk=on_chunk, every_step=every_step):
                 edits = to_uint8(out["images"], out["finite"])
                 crops = None if request.inputs.photo is None else edits
@@ -435,7 +470,7 @@ class BlendedDiffusion:
     def sample(self, options: EditOptions, guided: bool, init, mask, text_embed, sample_ids, seeds,
                progress: bool = False, batch_rows: int | None = None) -> dict:
         """Run N independent samples, each with its own inputs, `batch_rows` (default
-        `options.batch_size`) at a time.
+        `options.batch_size`; with "auto", `batch_choice`'s rows for N samples) at a time.
 
         init [N, S, S, 3] in [-1, 1], mask [N, S, S, 1], text_embed [N, D], sample_ids [N] (an array
         or a range), seeds [N]. Returns {"rows", "images" [n, S, S, 3] in [0, 1], "distances" [n],
@@ -453,7 +488,8 @@ class BlendedDiffusion:
                        progress: bool = False, batch_rows: int | None = None, on_chunk=None,
                        every_step: bool = False) -> Iterator[dict]:
         """`sample`, one batch at a time: yields each batch's dict as soon as it is computed.
-        `batch_rows` samples run together (default `options.batch_size`), the last batch padded.
+        `batch_rows` samples run together (default `options.batch_size`; with "auto",
+        `batch_choice`'s rows for these samples), the last batch padded.
         `on_chunk(sample_ids, steps done, num_steps, pred_xstart [b, H, W, C])` is called on the
         host after each chunk of steps (each step with `every_step`), this process's real rows only.
 
@@ -462,7 +498,9 @@ class BlendedDiffusion:
         """
         run = self.sampler(options, guided)
         n = len(sample_ids)
-        batch_rows = options.batch_size if batch_rows is None else batch_rows
+        if batch_rows is None:
+            auto = options.batch_size == AUTO
+            batch_rows = self.batch_choice(options, guided, n).rows if auto else options.batch_size
         global_batch = parallel.padded_batch(batch_rows, self.mesh.devices.size)
         mine = parallel.process_slice(global_batch, self.mesh)
         bar = None
@@ -515,7 +553,10 @@ class BlendedDiffusion:
         so that its first request starts sampling at once; with the persistent compilation cache
         on, a later start reads the programs from disk. Nothing is compiled twice."""
         opts = self.options(**({} if options is None else dataclasses.asdict(options)))
-        rows = opts.batch_size if num_samples is None else max(1, min(opts.batch_size, num_samples))
+        if opts.batch_size == AUTO:  # a full batch: the most that fits, or the samples asked for
+            rows = self.batch_choice(opts, guided, num_samples or MAX_NUM_SAMPLES).rows
+        else:
+            rows = opts.batch_size if num_samples is None else max(1, min(opts.batch_size, num_samples))
         self.encode_tokens(np.zeros((1, self.models.clip.context_length), np.int32))
         run = self.sampler(opts, guided)
         size, width = self.image_size, self.models.clip.embed_dim

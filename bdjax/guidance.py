@@ -75,9 +75,11 @@ def _lpips_term(inputs: LossInputs, options: EditOptions) -> jax.Array:
 def _l2_term(inputs: LossInputs, options: EditOptions) -> jax.Array:
     # The reference's mse_loss averages over its whole batch of `batch_size` samples, so its
     # per-sample L2 weight is l2_sim_lambda / batch_size. Keeping that divisor the option (not the
-    # device batch) reproduces it while a sample's result stays batch-independent.
+    # device batch) reproduces it while a sample's result stays batch-independent; with
+    # batch_size="auto" the divisor is the default batch of 4 (EditOptions.nominal_batch), so that
+    # results do not depend on the device's memory either.
     per_sample = jnp.mean(jnp.square(inputs.background - inputs.init), axis=(1, 2, 3))
-    return jnp.sum(per_sample) / options.batch_size
+    return jnp.sum(per_sample) / options.nominal_batch
 
 
 @dataclasses.dataclass(frozen=True)

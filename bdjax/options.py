@@ -11,24 +11,33 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 from bdjax.errors import OptionError  # also bdjax.options.OptionError, as before
 
-# The values each option type accepts: ints are floats too; bools are nothing else.
+# The values each option type accepts: ints are floats too; bools are nothing else. A BatchSize
+# is an int or the one string AUTO (checked by `check_type`).
 _ACCEPTED = {"bool": (bool, np.bool_), "int": (int, np.integer), "float": (int, float, np.integer, np.floating),
-             "str": (str,)}
+             "str": (str,), "BatchSize": (int, np.integer, str)}
+
+# batch_size="auto": the largest batch that fits the accelerator's memory (bdjax/fit.py).
+AUTO = "auto"
+BatchSize = Union[int, str]  # a batch_size: a whole number of at least 1, or AUTO
 
 # The most samples one edit (one run, one manifest job) may ask for.
 MAX_NUM_SAMPLES = 100_000
 
 
-def option(default, help: str, reference: str | None = None) -> Any:
+def option(default, help: str, reference: str | None = None, flag_default=None) -> Any:
     """A field of EditOptions: its default, one line of help, and the reference's name for it
-    (by default the field's own name; "" for an option the reference does not have)."""
-    return dataclasses.field(default=default, metadata={"help": help, "reference": reference})
+    (by default the field's own name; "" for an option the reference does not have);
+    `flag_default`, where the launch programs' flag defaults to something else (`flag_default`)."""
+    metadata = {"help": help, "reference": reference}
+    if flag_default is not None:
+        metadata["flag_default"] = flag_default
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +54,10 @@ class EditOptions:
     lpips_sim_lambda: float = option(1000.0, "Weight of the LPIPS background loss.")
     l2_sim_lambda: float = option(10000.0, "Weight of the L2 background loss.")
     enforce_background: bool = option(True, "Paste the original background into the final result.")
-    batch_size: int = option(4, "Samples per diffusion run (spread over all devices); also the divisor of the "
-                             "L2 background loss, as in the reference.")
+    batch_size: BatchSize = option(4, "Samples per diffusion run (spread over all devices), or 'auto': on a GPU or "
+                                   "TPU the largest batch whose compiled sampler fits the device's memory (on a CPU "
+                                   "4). Also the divisor of the L2 background loss, as in the reference (with auto: "
+                                   "4, so results do not depend on the device).", flag_default=AUTO)
     randomize_class: bool = option(True, "Class-conditional UNet (512): a fresh random class per sample and step, "
                                    "as the reference samples; off: class 0.", reference="")
     symmetric_translation: bool = option(False, "Augmentations translate both ways; off: the reference's "
@@ -65,8 +76,9 @@ class EditOptions:
 
     @classmethod
     def declaration(cls) -> tuple[dataclasses.Field, ...]:
-        """Every option's field: .name, .type ("bool", "int", "float", "str"), .default,
-        .metadata["help"], and `reference_name(field)`."""
+        """Every option's field: .name, .type ("bool", "int", "float", "str", or "BatchSize": an
+        int or AUTO), .default, .metadata["help"], and `reference_name(field)`; `flag_default(field)`
+        is the launch programs' default."""
         return dataclasses.fields(cls)
 
     @property
@@ -75,6 +87,14 @@ class EditOptions:
         depends on, so that ranking differently reuses the compiled sampler."""
         defaults = EditOptions()
         return dataclasses.replace(self, **{name: getattr(defaults, name) for name in RANKING})
+
+    @property
+    def nominal_batch(self) -> int:
+        """The batch the results are numbered and weighed by: `batch_size`, or with AUTO the
+        default batch (4). The L2 background loss divides by it (bdjax/guidance.py) and the
+        reference's file names count iterations of it, so that with AUTO a sample's result does
+        not depend on how many rows the device's memory allows."""
+        return DEFAULT_BATCH if self.batch_size == AUTO else int(self.batch_size)
 
     @property
     def sampler(self) -> str:
@@ -108,8 +128,7 @@ class EditOptions:
         self.check_start(num_timesteps)
         if self.aug_num < 1:
             raise OptionError("aug_num", f"aug_num={self.aug_num} must be at least 1")
-        if self.batch_size < 1:
-            raise OptionError("batch_size", f"batch_size={self.batch_size} must be at least 1")
+        check_batch_size(self.batch_size)
         if self.rank_by not in RANK_BY:
             raise OptionError("rank_by", f"rank_by={self.rank_by!r} must be one of {', '.join(RANK_BY)}")
 
@@ -120,6 +139,7 @@ class EditOptions:
                               f"[0, {num_timesteps}) for timestep_respacing={self.timestep_respacing!r}")
 
 
+DEFAULT_BATCH = EditOptions.batch_size  # the class attribute: the field's default, 4 (the reference's)
 RANK_BY = ("clip_masked", "clip_whole", "combined")  # what results may be ranked by (bdjax/scores.py)
 RANKING = ("rank_by", "rank_whole_weight", "rank_seam_weight", "rank_background_weight")
 
@@ -128,6 +148,38 @@ def reference_name(field: dataclasses.Field) -> str:
     """The reference's name for an option ("" where the reference has no such option)."""
     reference = field.metadata.get("reference")
     return field.name if reference is None else reference
+
+
+def flag_default(field: dataclasses.Field):
+    """The launch programs' default for an option: its own default unless the declaration gives
+    the flag another (batch_size: AUTO)."""
+    return field.metadata.get("flag_default", field.default)
+
+
+def check_batch_size(value) -> BatchSize:
+    """`value` if it is a batch size (a whole number of at least 1, or AUTO); OptionError naming
+    the fix otherwise."""
+    auto = f"{AUTO!r} (the largest batch that fits the device's memory)"
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not (whole or value == AUTO):
+        raise OptionError("batch_size", f"batch_size={value!r} should be of type int (a whole number of at least 1) "
+                          f"or {auto}")
+    if whole and value < 1:
+        raise OptionError("batch_size", f"batch_size={value} must be at least 1, or {auto}")
+    return value
+
+
+def parse_batch_size(text) -> BatchSize:
+    """A batch size typed as text (a flag, a page field): AUTO, or the int it spells; OptionError
+    (as `check_batch_size`) for anything else. Ints and AUTO pass through."""
+    if isinstance(text, str):
+        text = text.strip()
+        if text != AUTO:
+            try:
+                text = int(text)
+            except ValueError:
+                pass
+    return check_batch_size(text)
 
 
 def _finite(value) -> bool:
@@ -140,6 +192,8 @@ def _finite(value) -> bool:
 def check_type(name: str, value, kind: str):
     """`value`, checked to be of type `kind` ("bool", "int", "float", "str"); ValueError naming
     `name` when it is not (a bool is not a number here, an int is a float) or is a non-finite float."""
+    if kind == "BatchSize":
+        return check_batch_size(value)
     accepted = _ACCEPTED[kind]
     if not isinstance(value, accepted) or (kind != "bool" and isinstance(value, (bool, np.bool_))):
         raise OptionError(name, f"{name}={value!r} should be of type {kind}")

@@ -15,6 +15,16 @@ XLA plans (arguments, outputs, temporaries) against the chip's HBM, XLA's FLOPs 
 per sample-step, the gather, scatter, collective and host-transfer ops inside the compiled loop,
 and compile times; `--max_batch` finds the largest per-device batch that fits, per remat policy.
 Every figure comes from the compiler: none is a measurement on a TPU.
+
+How XLA counts, and so how the per-sample-step figures are made: XLA's cost analysis counts the
+body of a while loop once, whatever its trip count and however deeply it is nested, and a
+conditional as its costliest branch (tests/test_compile_report.py pins this on a small program).
+The loop program's own count is therefore one step, but with one of the augmentations' two warps,
+which the guided step runs as the two iterations of an inner loop. The per-sample-step figures
+come instead from a counting program compiled for that purpose: the same sampler at one step per
+call (XLA removes a one-iteration loop) with the two warps written out (`unroll_warps`), which has
+no loop left, so that everything in it is counted exactly once per step. The loop program's own
+count is reported beside them (`loop_program_per_sample_step`).
 """
 
 from __future__ import annotations
@@ -42,16 +52,19 @@ def define_flags() -> None:
     flags.DEFINE_integer("per_device_batch", 8, "Samples per device.")
     flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"], "UNet and CLIP rematerialisation in the guidance gradient.")
     flags.DEFINE_integer("aug_num", None, "CLIP augmentations per sample; default: 8 (smoke: the smoke preset's).")
-    flags.DEFINE_enum("part", "sampler", ["sampler", "augmentations", "end"],
+    flags.DEFINE_enum("part", "sampler", ["sampler", "augmentations", "end", "max_batch"],
                       "sampler: the editor's whole sampler; augmentations: the extending augmentations' forward and "
                       "gradient alone, as one guided step runs them (float32 images of the config's size, --aug_num "
                       "copies per sample), e.g. to compare formulations of the warps; end: the sampler's end program "
                       "alone (the result, its ranking distance and the quality scores), what a batch adds after "
-                      "its steps.")
+                      "its steps; max_batch: only the --max_batch search.")
     flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
-    flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch that fits in HBM, per remat policy.")
+    flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch whose loop program fits in HBM, per "
+                      "remat policy (at --precision), as batch_size=auto does (a few compiles each).")
     flags.DEFINE_list("max_batch_remat", ["none", "dots", "blocks"], "Remat policies for --max_batch.")
     flags.DEFINE_integer("max_batch_limit", 256, "Largest per-device batch --max_batch tries.")
+    flags.DEFINE_list("max_batch_probes", ["1", "2"], "The two per-device batches --max_batch compiles first, to "
+                      "predict the answer from (larger ones predict better where the answer is far).")
     flags.DEFINE_string("output", None, "Write the report to this JSON file.")
 
 
@@ -239,13 +252,15 @@ def model_fields(config: str) -> tuple[dict, dict, dict]:
     return unet_lib.preset("adm256_uncond"), clip_lib.preset("vit_b16"), {}
 
 
-def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, mesh):
+def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, mesh, unroll_warps: bool = False):
     """The editor's CompiledSampler for the configuration, the options, and the params as shapes.
     The networks are those the launch programs load: the UNet, CLIP and LPIPS (for the scores the
-    end program computes; bdjax/scores.py)."""
+    end program computes; bdjax/scores.py). `unroll_warps`: the augmentations' two warps written
+    out instead of a two-iteration loop (the same values), for counting the work."""
     import jax
     import jax.numpy as jnp
 
+    from bdjax import augment as augment_lib
     from bdjax.blended import Models, make_sampler
     from bdjax.options import EditOptions
     from bdjax.editor import CompiledSampler
@@ -267,42 +282,30 @@ def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, 
     replicated = parallel.replicated_sharding(mesh)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating)
                                                          else s.dtype, sharding=replicated), shapes)
-    sampler = CompiledSampler(make_sampler(models, options, guided=True), mesh)
+    def unrolled(images, keys):
+        return augment_lib.extending_augmentations(
+            images, keys, aug_num=options.aug_num, output_size=models.clip.image_resolution,
+            symmetric_translation=options.symmetric_translation, unroll_warps=True)
+
+    sampler = CompiledSampler(make_sampler(models, options, guided=True, augment=unrolled if unroll_warps else None),
+                              mesh)
     return sampler, options, params, size, models.clip.embed_dim
 
 
-def compile_programs(sampler, params, size: int, embed_dim: int, batch: int, mesh, which=("begin", "advance", "end")):
-    """Lower and compile the sampler's programs for a global batch: {name: (compiled, seconds)}."""
-    import jax
-    import jax.numpy as jnp
+def compile_programs(sampler, params, size: int, embed_dim: int, batch: int, mesh, which=("begin", "advance", "end"),
+                     steps: int | None = None):
+    """Lower and compile the sampler's programs for a global batch, as batch_size="auto" does
+    (bdjax/fit.py): {name: (compiled, seconds)}; `steps`: the advance program's steps per call."""
+    from bdjax import fit
 
-    from bdjax import parallel
-
-    sharded = parallel.batch_sharded(mesh)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharded)  # noqa: E731
-    inputs = (spec((batch, size, size, 3), jnp.float32), spec((batch, size, size, 1), jnp.float32),
-              spec((batch, embed_dim), jnp.float32), spec((batch,), jnp.int32), spec((batch,), jnp.int32))
-    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharded),
-                         jax.eval_shape(sampler.begin, params, *inputs))
-    chunk = jax.ShapeDtypeStruct(sampler.chunks[0].shape, jnp.int32, sharding=parallel.replicated_sharding(mesh))
-    arguments = {"begin": (params, *inputs), "advance": (params, state, chunk), "end": (params, state)}
-    out = {}
-    for name in which:
-        start = time.perf_counter()
-        compiled = getattr(sampler, name).lower(*arguments[name]).compile()
-        out[name] = (compiled, time.perf_counter() - start)
-    return out
+    return fit.compile_programs(sampler, params, size, embed_dim, batch, mesh, which, steps)
 
 
 def memory(compiled) -> dict:
-    stats = compiled.memory_analysis()
-    fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-              "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes",
-              "generated_code": "generated_code_size_in_bytes"}
-    figures = {f"{k}_bytes": int(getattr(stats, v, 0) or 0) for k, v in fields.items()}
-    figures["total_bytes"] = (figures["argument_bytes"] + figures["output_bytes"] + figures["temp_bytes"]
-                              + figures["generated_code_bytes"] - figures["alias_bytes"])
-    return figures
+    """XLA's memory analysis per device, as batch_size="auto" reads it (bdjax/fit.py `memory`)."""
+    from bdjax import fit
+
+    return fit.memory(compiled)
 
 
 def cost(compiled) -> dict:
@@ -315,36 +318,46 @@ def cost(compiled) -> dict:
     return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0))}
 
 
-def search_max_batch(remat: str, mesh, chip: dict, limit: int, log) -> dict:
-    """The largest per-device batch whose loop program fits in HBM: doubling, then bisection."""
-    sampler, _, params, size, embed_dim = build_sampler(FLAGS.config, FLAGS.precision, remat, FLAGS.aug_num, mesh)
+def count_step(batch: int, mesh, log) -> dict:
+    """XLA's FLOPs and bytes accessed of one guided step of the global batch, from a program
+    made for counting: the advance program at one step per call (XLA removes a loop of one
+    iteration) with the augmentations' two warps unrolled. XLA's cost analysis counts the body
+    of a while loop once, whatever its trip count and however deeply it is nested (and a
+    conditional as its costliest branch), so the loop program's own count is one step with one
+    of the two warps: this program counts both, and every figure in it runs once per step."""
+    sampler, _, params, size, embed_dim = build_sampler(FLAGS.config, FLAGS.precision, FLAGS.remat, FLAGS.aug_num,
+                                                        mesh, unroll_warps=True)
+    compiled, seconds = compile_programs(sampler, params, size, embed_dim, batch, mesh, which=("advance",),
+                                         steps=1)["advance"]
+    whiles = sum(" while(" in line for line in compiled.as_text().splitlines())
+    log(f"  counting program (one step, warps unrolled): compiled in {seconds:.0f} s, {whiles} loops")
+    return {"cost": cost(compiled), "compile_s": seconds, "loops": whiles}
+
+
+def search_max_batch(config: str, precision: str, remat: str, aug_num: int | None, mesh, chip: dict, limit: int,
+                     log, probes: tuple[int, int] = (1, 2)) -> dict:
+    """The largest per-device batch whose loop program (the largest of the sampler's three) fits
+    the chip's HBM, found as batch_size="auto" finds it (bdjax/fit.py `search`: batches 1 and 2
+    compiled, the answer predicted linearly and checked, bisection or doubling where it is wrong),
+    without auto's safety margin: the figure is what the compiler plans, against the whole HBM."""
+    from bdjax import fit
+
+    sampler, _, params, size, embed_dim = build_sampler(config, precision, remat, aug_num, mesh)
     devices = mesh.devices.size
     tried = {}
 
-    def ok(per_device):
-        if per_device not in tried:
-            compiled, seconds = compile_programs(sampler, params, size, embed_dim, per_device * devices, mesh,
-                                                 which=("advance",))["advance"]
-            tried[per_device] = memory(compiled)["total_bytes"]
-            log(f"  remat={remat} per-device batch {per_device}: {tried[per_device] / GIB:.2f} GiB "
-                f"({'fits' if tried[per_device] <= chip['hbm_bytes'] else 'too big'}; compiled in {seconds:.0f} s)")
-        return tried[per_device] <= chip["hbm_bytes"]
+    def measure(per_device):
+        compiled, seconds = compile_programs(sampler, params, size, embed_dim, per_device * devices, mesh,
+                                             which=("advance",))["advance"]
+        tried[per_device] = memory(compiled)["total_bytes"]
+        log(f"  {precision} remat={remat} per-device batch {per_device}: {tried[per_device] / GIB:.2f} GiB "
+            f"({'fits' if tried[per_device] <= chip['hbm_bytes'] else 'too big'}; compiled in {seconds:.0f} s)")
+        return tried[per_device]
 
-    return {"remat": remat, "max_per_device_batch": largest(ok, limit),
+    found = fit.search(measure, chip["hbm_bytes"], limit, probes)
+    return {"precision": precision, "remat": remat, "max_per_device_batch": found,
+            "total_bytes": tried.get(found), "headroom_bytes": None if not found else chip["hbm_bytes"] - tried[found],
             "total_bytes_by_batch": {str(k): v for k, v in sorted(tried.items())}}
-
-
-def largest(ok, limit: int) -> int:
-    """The largest n in [1, limit] with ok(n), for an ok that holds up to some n and not beyond
-    (0 if ok(1) fails): doubling from 1, then bisection."""
-    best, nxt = 0, 1
-    while nxt <= limit and ok(nxt):
-        best, nxt = nxt, nxt * 2
-    high = min(nxt, limit + 1)
-    while high - best > 1:
-        middle = (best + high) // 2
-        best, high = (middle, high) if ok(middle) else (best, middle)
-    return best
 
 
 def augmentations_report(mesh, size: int, clip_resolution: int, aug_num: int, per_device_batch: int) -> dict:
@@ -359,7 +372,7 @@ def augmentations_report(mesh, size: int, clip_resolution: int, aug_num: int, pe
     def forward_and_gradient(images, key_data):
         def loss(images):
             copies = augment.extending_augmentations(images, jax.random.wrap_key_data(key_data), aug_num=aug_num,
-                                                     output_size=clip_resolution)
+                                                     output_size=clip_resolution, unroll_warps=True)
             return jnp.sum(jnp.square(copies))
         return jax.value_and_grad(loss)(images)[1]
 
@@ -370,9 +383,9 @@ def augmentations_report(mesh, size: int, clip_resolution: int, aug_num: int, pe
     compiled = program.lower(jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=sharded),
                              jax.ShapeDtypeStruct((batch, 2), jnp.uint32, sharding=sharded)).compile()
     return {"compile_s": time.perf_counter() - start, "memory": memory(compiled), "cost": cost(compiled),
-            "ops": loop_ops(compiled.as_text(), whole=True),
-            "note": "XLA counts a loop body once: the affine and perspective warps are the two iterations of "
-                    "one loop, so the cost covers one warp pass of the copies plus everything outside the loop"}
+            "ops": loop_ops(compiled.as_text(), whole=True), "loops": compiled.as_text().count(" while("),
+            "note": "compiled with the two warps unrolled (the editor runs them as the two iterations of a loop, "
+                    "whose body XLA would count once), so the cost covers both warps"}
 
 
 # ----------------------------------------------------------------------------------- main
@@ -384,6 +397,9 @@ def main(argv):
         raise ValueError("--per_device_batch, --edits and --max_batch_limit must be at least 1")
     if FLAGS.aug_num is not None and FLAGS.aug_num < 1:
         raise ValueError(f"--aug_num={FLAGS.aug_num} must be at least 1")
+    if len(FLAGS.max_batch_probes) != 2 or not all(p.isdigit() and int(p) >= 1 for p in FLAGS.max_batch_probes):
+        raise ValueError(f"--max_batch_probes={','.join(FLAGS.max_batch_probes)} must be two batches of at least 1, "
+                         "e.g. 1,2")
     unknown = sorted(set(FLAGS.max_batch_remat) - {"none", "dots", "blocks"})
     if unknown:
         raise ValueError(f"--max_batch_remat: unknown policies {unknown}; choose from none, dots, blocks")
@@ -427,6 +443,20 @@ def main(argv):
             outputs.save_json(FLAGS.output, report)
             log(f"wrote {FLAGS.output}")
         return
+    if FLAGS.part == "max_batch":
+        report = {"command": " ".join(["python -m bench.compile_report", *sys.argv[1:]]), "source": source,
+                  "jax_version": jax.__version__, "topology": FLAGS.topology, "devices": len(devices),
+                  "device_kind": devices[0].device_kind, "chip": chip, "part": "max_batch", "config": FLAGS.config,
+                  "precision": FLAGS.precision, "max_batch": search_all(mesh, chip, log)}
+        for found in report["max_batch"]:
+            log(f"  largest per-device batch that fits, {found['precision']} remat={found['remat']}: "
+                f"{found['max_per_device_batch']}")
+        if FLAGS.output:
+            from bdjax import outputs
+
+            outputs.save_json(FLAGS.output, report)
+            log(f"wrote {FLAGS.output}")
+        return
     if FLAGS.part == "end":
         report = end_report(mesh, devices, batch, source)
         log(f"{FLAGS.topology}: the end program, per-device batch {FLAGS.per_device_batch}: "
@@ -460,9 +490,14 @@ def main(argv):
         report["programs"][name] = {"compile_s": seconds, "memory": memory(compiled), "cost": cost(compiled),
                                     "ops": loop_ops(compiled.as_text())}
     loop = report["programs"]["advance"]
-    # XLA's cost analysis counts a loop body once, whatever its trip count: the advance program's
-    # figures are one step of the per-device batch.
-    per_sample_step = {k: None if v is None else v / FLAGS.per_device_batch for k, v in loop["cost"].items()}
+    # XLA's cost analysis counts a loop body once, whatever its trip count: the loop program's
+    # figures are one step, but with one of the augmentations' two warps (an inner loop). The
+    # counting program has no loop (count_step); XLA:GPU gives no counts, so it is not compiled there.
+    per_batch_step = loop["cost"]
+    if loop["cost"]["flops"] is not None:
+        report["counting_program"] = count_step(batch, mesh, log)
+        per_batch_step = report["counting_program"]["cost"]
+    per_sample_step = {k: None if v is None else v / FLAGS.per_device_batch for k, v in per_batch_step.items()}
     peak = max(p["memory"]["total_bytes"] for p in report["programs"].values())
     # The end program: the result, its ranking distance and every quality score, once per sample.
     end_flops = report["programs"]["end"]["cost"]["flops"]
@@ -474,10 +509,13 @@ def main(argv):
         "end_share_of_edit_flops": None if end_per_sample is None or not per_sample_step["flops"] else
         end_per_sample / (end_per_sample + sampler.num_steps * per_sample_step["flops"]),
         "bytes_accessed_per_sample_step": per_sample_step["bytes_accessed"],
+        "loop_program_per_sample_step": {k: None if v is None else v / FLAGS.per_device_batch
+                                         for k, v in loop["cost"].items()},
         "peak_program_bytes": peak,
         "hbm_headroom_bytes": chip["hbm_bytes"] - peak,
         "fits": peak <= chip["hbm_bytes"],
-        "compile_s": sum(p["compile_s"] for p in report["programs"].values()),
+        "compile_s": sum(p["compile_s"] for p in report["programs"].values())
+        + report.get("counting_program", {}).get("compile_s", 0.0),
         "loop_ops": loop["ops"],
         "bounds_for_edits": None if per_sample_step["flops"] is None else {
             "edits": FLAGS.edits, "steps_per_edit": sampler.num_steps,
@@ -489,14 +527,20 @@ def main(argv):
     })
     if FLAGS.max_batch:
         log("searching the largest per-device batch that fits ...")
-        report["max_batch"] = [search_max_batch(remat, mesh, chip, FLAGS.max_batch_limit, log)
-                               for remat in FLAGS.max_batch_remat]
+        report["max_batch"] = search_all(mesh, chip, log)
     log(summary(report))
     if FLAGS.output:
         from bdjax import outputs
 
         outputs.save_json(FLAGS.output, report)
         log(f"wrote {FLAGS.output}")
+
+
+def search_all(mesh, chip: dict, log) -> list[dict]:
+    """--max_batch: search_max_batch for every --max_batch_remat policy at --precision."""
+    probes = tuple(int(p) for p in FLAGS.max_batch_probes)
+    return [search_max_batch(FLAGS.config, FLAGS.precision, remat, FLAGS.aug_num, mesh, chip, FLAGS.max_batch_limit,
+                             log, probes) for remat in FLAGS.max_batch_remat]
 
 
 def end_report(mesh, devices, batch: int, source: str) -> dict:
@@ -540,13 +584,17 @@ def summary(r: dict) -> str:
     if bounds is None:
         lines.insert(2, "  no FLOP or byte counts: this backend's compiler gives no cost analysis")
     else:
+        raw = r["loop_program_per_sample_step"]
         lines.insert(2, f"  per sample-step: {r['flops_per_sample_step']:.3g} FLOP, "
-                        f"{r['bytes_accessed_per_sample_step']:.3g} bytes accessed")
+                        f"{r['bytes_accessed_per_sample_step']:.3g} bytes accessed (the counting program; "
+                        f"the loop program's own count, one of the two warps: {raw['flops']:.3g} FLOP, "
+                        f"{raw['bytes_accessed']:.3g} bytes)")
         lines.insert(4, f"  {bounds['edits']} edits x {bounds['steps_per_edit']} steps: FLOPs/peak "
                         f"{bounds['flops_over_peak_s']:.1f} s, bytes/bandwidth {bounds['bytes_over_bandwidth_s']:.1f} s "
                         "(compiler counts, not a run)")
     for found in r.get("max_batch", []):
-        lines.append(f"  largest per-device batch that fits, remat={found['remat']}: {found['max_per_device_batch']}")
+        lines.append(f"  largest per-device batch that fits, {found['precision']} remat={found['remat']}: "
+                     f"{found['max_per_device_batch']}")
     return "\n".join(lines)
 
 

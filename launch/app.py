@@ -78,6 +78,10 @@ def define_flags():
 CSS = ("#source-used img, #mask-used img { width: 100% !important; height: 100% !important; "
        "object-fit: contain !important; } #mask-used img { image-rendering: pixelated; }")
 
+# The batch_size field's choices (any other whole number may be typed): auto, the largest batch
+# that fits the device's memory (bdjax/fit.py; on a CPU 4), or a number of samples per run.
+BATCH_SIZES = ("auto", "1", "2", "4", "8", "16", "32", "64")
+
 # The advanced section's framing fields (bdjax/request.py prepare_inputs), before the options.
 FRAMING_HELP = {
     "fit": "window: edit a square around the mask and paste it back into the photo at its own size; stretch: "
@@ -204,7 +208,7 @@ def layout(studio: Studio) -> Page:
     import gradio as gr
 
     from bdjax import painting
-    from bdjax.options import EditOptions, reference_name
+    from bdjax.options import EditOptions, flag_default, reference_name
     from bdjax.request import FITS
 
     options = studio.defaults
@@ -277,6 +281,11 @@ def layout(studio: Studio) -> Page:
                                   elem_id=f"option-{field.name}")
                     if field.type == "bool":
                         advanced[field.name] = gr.Checkbox(**common)
+                    elif field.type == "BatchSize":  # auto, or a number typed or picked
+                        common.update(value=str(common["value"]), info=f"{field.metadata['help']} ({origin}; "
+                                      f"this app's default {flag_default(field)})")
+                        advanced[field.name] = gr.Dropdown(choices=list(BATCH_SIZES), allow_custom_value=True,
+                                                           **common)
                     elif field.name == "rank_by":
                         advanced[field.name] = gr.Dropdown(choices=list(RANK_BY), **common)
                     elif field.type == "str":

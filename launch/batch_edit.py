@@ -103,8 +103,6 @@ def main(argv):
         raise cli.FlagError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.manifest or not FLAGS.output_dir:
         raise cli.FlagError("--manifest and --output_dir are required")
-    if FLAGS.batch_size < 1:
-        raise cli.FlagError(f"--batch_size={FLAGS.batch_size} must be at least 1")
     run_framing = framing()
     runtime.setup()
     import jax
@@ -153,6 +151,7 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     from tqdm.auto import tqdm
 
     from bdjax import batch, guidance, outputs, smoke
+    from bdjax.options import AUTO
 
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
@@ -171,14 +170,16 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
     _progress["jobs"] = jobs
     for e in conflicts:
         say(f"skipped: {e}", file=sys.stderr)
-    uneven = sorted({j.options.batch_size for j in jobs if j.options.batch_size % jax.device_count()})
+    uneven = sorted({j.options.batch_size for j in jobs  # "auto" picks a multiple of the device count
+                     if j.options.batch_size != AUTO and j.options.batch_size % jax.device_count()})
     if uneven:
         say(f"warning: batch_size {uneven} is not a multiple of the {jax.device_count()} devices; batches are "
             "padded and the padded rows are computed for nothing", file=sys.stderr)
     total = sum(j.num_samples for j in jobs)
     say(f"{len(jobs)} jobs, {total} samples: {total - len(items)} already in {FLAGS.output_dir}, "
         f"{len(items)} to compute on {jax.device_count()} devices ({jax.process_count()} processes)")
-    runs = collections.Counter((jobs[j].options, jobs[j].prompt != "") for j, _ in items)
+    # As batch.run groups them: jobs that differ only in how they rank share batches.
+    runs = collections.Counter((jobs[j].options.sampling, jobs[j].prompt != "") for j, _ in items)
     if items:
         runtime.announce_run(editor, [(options, guided, n) for (options, guided), n in runs.items()])
     with tqdm(total=len(items), desc="batch", unit="sample", disable=not lead or not items) as bar:  # closed on Ctrl-C
@@ -192,6 +193,10 @@ def run_jobs(jobs, skipped_lines, image_size: int, start: float) -> int:
         report = run_report(jobs, skipped_lines + conflicts, stats, label,
                             {"load": loaded - start, "sample": stats.sample_s, "total": done - start,
                              "per_sample": stats.sample_s / max(1, stats.computed)}, image_size)
+        # Each configuration's batch: its rows, and with batch_size="auto" how they were chosen.
+        report["batches"] = [{"batch_size": options.batch_size, "guided": guided, "samples": n,
+                              **editor.batch_choice(options, guided, n).report()}
+                             for (options, guided), n in runs.items()]
         try:
             outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
         except OSError as e:  # e.g. the disk filled up: the samples on disk stay valid

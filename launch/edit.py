@@ -50,7 +50,7 @@ def define_reference_flags():
                         "(a .png), and the stem of the ranked files, named as the reference names them "
                         "(<distance>_<stem>_i_<iteration>_b_<row>.png).", short_name="o")
     flags.DEFINE_integer("iterations_num", None, "The reference's: samples = iterations_num x --batch_size "
-                         "(give this or --num_samples, not both).")
+                         "(4 with --batch_size=auto; give this or --num_samples, not both).")
     flags.DEFINE_bool("no_enforce_background", False, "The reference's: --noenforce_background.")
     flags.DEFINE_integer("gpu_id", None, "The reference's: run on this local device only (default: every device).")
     flags.DEFINE_bool("vid", False, "The reference's: a video of each sample's predicted image at every diffusion step "
@@ -64,6 +64,8 @@ def reference_flags(options: dict) -> dict:
     """Apply the reference's spellings to bdjax's flags and `options` (FlagError for a pair given
     both ways); returns how the run names its results: {"stem": ...} in the reference's naming
     (any of --output_path, --output_file, --iterations_num given), else {}."""
+    from bdjax.options import EditOptions
+
     given = lambda name: FLAGS[name].present  # noqa: E731
     for ours, theirs in (("output_dir", "output_path"), ("num_samples", "iterations_num"),
                          ("enforce_background", "no_enforce_background")):
@@ -74,7 +76,7 @@ def reference_flags(options: dict) -> dict:
     if FLAGS.iterations_num is not None:
         if FLAGS.iterations_num < 1:
             raise cli.FlagError(f"--iterations_num={FLAGS.iterations_num} must be at least 1")
-        FLAGS.num_samples = FLAGS.iterations_num * options["batch_size"]
+        FLAGS.num_samples = FLAGS.iterations_num * EditOptions(batch_size=options["batch_size"]).nominal_batch
     if FLAGS.no_enforce_background:
         options["enforce_background"] = False
     if FLAGS.output_file is not None:
@@ -148,7 +150,7 @@ def edit(options: dict, directory: str, naming: dict | None = None):
     loaded = time.perf_counter()
     recorder = None
     if FLAGS.vid or FLAGS.export_assets:
-        name = (outputs.reference_sample_name(naming["stem"], request.options.batch_size) if naming
+        name = (outputs.reference_sample_name(naming["stem"], request.options.nominal_batch) if naming
                 else outputs.sample_name)
         recorder = outputs.StepRecorder(directory, request, video=FLAGS.vid, assets=FLAGS.export_assets,
                                         name=name, videos_dir="" if naming else outputs.VIDEOS_DIR)
@@ -160,7 +162,7 @@ def edit(options: dict, directory: str, naming: dict | None = None):
     # Everything is checked and the networks are ready: only now is the previous run removed.
     outputs.clear_for_run(directory, patterns, overwrite=FLAGS.overwrite)
     about = cli.provenance(editor, stream.options, label, prompt=stream.prompt, **stream.inputs.framing())
-    ranked_name = (outputs.reference_naming(naming["stem"], stream.options.batch_size) if naming
+    ranked_name = (outputs.reference_naming(naming["stem"], stream.options.nominal_batch) if naming
                    else outputs.ranked_name)
     writer = outputs.EditWriter(directory, FLAGS.seed, about, ranked_name=ranked_name, options=stream.options)
     RUN.update(writer=writer, directory=directory, total=stream.num_samples)
@@ -180,7 +182,8 @@ def edit(options: dict, directory: str, naming: dict | None = None):
     finished = len(writer.done) + len(writer.failed)
     timings = {"load": loaded - start, "edit": done - loaded, "per_sample": (done - loaded) / max(finished, 1)}
     report = {**cli.run_report(dataclasses.asdict(stream.options), timings, sys.modules[__name__]),
-              **stream.inputs.framing()}
+              **stream.inputs.framing(),
+              **editor.batch_choice(stream.options, stream.prompt != "", stream.num_samples).report()}
     if RUN.get("interrupted"):
         report["interrupted"] = {"finished": finished, "asked": stream.num_samples}
     report["diversity"] = cli.diversity(editor, writer, request)

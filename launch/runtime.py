@@ -173,7 +173,7 @@ def build_editor(need_lpips: bool, devices=None):
     if FLAGS.config == "smoke":
         if FLAGS.checkpoint_dir:
             warnings.warn(f"--checkpoint_dir={FLAGS.checkpoint_dir} is not used: --config=smoke runs random networks")
-        return smoke.editor(dtype=dtype, with_lpips=need_lpips, mesh=mesh)
+        return with_fit_cache(smoke.editor(dtype=dtype, with_lpips=need_lpips, mesh=mesh))
     checkpoint_dir = unet_dir = FLAGS.checkpoint_dir
     if checkpoint_dir is None:
         from checkpoints_convert.fetch import ensure_weights  # the one place launch/ fetches
@@ -185,10 +185,22 @@ def build_editor(need_lpips: bool, devices=None):
             parallel.barrier("weights ready")
             checkpoint_dir = ensure_weights(models=models, download=False)
         unet_dir = weights.model_dir(checkpoint_dir, models[0])
-    return BlendedDiffusion.from_pretrained(checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir,
-                                            remat=FLAGS.remat, with_lpips=need_lpips,
-                                            image_size=int(FLAGS.model_output_size),
-                                            verify_weights=FLAGS.verify_weights, mesh=mesh)
+    return with_fit_cache(BlendedDiffusion.from_pretrained(
+        checkpoint_dir, dtype=dtype, param_dtype=dtype, unet_dir=unet_dir, remat=FLAGS.remat, with_lpips=need_lpips,
+        image_size=int(FLAGS.model_output_size), verify_weights=FLAGS.verify_weights, mesh=mesh))
+
+
+def with_fit_cache(editor):
+    """`editor`, keeping its batch_size="auto" decisions (bdjax/fit.py) beside the compiled
+    programs, in the compilation cache directory (not with --nocompilation_cache, or where that
+    directory is unusable), and saying on process 0's stderr what a search for one does."""
+    import jax
+
+    if CACHE_OFF is None:
+        editor.fit_cache_dir = compilation_cache_dir(FLAGS.compilation_cache_dir)
+    if jax.process_index() == 0:
+        editor.on_fit = lambda line: print(line, file=sys.stderr, flush=True)
+    return editor
 
 
 def _on_tpu_pod() -> bool:
@@ -199,14 +211,37 @@ def _on_tpu_pod() -> bool:
 
 def define_option_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """One flag per edit option, from its declaration (bdjax/options.py): name, type, default, help."""
-    from bdjax.options import EditOptions
+    from bdjax.options import EditOptions, flag_default
 
     define = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer, "float": flags.DEFINE_float,
-              "str": flags.DEFINE_string}
+              "str": flags.DEFINE_string, "BatchSize": define_batch_size}
     for field in EditOptions.declaration():
-        define[field.type](field.name, field.default, field.metadata["help"], flag_values=flag_values)
+        define[field.type](field.name, flag_default(field), field.metadata["help"], flag_values=flag_values)
     flags.DEFINE_bool("lpips_scores", True, "Load the LPIPS network for the background_lpips and diversity scores "
                       "(a 553 MB download, once); off: those scores are null.", flag_values=flag_values)
+
+
+class BatchSizeParser(flags.ArgumentParser):
+    """--batch_size: a whole number of at least 1, or auto (bdjax/options.py parse_batch_size);
+    anything else is a flag error (one line, exit status 2, before anything loads)."""
+    syntactic_help = "a whole number of at least 1, or auto"
+
+    def parse(self, argument):
+        from bdjax.options import OptionError, parse_batch_size
+
+        try:
+            return parse_batch_size(argument)
+        except OptionError:
+            raise ValueError(f"{argument!r} is not a whole number of at least 1, nor auto (the largest batch "
+                             "that fits the device's memory)") from None
+
+    def flag_type(self) -> str:
+        return "int or auto"
+
+
+def define_batch_size(name: str, default, help: str, flag_values: flags.FlagValues = FLAGS) -> None:
+    """The --batch_size flag (`BatchSizeParser`)."""
+    flags.DEFINE(BatchSizeParser(), name, default, help, flag_values=flag_values)
 
 
 def with_lpips(needed: bool) -> bool:
@@ -233,7 +268,8 @@ CPU_TFLOPS_MEASURED = 0.05
 
 def describe_run(editor, runs, lead: str = "running") -> str:
     """What a run will compute and where, said once before anything compiles, after `lead`:
-    `runs` are (options, guided, num_samples) for each configuration. The real 256x256 guided
+    `runs` are (options, guided, num_samples) for each configuration, each run's batch among it
+    (with batch_size="auto", decided now if it was not yet: bdjax/fit.py). The real 256x256 guided
     networks also get the analytic FLOP count (bdjax/cost.py), and on a CPU the time that count
     takes at the throughput measured on a 2-core CPU; elsewhere the progress bar's ETA, which
     starts after compiling, is the estimate."""
@@ -254,6 +290,8 @@ def describe_run(editor, runs, lead: str = "running") -> str:
     if jax.process_count() > 1:
         where += f" in {jax.process_count()} processes"
     line = f"{lead} {samples} sample{'s' * (samples != 1)} ({steps} each) on {where}, {FLAGS.precision}"
+    choices = {editor.batch_choice(options, guided, n).describe() for options, guided, n in runs}
+    line += f", {'; '.join(sorted(choices))}"
     if FLAGS.config == "smoke":
         return line + ", smoke networks"
     if FLAGS.model_output_size == "256" and kinds == {True}:

@@ -183,7 +183,7 @@ class Studio:
             prompt = (prompt or "").strip()
             request = self.editor.prepare(painted.image, mask, prompt, num_samples=_int(num_samples),
                                           seed=_int(seed), invert_mask=bool(invert),
-                                          **{name: _int(value) for name, value in options.items()})
+                                          **{name: _option(name, value) for name, value in options.items()})
         notes = [str(w.message) for w in caught]
         if not prompt:
             notes.append("the prompt is empty: the edit runs unguided (no CLIP guidance: the diffusion model fills "
@@ -271,7 +271,8 @@ class Studio:
         finished = len(writer.done) + len(writer.failed)
         timings = {"load": self.load_s, "edit": seconds, "per_sample": seconds / max(1, finished)}
         report = {**cli.run_report(dataclasses.asdict(request.options), timings, sys.modules[self.program]),
-                  **request.inputs.framing()}
+                  **request.inputs.framing(),
+                  **editor.batch_choice(request.options, request.prompt != "", request.num_samples).report()}
         report["inputs"] = {"prompt": request.prompt, "num_samples": request.num_samples, "seed": request.seed,
                             "invert_mask": request.invert_mask, "mask": mask_source,
                             "cancelled_after": finished if finished < request.num_samples else None}
@@ -388,6 +389,14 @@ def window_preview(inputs, width: int = PREVIEW_WIDTH, *, tint: bool = False) ->
     inner = [box[0] + line, box[1] + line, max(box[2] - line, box[0] + line), max(box[3] - line, box[1] + line)]
     draw.rectangle(inner, outline=(255, 214, 0), width=line)
     return np.asarray(preview)
+
+
+def _option(name: str, value):
+    """A page field's value as the option takes it: batch_size's text (a dropdown's: "auto" or
+    a number) parsed, OptionError for anything else (bdjax/options.py); numbers as `_int`."""
+    from bdjax.options import parse_batch_size
+
+    return parse_batch_size(_int(value)) if name == "batch_size" else _int(value)
 
 
 def _int(value):

@@ -3,6 +3,7 @@ refusals, the one-line messages a page shows for bad inputs, captions, run folde
 compile stage. The page's requests go through `Studio`, tested here on the smoke networks
 (nothing compiles: preparing a request runs no network)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import bdjax
 from bdjax import outputs
 from bdjax import request as request_lib
 from bdjax import smoke
+from bdjax.options import EditOptions
 from launch import app
 from launch import studio as studio_lib
 
@@ -127,6 +129,28 @@ def test_the_framing_options_reach_the_request(studio):
     assert stretched.full_source.shape == (smoke.IMAGE_SIZE, smoke.IMAGE_SIZE, 3)  # results at the model size
     direct = np.asarray(Image.fromarray(box_mask(SMALL)).resize((smoke.IMAGE_SIZE,) * 2, Image.NEAREST))
     np.testing.assert_array_equal(stretched.mask, direct)
+
+
+def test_the_batch_size_field_takes_auto_or_a_number_and_refuses_anything_else(studio):
+    """The advanced section's batch_size (a dropdown whose value is text: "auto", "8", or what was
+    typed) reaches the request parsed; a word or a number below 1 is one line naming the fix."""
+    for typed, expected in (("auto", "auto"), ("8", 8), (3, 3), (2.0, 2)):
+        request, _ = prepare(studio, batch_size=typed)
+        assert request.options.batch_size == expected
+    for typed in ("big", "0", 0, 2.5):
+        with pytest.raises(ValueError, match=r"^batch_size=.* or 'auto' \(the largest batch that fits"):
+            prepare(studio, batch_size=typed)
+
+
+def test_the_page_offers_auto_for_the_batch_size(studio, program_flags):
+    gr = pytest.importorskip("gradio")
+    program_flags.unparse_flags()
+    program_flags(["app", "--config=smoke"])  # the page's defaults of num_samples and seed
+    with gr.Blocks():
+        options = {**dataclasses.asdict(EditOptions()), **studio.defaults, "batch_size": "auto"}  # as the flags'
+        page = app.layout(studio_lib.Studio(studio.editor, options, studio.output_dir, max_samples=8))
+    field = page.advanced["batch_size"]
+    assert field.value == "auto" and ("auto", "auto") in field.choices and ("8", "8") in field.choices
 
 
 def test_a_window_upscaled_over_4x_is_a_note(studio):
@@ -349,7 +373,6 @@ def test_a_page_that_goes_away_mid_run_still_gets_its_run_ranked_and_zipped(stud
 def named_page(studio) -> "app.Page":
     """The page's components as their field names (the advanced fields as their options'), so
     that the handlers' dicts read by name."""
-    import dataclasses
 
     names = {f.name: f.name for f in dataclasses.fields(app.Page) if f.name != "advanced"}
     return app.Page(advanced={name: name for name in studio.defaults}, **names)

@@ -223,7 +223,8 @@ def test_first_run_says_what_runs_where_before_compiling(first_run):
     precision; then where the compiled programs are kept (one configuration: one compile)."""
     _, proc = first_run
     err = proc.stderr
-    assert len(re.findall(r"^running 7 samples \(5 guided steps each\) on \d+ x cpu, fp32, smoke networks$", err,
+    assert len(re.findall(r"^running 7 samples \(5 guided steps each\) on \d+ x cpu, fp32, batch \d+ per run, smoke "
+                          r"networks$", err,
                           flags=re.M)) == 1, err[-2000:]
     # Compiled, or loaded from the suite's shared cache: once, after the line before the run.
     ready = re.findall(rf"(?:compiled in [\d.]+ s \(cached in {re.escape(CACHE)}[^)]*\)|loaded the compiled sampler "

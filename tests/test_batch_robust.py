@@ -521,6 +521,24 @@ def test_binary_manifest_exits_2_with_one_line(tmp_path):
     assert tree(tmp_path) == before
 
 
+def test_a_job_takes_batch_size_auto_and_a_bad_batch_size_is_its_line_refused(tmp_path):
+    """"batch_size": "auto" (the largest batch that fits the device's memory; on a CPU 4) or a
+    whole number; anything else refuses the job's line, naming the fix."""
+    images(tmp_path)
+    good = {"image": "img.png", "prompt": "x", "num_samples": 1, "seed": 1}
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [{**good, "name": "a", "batch_size": "auto"},
+                                                        {**good, "name": "b", "batch_size": "big"},
+                                                        {**good, "name": "c", "batch_size": 0},
+                                                        {**good, "name": "d", "batch_size": 3}])
+    jobs, errors = batch.read_manifest(str(manifest), 8, EditOptions())
+    assert [(job.name, job.options.batch_size) for job in jobs] == [("a", "auto"), ("d", 3)]
+    assert [e.line for e in errors] == [2, 3]
+    assert "batch_size='big' should be of type int (a whole number of at least 1) or 'auto'" in str(errors[0])
+    assert "batch_size=0 must be at least 1, or 'auto'" in str(errors[1]) and "\n" not in str(errors[1])
+    jobs, _ = batch.read_manifest(str(manifest), 8, EditOptions(batch_size="auto"))  # the flag's default
+    assert jobs[0].options.batch_size == "auto"
+
+
 def test_a_manifest_without_a_valid_job_or_a_bad_batch_size_flag_stops_before_networks(tmp_path):
     images(tmp_path)
     out = tmp_path / "out"
@@ -528,7 +546,9 @@ def test_a_manifest_without_a_valid_job_or_a_bad_batch_size_flag_stops_before_ne
     manifest = write_manifest(tmp_path / "jobs.jsonl", [{**good, "aug_num": 0}, {**good, "clip_guidance_lambda": 1e999}])
     cases = [([f"--manifest={manifest}"], f"error: {manifest} has no valid job: manifest line 1: aug_num=0 must be at "
                                           "least 1 (and 1 more bad line(s))"),
-             ([f"--manifest={manifest}", "--batch_size=0"], "error: --batch_size=0 must be at least 1"),
+             ([f"--manifest={manifest}", "--batch_size=0"], "error: flag --batch_size=0: '0' is not a whole number "
+                                                           "of at least 1, nor auto (the largest batch that fits the "
+                                                           "device's memory) (see --help)"),
              ([f"--manifest={manifest}", "--feather=-1"], "error: --feather=-1 must be an integer in [0, 64] (photo "
                                                          "pixels of soft edge; 0 pastes hard)")]
     before = tree(tmp_path)

@@ -114,7 +114,8 @@ def test_user_errors_are_one_line_and_crashes_keep_their_traceback(capsys):
 
 
 BAD_FLAGS = {
-    "launch.edit": ["--precision=fp16", "--seed=abc", "--clip_guidance_lambda=x", "--prompt"],
+    "launch.edit": ["--precision=fp16", "--seed=abc", "--clip_guidance_lambda=x", "--prompt", "--batch_size=big",
+                    "--batch_size=0"],
     "launch.batch_edit": ["--precision=fp16", "--batch_size=abc"],
     "launch.extrapolate": ["--side=up", "--strip=wide"],
     "bench.benchmark": ["--config=huge", "--batch_size=abc"],

@@ -59,6 +59,7 @@ def test_smoke_run_writes_ranked_results_grid_and_report(smoke_run):
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert report["label"].startswith("SMOKE TEST")
     assert report["failed"] == []
+    assert report["batch_rows"] == 2 and report["batch_size_auto"] is None  # --batch_size=2, not auto
     # Each sample was written as its batch finished; the ranked files are the same images.
     assert sorted(os.listdir(out / "samples")) == [f"sample_{k}.{e}" for k in range(3) for e in ("json", "png")]
     for s in report["samples"]:
@@ -128,7 +129,8 @@ def test_smoke_run_says_what_runs_where_before_compiling(smoke_run):
     _, common, proc = smoke_run
     cache = common[-1].split("=", 1)[1]
     err = proc.stderr
-    assert len(re.findall(r"^running 3 samples \(10 guided steps each\) on \d+ x cpu, fp32, smoke networks$", err,
+    assert len(re.findall(r"^running 3 samples \(10 guided steps each\) on \d+ x cpu, fp32, batch 2 per run, "
+                          r"smoke networks$", err,
                           flags=re.M)) == 1, err[-2000:]
     compiled = re.findall(rf"compiled in [\d.]+ s \(cached in {re.escape(cache)}\)$", err, flags=re.M)
     assert len(compiled) == 1 and "loaded the compiled sampler" not in err, err[-2000:]

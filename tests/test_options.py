@@ -10,7 +10,8 @@ import pytest
 from absl import flags
 
 from bdjax import smoke
-from bdjax.options import MAX_NUM_SAMPLES, EditOptions, OptionError, check_request, check_type, reference_name
+from bdjax.options import (MAX_NUM_SAMPLES, EditOptions, OptionError, check_request, check_type, flag_default,
+                           parse_batch_size, reference_name)
 from launch import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,12 +29,39 @@ def fresh_flags(argv: list[str]) -> flags.FlagValues:
 def test_every_option_is_a_flag_with_its_declared_type_default_and_help():
     values = fresh_flags([])
     parsers = {"bool": flags.BooleanParser, "int": flags.IntegerParser, "float": flags.FloatParser,
-               "str": flags.ArgumentParser}
+               "str": flags.ArgumentParser, "BatchSize": runtime.BatchSizeParser}
     for field in EditOptions.declaration():
         flag = values[field.name]
-        assert flag.default == field.default and type(flag.parser) is parsers[field.type], field.name
+        assert flag.default == flag_default(field) and type(flag.parser) is parsers[field.type], field.name
         assert flag.help == field.metadata["help"] and flag.help
-    assert EditOptions(**runtime.options_from_flags(values)) == EditOptions()
+    # The launch programs' one default of their own: batch_size auto (the API's stays 4, the reference's).
+    assert EditOptions(**runtime.options_from_flags(values)) == EditOptions(batch_size="auto")
+    assert EditOptions().batch_size == 4 and values["batch_size"].default == "auto"
+
+
+@pytest.mark.parametrize("argv, value", [([], "auto"), (["--batch_size=auto"], "auto"), (["--batch_size=8"], 8),
+                                         (["--batch_size", "3"], 3)])
+def test_the_batch_size_flag_takes_a_number_or_auto(argv, value):
+    assert fresh_flags(argv).batch_size == value
+
+
+@pytest.mark.parametrize("bad", ["big", "0", "-2", "2.5", ""])
+def test_the_batch_size_flag_refuses_anything_else_in_one_line(bad):
+    with pytest.raises(flags.IllegalFlagValueError, match=r"not a whole number of at least 1, nor auto") as e:
+        fresh_flags([f"--batch_size={bad}"])
+    assert "\n" not in str(e.value)
+
+
+def test_batch_size_auto_in_the_api_and_its_refusals():
+    options = EditOptions.from_fields({"batch_size": "auto"})
+    options.validate()
+    assert options.batch_size == "auto" and options.nominal_batch == 4 and options.sampling.batch_size == "auto"
+    assert EditOptions.from_fields({"batch_size": 6}).nominal_batch == 6
+    for bad in ("big", 0, -1, 2.5, True, None):
+        with pytest.raises(OptionError, match=r"^batch_size=.* or 'auto' \(the largest batch that fits the device's "
+                                              r"memory\)$"):
+            EditOptions.from_fields({"batch_size": bad})
+    assert [parse_batch_size(v) for v in ("auto", " 8 ", 3)] == ["auto", 8, 3]
 
 
 def test_flags_set_options_and_the_smoke_preset_fills_only_unset_ones():
@@ -43,7 +71,7 @@ def test_flags_set_options_and_the_smoke_preset_fills_only_unset_ones():
     assert options == EditOptions(**{**smoke.OPTIONS, "aug_num": 6, "symmetric_translation": True,
                                      "randomize_class": False, "clip_guidance_lambda": 3.0})
     real = EditOptions.from_fields(runtime.options_from_flags(fresh_flags(["--skip_timesteps=40"])))
-    assert real == dataclasses.replace(EditOptions(), skip_timesteps=40)
+    assert real == dataclasses.replace(EditOptions(), skip_timesteps=40, batch_size="auto")  # the flag's default
 
 
 def test_from_fields_checks_types_converts_numbers_and_keeps_the_base():
@@ -75,8 +103,8 @@ def test_readme_flag_table_lists_every_option_with_its_default():
     for field in EditOptions.declaration():
         assert field.name in rows, f"docs/flags.md's flag table has no row for --{field.name}"
         shown = rows[field.name].strip().strip("`")
-        expected = {True: "true", False: "false"}.get(field.default, field.default) if field.type == "bool" \
-            else field.default
+        default = flag_default(field)
+        expected = {True: "true", False: "false"}.get(default, default) if field.type == "bool" else default
         assert shown == str(expected).removesuffix(".0"), (field.name, shown)
 
 

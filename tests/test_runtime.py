@@ -5,6 +5,7 @@ the real networks), the "compiling" line naming the compilation cache, and --hel
 The programs run in-process on a stand-in sampler (tests/launch_helpers.py), --help in a
 subprocess."""
 
+import json
 import os
 import re
 import types
@@ -27,6 +28,19 @@ def test_help_lists_the_model_and_runtime_flags(module):
     assert {"output_dir", "batch_size"} <= listed
 
 
+def test_batch_size_auto_on_a_cpu_is_the_default_batch_said_before_the_run_and_reported(
+        program_flags, monkeypatch, capsys, image_file, tmp_path):
+    assert run_program(program_flags, monkeypatch, "edit", ["--prompt=a cat", f"--init_image={image_file}",
+                                                            "--num_samples=5", "--batch_size=auto",
+                                                            f"--output_dir={tmp_path / 'o'}"]) == 0
+    err = capsys.readouterr().err
+    assert "fp32, batch 4 per run (auto: the default 4 on a CPU), smoke networks\n" in err, err
+    with open(tmp_path / "o" / "report.json", encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["options"]["batch_size"] == "auto" and report["batch_rows"] == 4
+    assert report["batch_size_auto"]["rows"] == 4 and report["batch_size_auto"]["per_device"] is None
+
+
 def test_launch_programs_say_what_runs_where_and_where_compiles_are_kept(program_flags, monkeypatch, capsys,
                                                                          image_file, tmp_path):
     """One line before anything compiles (samples, steps, devices, precision), one "compiling"
@@ -43,7 +57,7 @@ def test_launch_programs_say_what_runs_where_and_where_compiles_are_kept(program
                                                             "--num_samples=3", f"--output_dir={tmp_path / 'o'}"],
                        run) == 0
     err = capsys.readouterr().err
-    where = f"{jax.device_count()} x cpu, fp32, smoke networks"
+    where = f"{jax.device_count()} x cpu, fp32, batch 2 per run, smoke networks"  # the smoke preset's batch
     assert err.count(f"running 3 samples (4 guided steps each) on {where}\n") == 1
     assert err.count("compiling (not cached: --nocompilation_cache)\n") == 1
     assert re.search(r"compiled in [\d.]+ s \(not cached: --nocompilation_cache\)$", err, flags=re.M), err
@@ -75,17 +89,20 @@ def test_the_real_networks_line_gives_the_analytic_count_and_on_a_cpu_its_time(p
     """For the real 256x256 networks the line before compiling adds the analytic FLOP count
     (bdjax/cost.py) and, on a CPU, the time it takes at the throughput measured there."""
     from bdjax import cost
+    from bdjax import fit
     from bdjax.options import EditOptions
     from launch import runtime
 
     program_flags.unparse_flags()
     program_flags(["edit", "--config=real"])
-    editor = types.SimpleNamespace(sampler=lambda options, guided: types.SimpleNamespace(num_steps=75))
+    editor = types.SimpleNamespace(sampler=lambda options, guided: types.SimpleNamespace(num_steps=75),
+                                   batch_choice=lambda options, guided, n: fit.fixed(options.batch_size, n))
     line = runtime.describe_run(editor, [(EditOptions(), True, 32)])
     per_sample = 75 * cost.guided_step_flops(8)
     assert round(per_sample / 1e12) == 567
     hours = 32 * per_sample / (runtime.CPU_TFLOPS_MEASURED * 1e12) / 3600
-    assert line == (f"running 32 samples (75 guided steps each) on {jax.device_count()} x cpu, fp32: about "
+    assert line == (f"running 32 samples (75 guided steps each) on {jax.device_count()} x cpu, fp32, batch 4 per "
+                    f"run: about "
                     f"{32 * per_sample / 1e15:.1f} PFLOP by the analytic count (567 TFLOP per sample), roughly "
                     f"{hours:.0f} h at the 0.05 TFLOP/s measured on a 2-core CPU")
 

@@ -16,6 +16,7 @@ import numpy as np
 from bdjax import parallel
 from bdjax import scores as scores_lib
 from bdjax.batch.manifest import Job, ManifestError
+from bdjax.options import AUTO
 from bdjax.batch.store import Samples, ranked, read_finished, sample_png, write_sample, write_summary
 
 NOT_FINITE = "the image or distance is not finite (NaN or Inf): not written, a rerun retries it"
@@ -92,9 +93,10 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
         on_batch: Callable[[int], None] | None = None) -> RunStats:
     """Compute `items` (from `pending_items`) and write each on the process that computed it.
 
-    Items that share (options, guided) are packed into batches of options.batch_size regardless
-    of their job. `finished` (from `pending_items`; read from disk if None) is kept up to date in
-    the returned stats, so no batch reads the disk; process 0 writes a job's summary when its
+    Items that share (options, guided) are packed into batches of options.batch_size (with
+    "auto", the editor's `batch_choice`) regardless of their job. `finished` (from
+    `pending_items`; read from disk if None) is kept up to date in the returned stats, so no
+    batch reads the disk; process 0 writes a job's summary when its
     last sample is written. A sample that is not finite is reported on stderr and in
     stats.failures and not written; a job whose files cannot be written is reported in
     stats.job_errors and its remaining items are left out.
@@ -110,10 +112,13 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
     embeds: dict[str, np.ndarray] = {}
     count = 0
     for (options, guided), group in groups.items():
+        # No batch larger than needed; with batch_size="auto", the largest that fits (bdjax/fit.py).
+        rows = (editor.batch_choice(options, guided, len(group)).rows if options.batch_size == AUTO
+                else min(options.batch_size, len(group)))
         position = 0
         while True:
             chunk = []
-            while position < len(group) and len(chunk) < options.batch_size:
+            while position < len(group) and len(chunk) < rows:
                 if group[position][0] not in stats.job_errors:  # the same on every process
                     chunk.append(group[position])
                 position += 1
@@ -131,7 +136,7 @@ def run(editor, jobs: list[Job], output_dir: str, items: list[tuple[int, int]], 
                                 np.stack([arrays[j][1] for j, _ in chunk]),
                                 np.stack([embeds[jobs[j].prompt] for j, _ in chunk]),
                                 np.array([k for _, k in chunk]), np.array([jobs[j].seed for j, _ in chunk]),
-                                batch_rows=min(options.batch_size, len(group)))  # no batch larger than needed
+                                batch_rows=rows)
             stats.sample_s += time.perf_counter() - began
             outcome, distances, errors = _write_rows(output_dir, jobs, chunk, out, label, prepared)
             del prepared, arrays
