@@ -52,12 +52,16 @@ def define_flags() -> None:
     flags.DEFINE_integer("per_device_batch", 8, "Samples per device.")
     flags.DEFINE_enum("remat", "none", ["none", "dots", "blocks"], "UNet and CLIP rematerialisation in the guidance gradient.")
     flags.DEFINE_integer("aug_num", None, "CLIP augmentations per sample; default: 8 (smoke: the smoke preset's).")
-    flags.DEFINE_enum("part", "sampler", ["sampler", "augmentations", "end", "max_batch"],
-                      "sampler: the editor's whole sampler; augmentations: the extending augmentations' forward and "
+    flags.DEFINE_enum("part", "sampler", ["sampler", "step", "augmentations", "end", "max_batch"],
+                      "sampler: the editor's whole sampler; step: one guided step alone, its augmentations' warps "
+                      "as --warps says; augmentations: the extending augmentations' forward and "
                       "gradient alone, as one guided step runs them (float32 images of the config's size, --aug_num "
                       "copies per sample), e.g. to compare formulations of the warps; end: the sampler's end program "
                       "alone (the result, its ranking distance and the quality scores), what a batch adds after "
                       "its steps; max_batch: only the --max_batch search.")
+    flags.DEFINE_enum("warps", "unrolled", list(WARPS), "--part=step: the augmentations' two warps as the editor runs "
+                      "them (loop: XLA counts one of them), written out (unrolled: the report's counting program) "
+                      "or none (pooled copies only, to see what the warps add).")
     flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
     flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch whose loop program fits in HBM, per "
                       "remat policy (at --precision), as batch_size=auto does (a few compiles each).")
@@ -252,11 +256,16 @@ def model_fields(config: str) -> tuple[dict, dict, dict]:
     return unet_lib.preset("adm256_uncond"), clip_lib.preset("vit_b16"), {}
 
 
-def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, mesh, unroll_warps: bool = False):
+WARPS = ("loop", "unrolled", "none")  # --warps: how a --part=step program runs the augmentations' warps
+
+
+def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, mesh, warps: str = "loop"):
     """The editor's CompiledSampler for the configuration, the options, and the params as shapes.
     The networks are those the launch programs load: the UNet, CLIP and LPIPS (for the scores the
-    end program computes; bdjax/scores.py). `unroll_warps`: the augmentations' two warps written
-    out instead of a two-iteration loop (the same values), for counting the work."""
+    end program computes; bdjax/scores.py). `warps`: "loop", the augmentations as the editor runs
+    them (two warps, the two iterations of a loop); "unrolled", the two warps written out (the same
+    values), for counting the work; "none", no warps (aug_num copies of the pooled images), to
+    see what the warps add to a count."""
     import jax
     import jax.numpy as jnp
 
@@ -287,8 +296,11 @@ def build_sampler(config: str, precision: str, remat: str, aug_num: int | None, 
             images, keys, aug_num=options.aug_num, output_size=models.clip.image_resolution,
             symmetric_translation=options.symmetric_translation, unroll_warps=True)
 
-    sampler = CompiledSampler(make_sampler(models, options, guided=True, augment=unrolled if unroll_warps else None),
-                              mesh)
+    def pooled(images, keys):
+        return jnp.tile(augment_lib.adaptive_avg_pool(images, models.clip.image_resolution), (options.aug_num, 1, 1, 1))
+
+    augment = {"loop": None, "unrolled": unrolled, "none": pooled}[warps]
+    sampler = CompiledSampler(make_sampler(models, options, guided=True, augment=augment), mesh)
     return sampler, options, params, size, models.clip.embed_dim
 
 
@@ -318,20 +330,22 @@ def cost(compiled) -> dict:
     return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0))}
 
 
-def count_step(batch: int, mesh, log) -> dict:
+def count_step(batch: int, mesh, log, warps: str = "unrolled") -> dict:
     """XLA's FLOPs and bytes accessed of one guided step of the global batch, from a program
     made for counting: the advance program at one step per call (XLA removes a loop of one
-    iteration) with the augmentations' two warps unrolled. XLA's cost analysis counts the body
-    of a while loop once, whatever its trip count and however deeply it is nested (and a
+    iteration), by default with the augmentations' two warps unrolled. XLA's cost analysis counts
+    the body of a while loop once, whatever its trip count and however deeply it is nested (and a
     conditional as its costliest branch), so the loop program's own count is one step with one
-    of the two warps: this program counts both, and every figure in it runs once per step."""
+    of the two warps: this program counts both, and every figure in it runs once per step.
+    `loops`: the while loops left in it (XLA:TPU makes a few itself at the real configuration:
+    layout copies in slices)."""
     sampler, _, params, size, embed_dim = build_sampler(FLAGS.config, FLAGS.precision, FLAGS.remat, FLAGS.aug_num,
-                                                        mesh, unroll_warps=True)
+                                                        mesh, warps=warps)
     compiled, seconds = compile_programs(sampler, params, size, embed_dim, batch, mesh, which=("advance",),
                                          steps=1)["advance"]
     whiles = sum(" while(" in line for line in compiled.as_text().splitlines())
-    log(f"  counting program (one step, warps unrolled): compiled in {seconds:.0f} s, {whiles} loops")
-    return {"cost": cost(compiled), "compile_s": seconds, "loops": whiles}
+    log(f"  one step, warps {warps}: compiled in {seconds:.0f} s, {whiles} loops")
+    return {"warps": warps, "cost": cost(compiled), "memory": memory(compiled), "compile_s": seconds, "loops": whiles}
 
 
 def search_max_batch(config: str, precision: str, remat: str, aug_num: int | None, mesh, chip: dict, limit: int,
@@ -437,12 +451,19 @@ def main(argv):
             f"per sample-step {report['per_sample_step']['flops']} FLOP, "
             f"{report['per_sample_step']['bytes_accessed']} bytes accessed; {part['ops']['gather']} gather, "
             f"{part['ops']['scatter']} scatter ops; compile {part['compile_s']:.1f} s")
-        if FLAGS.output:
-            from bdjax import outputs
-
-            outputs.save_json(FLAGS.output, report)
-            log(f"wrote {FLAGS.output}")
-        return
+        return write(report, log)
+    if FLAGS.part == "step":
+        step = count_step(batch, mesh, log, FLAGS.warps)
+        report = {"command": " ".join(["python -m bench.compile_report", *sys.argv[1:]]), "source": source,
+                  "jax_version": jax.__version__, "topology": FLAGS.topology, "devices": len(devices),
+                  "device_kind": devices[0].device_kind, "part": "step", "config": FLAGS.config,
+                  "precision": FLAGS.precision, "remat": FLAGS.remat, "per_device_batch": FLAGS.per_device_batch,
+                  **step, "per_sample_step": {k: None if v is None else v / FLAGS.per_device_batch
+                                              for k, v in step["cost"].items()}}
+        log(f"{FLAGS.topology}: one guided step, warps {FLAGS.warps}, per-device batch {FLAGS.per_device_batch}: "
+            f"per sample-step {report['per_sample_step']['flops']} FLOP, "
+            f"{report['per_sample_step']['bytes_accessed']} bytes accessed")
+        return write(report, log)
     if FLAGS.part == "max_batch":
         report = {"command": " ".join(["python -m bench.compile_report", *sys.argv[1:]]), "source": source,
                   "jax_version": jax.__version__, "topology": FLAGS.topology, "devices": len(devices),
@@ -451,24 +472,14 @@ def main(argv):
         for found in report["max_batch"]:
             log(f"  largest per-device batch that fits, {found['precision']} remat={found['remat']}: "
                 f"{found['max_per_device_batch']}")
-        if FLAGS.output:
-            from bdjax import outputs
-
-            outputs.save_json(FLAGS.output, report)
-            log(f"wrote {FLAGS.output}")
-        return
+        return write(report, log)
     if FLAGS.part == "end":
         report = end_report(mesh, devices, batch, source)
         log(f"{FLAGS.topology}: the end program, per-device batch {FLAGS.per_device_batch}: "
             f"{report['end_flops_per_sample']} FLOP per sample "
             f"({report['end_share_of_edit_flops']} of an edit's analytic FLOPs); "
             f"temporaries {report['memory']['temp_bytes'] / GIB:.2f} GiB; compile {report['compile_s']:.1f} s")
-        if FLAGS.output:
-            from bdjax import outputs
-
-            outputs.save_json(FLAGS.output, report)
-            log(f"wrote {FLAGS.output}")
-        return
+        return write(report, log)
     log(f"compiling bdjax's sampler for {FLAGS.topology} ({len(devices)} x {devices[0].device_kind}), "
         f"config={FLAGS.config} precision={FLAGS.precision} remat={FLAGS.remat} per-device batch "
         f"{FLAGS.per_device_batch}")
@@ -529,6 +540,11 @@ def main(argv):
         log("searching the largest per-device batch that fits ...")
         report["max_batch"] = search_all(mesh, chip, log)
     log(summary(report))
+    write(report, log)
+
+
+def write(report: dict, log) -> None:
+    """Write the report to --output, if given."""
     if FLAGS.output:
         from bdjax import outputs
 

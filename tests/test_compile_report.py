@@ -141,11 +141,17 @@ def filled(value):
     return value is not None
 
 
-def test_smoke_report_for_a_v5e_slice(tmp_path):
-    output = tmp_path / "report.json"
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    """(the smoke sampler's report for a v5e:2x2 slice, 2 samples per chip, its stdout)."""
+    output = tmp_path_factory.mktemp("smoke_report") / "report.json"
     proc = run("--topology=v5e:2x2", "--config=smoke", "--per_device_batch=2", f"--output={output}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(output.read_text())  # strict JSON
+    return json.loads(output.read_text()), proc.stdout  # strict JSON
+
+
+def test_smoke_report_for_a_v5e_slice(smoke_report):
+    report, stdout = smoke_report
     assert filled(report), report
     assert report["config"] == "smoke"
     assert report["devices"] == 4 and report["device_kind"] == "TPU v5 lite" and report["global_batch"] == 8
@@ -169,7 +175,27 @@ def test_smoke_report_for_a_v5e_slice(tmp_path):
     assert report["flops_per_sample_step"] > raw["flops"]
     assert report["bytes_accessed_per_sample_step"] > raw["bytes_accessed"]
     assert report["num_steps"] == report["steps_per_call"] * (report["num_steps"] // report["steps_per_call"])
-    assert "v5e:2x2" in proc.stdout and "not a run" in proc.stdout
+    assert "v5e:2x2" in stdout and "not a run" in stdout
+
+
+def test_the_warps_bytes_are_in_the_whole_steps_count(smoke_report, tmp_path):
+    """One guided step without the augmentations' warps (--part=step --warps=none: pooled copies)
+    counts fewer bytes than the loop program (one warp counted), which counts fewer than the
+    counting program (both warps): each warp's bytes show in the count of the whole step."""
+    report, _ = smoke_report
+    output = tmp_path / "step.json"
+    proc = run("--topology=v5e:2x2", "--config=smoke", "--per_device_batch=2", "--part=step", "--warps=none",
+               f"--output={output}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step = json.loads(output.read_text())
+    assert step["part"] == "step" and step["warps"] == "none" and step["loops"] == 0
+    assert step["per_sample_step"]["bytes_accessed"] == step["cost"]["bytes_accessed"] / 2
+    no_warps = step["per_sample_step"]["bytes_accessed"]
+    one_warp = report["loop_program_per_sample_step"]["bytes_accessed"]
+    both = report["bytes_accessed_per_sample_step"]
+    assert 0 < no_warps < one_warp < both
+    # The second warp adds about what the first does (the unrolled program's layout differs a little).
+    assert 0.5 < (both - one_warp) / (one_warp - no_warps) < 1.5
 
 
 def test_smoke_report_for_an_h200_gives_the_gpu_memory_fields(tmp_path):
