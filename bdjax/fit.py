@@ -157,6 +157,21 @@ def largest(ok: Callable[[int], bool], limit: int) -> int:
     return _bisect(ok, best, min(nxt, limit + 1))
 
 
+def _between(fits: Callable[[int], bool], seen: dict[int, int], budget: int, good: int, bad: int) -> int:
+    """The largest n in [good, bad) that fits, given that good fits and bad does not (both
+    measured, in `seen`): predicted from the line through the two, that prediction and the size
+    after it checked, then bisection of what is left."""
+    slope = (seen[bad] - seen[good]) / (bad - good)
+    guess = min(bad - 1, good + int((budget - seen[good]) // slope)) if slope > 0 else good
+    if guess > good:
+        if not fits(guess):
+            return _bisect(fits, good, guess)
+        good = guess
+    if good + 1 < bad and not fits(good + 1):
+        return good
+    return _bisect(fits, good, bad)
+
+
 def _bisect(ok: Callable[[int], bool], good: int, bad: int) -> int:
     """The largest n in [good, bad) with ok(n), given ok(good) (or good = 0) and not ok(bad)."""
     while bad - good > 1:
@@ -169,8 +184,10 @@ def search(measure: Callable[[int], int], budget: int, limit: int, probes: tuple
     """The largest per-device batch n in [1, limit] whose `measure(n)` (bytes, growing with n)
     is at most `budget`; 0 if not even 1. Measures the two `probes` (1 and 2; larger ones give a
     better slope where the answer is far), predicts the answer linearly from them, and measures
-    the prediction and the size after it: a right prediction costs four measurements; a wrong
-    one is corrected by bisection below it or by doubling above it."""
+    the prediction and the size after it: a right prediction costs four measurements. One too
+    large is predicted again from the line through it and the largest batch that fits (a footprint
+    that is straight but a little steeper than the probes' slope is then right at once), then
+    bisected; one too small is corrected by doubling above it."""
     seen: dict[int, int] = {}
 
     def fits(n: int) -> bool:
@@ -186,11 +203,11 @@ def search(measure: Callable[[int], int], budget: int, limit: int, probes: tuple
         if high > limit:
             return low
     if not fits(high):
-        return _bisect(fits, low, high)
+        return _between(fits, seen, budget, low, high)
     slope = (seen[high] - seen[low]) / (high - low)
     guess = limit if slope <= 0 else min(limit, max(high, low + int((budget - seen[low]) // slope)))
     if not fits(guess):
-        return _bisect(fits, high, guess)
+        return _between(fits, seen, budget, high, guess)
     if guess == limit or not fits(guess + 1):
         return guess
     return guess + largest(lambda k: fits(guess + k), limit - guess)

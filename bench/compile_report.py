@@ -65,12 +65,16 @@ def define_flags() -> None:
                       "them (loop: XLA counts one of them), written out (unrolled: the report's counting program) "
                       "or none (pooled copies only, to see what the warps add).")
     flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
-    flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch whose loop program fits in HBM, per "
-                      "remat policy (at --precision), as batch_size=auto does (a few compiles each).")
+    flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch whose loop program fits "
+                      "--max_batch_budget, per remat policy (at --precision), as batch_size=auto does (a few compiles each).")
     flags.DEFINE_list("max_batch_remat", ["none", "dots", "blocks"], "Remat policies for --max_batch.")
     flags.DEFINE_integer("max_batch_limit", 256, "Largest per-device batch --max_batch tries.")
     flags.DEFINE_list("max_batch_probes", ["1", "2"], "The two per-device batches --max_batch compiles first, to "
                       "predict the answer from (larger ones predict better where the answer is far).")
+    flags.DEFINE_enum("max_batch_budget", "auto", ["auto", "hbm"], "What --max_batch fits the loop program into. "
+                      "auto: what batch_size=auto plans against on that device with JAX's default settings (on "
+                      "GPUs the allocator's share of the memory, XLA_PYTHON_CLIENT_MEM_FRACTION or 0.75; on TPUs "
+                      "the whole HBM), less auto's margin; hbm: the whole HBM, no margin.")
     flags.DEFINE_string("output", None, "Write the report to this JSON file.")
 
 
@@ -350,14 +354,44 @@ def count_step(batch: int, mesh, log, warps: str = "unrolled") -> dict:
     return {"warps": warps, "cost": cost(compiled), "memory": memory(compiled), "compile_s": seconds, "loops": whiles}
 
 
-def search_max_batch(config: str, precision: str, remat: str, aug_num: int | None, mesh, chip: dict, limit: int,
-                     log, probes: tuple[int, int] = (1, 2)) -> dict:
-    """The largest per-device batch whose loop program (the largest of the sampler's three) fits
-    the chip's HBM, found as batch_size="auto" finds it (bdjax/fit.py `search`: batches 1 and 2
-    compiled, the answer predicted linearly and checked, bisection or doubling where it is wrong),
-    without auto's safety margin: the figure is what the compiler plans, against the whole HBM."""
+def max_batch_budget(chip: dict, mode: str) -> tuple[int, str]:
+    """The bytes --max_batch fits the loop program into, and how they were found. `auto`: what
+    batch_size="auto" plans against on that device with JAX's default settings (bdjax/fit.py
+    `choose`): the runtime's memory limit less fit.MARGIN, where the limit is, on a GPU, the share
+    of its memory JAX's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set) and, on
+    a TPU, the whole HBM. `hbm`: the whole HBM, no margin."""
     from bdjax import fit
 
+    hbm = chip["hbm_bytes"]
+    if mode == "hbm":
+        return hbm, f"the whole HBM ({hbm / GIB:.1f} GiB), no margin"
+    if mode != "auto":
+        raise ValueError(f"max_batch budget {mode!r}: use auto or hbm")
+    share, where = 1.0, "the whole HBM"
+    if chip["device_kind"].startswith("NVIDIA"):
+        text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+        try:
+            share = float(text)
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise ValueError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text}: use a fraction in (0, 1], e.g. 0.75")
+        where = f"JAX's allocator's {share:.0%} share"
+    limit = int(hbm * share)
+    return int(limit * (1 - fit.MARGIN)), (f"as batch_size=auto: {where} ({limit / GIB:.1f} GiB of {hbm / GIB:.1f}) "
+                                           f"less a {fit.MARGIN:.0%} margin")
+
+
+def search_max_batch(config: str, precision: str, remat: str, aug_num: int | None, mesh, chip: dict, limit: int,
+                     log, probes: tuple[int, int] = (1, 2), budget: int | None = None) -> dict:
+    """The largest per-device batch whose loop program (the largest of the sampler's three) fits
+    `budget` bytes (max_batch_budget; the chip's whole HBM if None), found as batch_size="auto"
+    finds it (bdjax/fit.py `search`: the two probes compiled, the answer predicted linearly and
+    checked, bisection or doubling where it is wrong). Every batch compiled on the way is kept
+    with its memory figures (`memory_by_batch`)."""
+    from bdjax import fit
+
+    budget = chip["hbm_bytes"] if budget is None else budget
     sampler, _, params, size, embed_dim = build_sampler(config, precision, remat, aug_num, mesh)
     devices = mesh.devices.size
     tried = {}
@@ -365,15 +399,18 @@ def search_max_batch(config: str, precision: str, remat: str, aug_num: int | Non
     def measure(per_device):
         compiled, seconds = compile_programs(sampler, params, size, embed_dim, per_device * devices, mesh,
                                              which=("advance",))["advance"]
-        tried[per_device] = memory(compiled)["total_bytes"]
-        log(f"  {precision} remat={remat} per-device batch {per_device}: {tried[per_device] / GIB:.2f} GiB "
-            f"({'fits' if tried[per_device] <= chip['hbm_bytes'] else 'too big'}; compiled in {seconds:.0f} s)")
-        return tried[per_device]
+        tried[per_device] = {**memory(compiled), "compile_s": seconds}
+        total = tried[per_device]["total_bytes"]
+        log(f"  {precision} remat={remat} per-device batch {per_device}: {total / GIB:.2f} GiB "
+            f"({'fits' if total <= budget else 'too big'}; compiled in {seconds:.0f} s)")
+        return total
 
-    found = fit.search(measure, chip["hbm_bytes"], limit, probes)
-    return {"precision": precision, "remat": remat, "max_per_device_batch": found,
-            "total_bytes": tried.get(found), "headroom_bytes": None if not found else chip["hbm_bytes"] - tried[found],
-            "total_bytes_by_batch": {str(k): v for k, v in sorted(tried.items())}}
+    found = fit.search(measure, budget, limit, probes)
+    total = tried[found]["total_bytes"] if found else None
+    return {"precision": precision, "remat": remat, "max_per_device_batch": found, "budget_bytes": budget,
+            "total_bytes": total, "headroom_bytes": None if not found else chip["hbm_bytes"] - total,
+            "total_bytes_by_batch": {str(k): v["total_bytes"] for k, v in sorted(tried.items())},
+            "memory_by_batch": {str(k): v for k, v in sorted(tried.items())}}
 
 
 def augmentations_report(mesh, size: int, clip_resolution: int, aug_num: int, per_device_batch: int) -> dict:
@@ -430,6 +467,8 @@ def main(argv):
 
     log = lambda message: print(message, flush=True)  # noqa: E731
     devices, chip = devices_for(FLAGS.topology)
+    if FLAGS.max_batch or FLAGS.part == "max_batch":
+        max_batch_budget(chip, FLAGS.max_batch_budget)  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION, before any compile
     mesh = parallel.make_mesh(devices)
     batch = FLAGS.per_device_batch * len(devices)
     source = (f"XLA:{devices[0].platform.upper()} compiler analysis without the hardware "
@@ -555,10 +594,14 @@ def write(report: dict, log) -> None:
 
 
 def search_all(mesh, chip: dict, log) -> list[dict]:
-    """--max_batch: search_max_batch for every --max_batch_remat policy at --precision."""
+    """--max_batch: search_max_batch for every --max_batch_remat policy at --precision, against
+    --max_batch_budget."""
     probes = tuple(int(p) for p in FLAGS.max_batch_probes)
-    return [search_max_batch(FLAGS.config, FLAGS.precision, remat, FLAGS.aug_num, mesh, chip, FLAGS.max_batch_limit,
-                             log, probes) for remat in FLAGS.max_batch_remat]
+    budget, how = max_batch_budget(chip, FLAGS.max_batch_budget)
+    log(f"--max_batch: fitting the loop program into {budget / GIB:.2f} GiB per device ({how})")
+    return [{**search_max_batch(FLAGS.config, FLAGS.precision, remat, FLAGS.aug_num, mesh, chip,
+                                FLAGS.max_batch_limit, log, probes, budget), "budget": how}
+            for remat in FLAGS.max_batch_remat]
 
 
 def end_report(mesh, devices, batch: int, source: str) -> dict:

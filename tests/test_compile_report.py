@@ -123,6 +123,36 @@ def test_max_batch_is_the_largest_batch_whose_loop_program_fits_a_fake_chip(monk
             assert found["total_bytes"] == footprint(expected) and found["headroom_bytes"] == hbm - footprint(expected)
             assert footprint(expected + 1) > hbm or expected == 256
         assert len(compiled) <= 12, compiled  # a prediction and a check, not a scan
+    # Against a budget below the HBM (what auto plans against): the largest under the budget, its
+    # headroom against the whole HBM, and every batch compiled kept with its memory figures.
+    found = compile_report.search_max_batch("smoke", "bf16", "blocks", None, mesh, {"hbm_bytes": 10 ** 9}, 256,
+                                            log=lambda message: None, probes=(4, 8), budget=2500)
+    assert found["max_per_device_batch"] == 5 and found["budget_bytes"] == 2500
+    assert found["headroom_bytes"] == 10 ** 9 - footprint(5)
+    assert set(found["memory_by_batch"]) == set(found["total_bytes_by_batch"]) >= {"4", "5", "6", "8"}
+    assert all(found["memory_by_batch"][k]["total_bytes"] == footprint(int(k)) for k in found["memory_by_batch"])
+
+
+def test_max_batch_budget_is_what_auto_plans_against(monkeypatch):
+    """--max_batch_budget=auto: on a GPU, JAX's allocator's share (XLA_PYTHON_CLIENT_MEM_FRACTION,
+    0.75 unless set) less fit.MARGIN, as batch_size=auto plans on a GPU whose memory_stats()
+    reports that share; on a TPU, the whole HBM less the margin; hbm: the whole HBM."""
+    from bdjax import fit
+
+    gpu = {"device_kind": "NVIDIA H200", "hbm_bytes": 150754820096}
+    tpu = {"device_kind": "TPU v5 lite", "hbm_bytes": 16 * 2 ** 30}
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert compile_report.max_batch_budget(gpu, "hbm")[0] == gpu["hbm_bytes"]
+    budget, how = compile_report.max_batch_budget(gpu, "auto")
+    assert budget == int(int(gpu["hbm_bytes"] * 0.75) * (1 - fit.MARGIN)) and "75%" in how
+    assert compile_report.max_batch_budget(tpu, "auto")[0] == int(tpu["hbm_bytes"] * (1 - fit.MARGIN))
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5")
+    assert compile_report.max_batch_budget(gpu, "auto")[0] == int(int(gpu["hbm_bytes"] * 0.5) * (1 - fit.MARGIN))
+    assert compile_report.max_batch_budget(tpu, "auto")[0] == int(tpu["hbm_bytes"] * (1 - fit.MARGIN))
+    for bad in ("lots", "0", "1.5"):
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", bad)
+        with pytest.raises(ValueError, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+            compile_report.max_batch_budget(gpu, "auto")
 
 
 def run(*flags):

@@ -197,6 +197,7 @@ def test_stretch_two_rounds_on_both_sides(tmp_path):
     assert [r["seed"] for r in report["rounds"]] == [lib.round_seed(5, r, s)
                                                      for r in (1, 2) for s in ("left", "right")]
     assert report["size"] == {"height": 64, "width": 96} and report["flags"]["strip"] == strip
+    assert report["batch_rows"] == 2 and report["batch_size_auto"] is None  # --batch_size=2, not auto
     assert report["flags"]["fit"] == "stretch" and "photo_size" not in report and "scale" not in report
     assert report["options"]["skip_timesteps"] == 20 and report["label"].startswith("SMOKE TEST")
     assert sorted(os.listdir(out)) == ["canvas_0.png", "canvas_1.png", "canvas_2.png", "extrapolated.png",

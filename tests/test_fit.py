@@ -56,6 +56,14 @@ def test_search_predicts_linearly_and_corrects_a_wrong_prediction():
     convex, asked = counted(lambda n: 100 + 10 * n + n * n)  # the prediction is too large: bisected below it
     assert fit.search(convex, budget=200, limit=64) == max(n for n in range(1, 65) if 100 + 10 * n + n * n <= 200)
     concave, _ = counted(lambda n: 100 + 20 * n - n * n // 8)  # too small: doubled above it
+    # Straight, but a little steeper than the probes say (the compiler's plans beyond the smallest
+    # batches): the prediction overshoots, and the line through it and the last fit is right.
+    steeper, asked = counted(lambda n: 1000 + 300 * n + 20 * max(0, n - 4) * (n > 4))
+    assert fit.search(steeper, budget=7320, limit=64) == 20 and sorted(asked) == [1, 2, 19, 20, 21]
+    for budget in range(1000, 9000, 37):  # wherever the boundary is, the largest that fits
+        for measure in (steeper, convex, concave):
+            found = fit.search(measure, budget, limit=64)
+            assert found == max([n for n in range(1, 65) if measure(n) <= budget], default=0), (budget, found)
     assert fit.search(concave, budget=400, limit=64) == 16
     assert fit.search(lambda n: 1000 * n, budget=999, limit=8) == 0
     assert fit.search(lambda n: 1000 * n, budget=1500, limit=8) == 1
