@@ -13,7 +13,11 @@ without autotuning, and XLA:GPU gives memory figures but no FLOP or byte counts)
 every chip), with parameters and inputs given only as shapes. Per device it reports the memory
 XLA plans (arguments, outputs, temporaries) against the chip's HBM, XLA's FLOPs and bytes accessed
 per sample-step, the gather, scatter, collective and host-transfer ops inside the compiled loop,
-and compile times; `--max_batch` finds the largest per-device batch that fits, per remat policy.
+and compile times; `--max_batch` finds the largest per-device batch that fits, per remat policy:
+by default (`--max_batch_budget=auto`) in what batch_size="auto" plans against on that device
+with JAX's default settings (on GPUs JAX's allocator's 75 % share of the memory; on TPUs the
+whole HBM; less auto's 10 % margin), so that its answer is auto's; `--max_batch_budget=hbm` fits
+the whole HBM instead.
 Every figure comes from the compiler: none is a measurement on a TPU.
 
 How XLA counts, and so how the per-sample-step figures are made: XLA's cost analysis counts the
