@@ -19,6 +19,12 @@ unconditional + CLIP ViT-B/16), it measures and writes to --output as JSON, most
   determinism when the step or the sampler was not byte-identical (GPU scatter-adds use atomics): again in
               a process with XLA_FLAGS=--xla_gpu_deterministic_ops=true, the step (identical? its time
               against the default step's) and, if time allows, the sampler run twice;
+  fit         the sampler's loop program (bf16, no remat, 32 per GPU, with LPIPS: bench/compile_report.py's
+              networks from shapes) compiled on the GPU, Triton GEMMs autotuned: XLA's memory figures,
+              to compare with the same row of docs/performance.md ("What fits on a GPU", compiled
+              there without a GPU), and the memory limit the runtime reports against the GPU's
+              HBM, the share --batch_size=auto and the compile report's --max_batch_budget=auto
+              take to be JAX's default 75 %;
   step_fp32   bdjax's step in fp32 at batch 4, MFU against the measured fp32 peaks;
   max_batch   the largest bf16 batch of the step that runs, doubling from the largest batch already
               seen running, up to 256.
@@ -30,7 +36,7 @@ unconditional + CLIP ViT-B/16), it measures and writes to --output as JSON, most
 The phases run in four processes, one after the other, so that no process holds GPU memory while
 another runs (JAX keeps what it has grown into) and a crash in one loses only its own phases: "main"
 (step_bf16, peak, sampler), "reference" (PyTorch alone), "deterministic" (with the XLA flag) and
-"extras" (step_fp32, max_batch). Every process rewrites --output after each phase, so a kill keeps
+"extras" (fit, step_fp32, max_batch). Every process rewrites --output after each phase, so a kill keeps
 what finished; a phase in progress is marked "running" and ends up "killed". Before each phase its
 time is estimated from what was measured so far (the step's compile time, step time and process
 setup); a phase that would not end within --budget_s is skipped with a note, and a process still
@@ -65,10 +71,10 @@ from bdjax.outputs import finite_or_none
 
 FLAGS = flags.FLAGS
 
-PHASES = ("step_bf16", "peak", "sampler", "reference", "determinism", "step_fp32", "max_batch")
+PHASES = ("step_bf16", "peak", "sampler", "reference", "determinism", "fit", "step_fp32", "max_batch")
 # The processes, in order, and their phases.
 GROUPS = {"main": ("step_bf16", "peak", "sampler"), "reference": ("reference",), "deterministic": ("determinism",),
-          "extras": ("step_fp32", "max_batch")}
+          "extras": ("fit", "step_fp32", "max_batch")}
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 # Older/newer XLA builds may know only the narrower flag; tried when XLA rejects the first.
 DETERMINISTIC_FALLBACK_FLAG = "--xla_gpu_exclude_nondeterministic_ops=true"
@@ -86,14 +92,14 @@ CONFIGS = {
     # The real shapes on one GPU.
     "real": dict(bf16_batch=16, fp32_batch=4, aug_num=8, timestep_respacing="100",
                  skip_timesteps=25, num_samples=64, sampler_batch=None, sampler_batch_cap=64, iters=5, warmup=1,
-                 step_index=50, matmul_n=8192, matmul_iters=10, max_batch_limit=256, det_samples=16,
+                 step_index=50, matmul_n=8192, matmul_iters=10, max_batch_limit=256, det_samples=16, fit_batch=32,
                  # Used before anything is measured: a full-size compile, a batch-16 step, a process's setup;
                  # the first phase starts when at least first_phase_min_s are left.
                  guess_compile_s=120.0, guess_step_s=0.5, guess_setup_s=30.0, first_phase_min_s=20.0),
     # The CPU dry run: every phase on the smoke networks with few steps and small batches.
     "smoke": dict(bf16_batch=2, fp32_batch=2, aug_num=2, timestep_respacing="10", skip_timesteps=5,
                   num_samples=4, sampler_batch=2, sampler_batch_cap=4, iters=2, warmup=1, step_index=50,
-                  matmul_n=256, matmul_iters=3, max_batch_limit=4, det_samples=2,
+                  matmul_n=256, matmul_iters=3, max_batch_limit=4, det_samples=2, fit_batch=2,
                   guess_compile_s=20.0, guess_step_s=0.5, guess_setup_s=5.0, first_phase_min_s=1.0),
 }
 
@@ -704,7 +710,37 @@ def child_extras(rec: Record, budget: Budget, s: dict) -> None:
         }
         log(rec.data, f"max_batch: {found['max_batch']} ({found['max_batch_note']})")
 
+    def fit_phase():
+        import jax
+
+        from bdjax import fit, parallel
+        from bench import compile_report
+
+        device = jax.devices()[0]
+        mesh = parallel.make_mesh([device])
+        sampler, _, params, size, embed_dim = compile_report.build_sampler(s["config"], "bf16", "none", s["aug_num"],
+                                                                           mesh)
+        compiled, seconds = fit.compile_programs(sampler, params, size, embed_dim, s["fit_batch"], mesh,
+                                                 which=("advance",))["advance"]
+        limit = fit.memory_limit(device)
+        hbm = fit.HBM_BYTES.get(device.device_kind)
+        figures = fit.memory(compiled)
+        rec.data["fit"] = {
+            "precision": "bf16", "remat": "none", "per_device_batch": s["fit_batch"], "aug_num": s["aug_num"],
+            "compile_s": seconds, "memory": figures, "device_kind": device.device_kind,
+            "device_bytes_limit": limit, "hbm_bytes": hbm,
+            "limit_share_of_hbm": None if not limit or not hbm else limit / hbm,
+            "auto_budget_bytes": None if not limit else int(limit * (1 - fit.MARGIN)),
+            "note": ("the loop program of bench/compile_report.py --config=real --precision=bf16 --remat=none "
+                     "--per_device_batch=32, compiled with the GPU present; docs/performance.md lists what the "
+                     "compiler planned for it without a GPU (Triton GEMMs off)"),
+        }
+        log(rec.data, f"fit: loop program at {s['fit_batch']} per device {figures['total_bytes'] / 2 ** 30:.2f} GiB; "
+                      f"runtime limit {'unknown' if not limit else f'{limit / 2 ** 30:.2f} GiB'}")
+
     setup_s = est["setup_s"]
+    run_phase(rec, budget, s, "fit", setup_s + 2 * est["compile_s"], fit_phase)
+    gc.collect()
     run_phase(rec, budget, s, "step_fp32", setup_s + est["compile_s"] + (s["warmup"] + s["iters"] + 2) * 4
               * step_time_at(est, s, s["fp32_batch"]), step_fp32)
     gc.collect()
@@ -957,6 +993,13 @@ def summary_lines(d: dict) -> list[str]:
                      f"predicted from XLA's memory analysis: {mb.get('predicted_max_batch')}")
     elif step:
         lines.append(f"    largest bf16 batch predicted from XLA's memory analysis: {step.get('predicted_max_batch')}")
+    fitted = d.get("fit")
+    if fitted:
+        limit, share = fitted.get("device_bytes_limit"), fitted.get("limit_share_of_hbm")
+        lines.append(f"    the sampler's loop program, bf16, {fitted['per_device_batch']} per device, compiled on the "
+                     f"device: {fitted['memory']['total_bytes'] / 2**30:.2f} GiB (compare docs/performance.md); "
+                     f"runtime limit {_fmt(None if not limit else limit / 2**30, '.1f', ' GiB')}"
+                     f" ({_pct(share)} of HBM)")
     sampler = d.get("sampler")
     if sampler and _finite(sampler.get("cold_s")):
         lines.append(

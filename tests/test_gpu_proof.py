@@ -23,6 +23,8 @@ NULL_IN_DRY_RUN = {
     "step_bf16.device_bytes_limit", "step_bf16.predicted_max_batch",
     "step_fp32.analytic_flops_per_sample_step", "step_fp32.analytic_flops_per_step", "step_fp32.mfu_analytic",
     "max_batch.predicted_max_batch", "targets.edits_64_warm_s.measured", "targets.edits_64_warm_s.met",
+    # A CPU reports no memory limit and is not in the HBM table.
+    "fit.device_bytes_limit", "fit.hbm_bytes", "fit.limit_share_of_hbm", "fit.auto_budget_bytes",
 }
 IDENTITY_FIELDS = {
     "step_bf16.identical_two_runs", "step_fp32.identical_two_runs", "sampler.identical", "sampler.images_identical",
@@ -80,7 +82,8 @@ def run_proof(tmp_path, *flags, timeout=1500, **env):
 def test_dry_run_fills_every_field(tmp_path):
     result, proc = run_proof(tmp_path, "--deterministic=always", "--budget_s=1200")
     assert all(phase["status"] == "done" for phase in result["phases"].values()), result["phases"]
-    for section in ("step_bf16", "peak", "reference", "sampler", "determinism", "step_fp32", "max_batch", "targets"):
+    for section in ("step_bf16", "peak", "reference", "sampler", "determinism", "fit", "step_fp32", "max_batch",
+                    "targets"):
         for path, value in leaves(result[section], section):
             if path not in NULL_IN_DRY_RUN:
                 assert value is not None, path
@@ -111,6 +114,9 @@ def test_dry_run_fills_every_field(tmp_path):
     assert det["det_step_identical"] is True and det["det_sampler_identical"] is True
     assert math.isclose(det["det_step_cost"], det["det_step_s"] / step["step_s"], rel_tol=1e-9)
     assert result["max_batch"]["max_batch"] == 4 and result["max_batch"]["max_batch_tried"][0]["ran"] is True
+    fitted = result["fit"]  # the compile report's loop program at the smoke config, compiled on the device
+    assert fitted["per_device_batch"] == 2 and fitted["precision"] == "bf16" and fitted["compile_s"] > 0
+    assert fitted["memory"]["total_bytes"] > fitted["memory"]["argument_bytes"] > 0
     assert result["machine"]["platform"] == "cpu" and result["machine"]["jax_version"]
     assert [p["role"] for p in result["processes"]] == ["main", "reference", "deterministic", "extras"]
     assert all(p["returncode"] == 0 for p in result["processes"])
