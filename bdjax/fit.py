@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bdjax import parallel
 from bdjax.errors import OptionError
@@ -301,6 +302,7 @@ def choose(fields: dict, measure: Callable[[int], int], mesh, num_samples: int, 
     needed = -(-num_samples // count)  # per device: no candidate larger than the edit needs
     budget = int(limit * (1 - MARGIN))
     entry = _DECISIONS.get(key)
+    decided = entry is None  # here, not earlier in this process: by a search or from the file
     if entry is None:
         saved = _read(cache_dir).get(key)
         if saved is not None:  # decided by an earlier run: nothing compiled here
@@ -322,12 +324,14 @@ def choose(fields: dict, measure: Callable[[int], int], mesh, num_samples: int, 
                     f"{time.perf_counter() - start:.0f} s)")
             return tried[per_device]
 
+        decided = True
         per_device = search(measured, budget, needed)
         entry = {"per_device": per_device, "bytes": tried.get(per_device, tried[1]), "searched_to": needed,
-                 "configuration": about}
-        if cache_dir is not None and jax.process_index() == 0:
-            _write(cache_dir, key, entry)
-        entry["compiles"] = len(tried)
+                 "configuration": about, "compiles": len(tried)}
+    if decided:  # the same on every process
+        entry = _agree(entry)
+        if cache_dir is not None and jax.process_index() == 0 and entry["compiles"]:
+            _write(cache_dir, key, {k: v for k, v in entry.items() if k != "compiles"})
     _DECISIONS[key] = entry
     if entry["per_device"] == 0:
         raise OptionError("batch_size", f"batch_size=auto: not even one sample per device fits: "
@@ -337,6 +341,22 @@ def choose(fields: dict, measure: Callable[[int], int], mesh, num_samples: int, 
     return Choice(rows=min(entry["per_device"] * count, num_samples), auto=True, per_device=entry["per_device"],
                   bytes=entry["bytes"], limit_bytes=limit, margin=MARGIN, cached=entry["compiles"] == 0,
                   compiles=entry["compiles"])
+
+
+def _agree(entry: dict) -> dict:
+    """With several processes, the decision every one of them runs: the smallest per-device batch
+    any of them chose (with its footprint and how far it searched). Their searches compile the same
+    programs, but each reads its own cache file, and all must run the same batches. Every process
+    reaches this at the same calls (a decision not yet in its memory): the launch programs make the
+    same calls on every process, and the decisions in memory stay equal."""
+    if jax.process_count() == 1:
+        return entry
+    mib, rest = divmod(int(entry["bytes"]), 2 ** 20)  # int32 pieces (JAX gathers 32-bit integers)
+    mine = np.array([entry["per_device"], entry["searched_to"], mib, rest], np.int32)
+    rows = parallel.allgather(mine)
+    chosen = rows[np.lexsort((rows[:, 1], rows[:, 0]))[0]]  # the smallest batch, the shortest search
+    return {**entry, "per_device": int(chosen[0]), "searched_to": int(chosen[1]),
+            "bytes": int(chosen[2]) * 2 ** 20 + int(chosen[3])}
 
 
 def forget() -> None:

@@ -250,3 +250,73 @@ def test_results_do_not_depend_on_auto_rows():
     assert EditOptions(batch_size="auto").nominal_batch == EditOptions().nominal_batch == 4
     assert EditOptions(batch_size=6).nominal_batch == 6
     assert hash(EditOptions(batch_size="auto").sampling) == hash(EditOptions(batch_size="auto").sampling)
+
+
+AGREEING = """
+import json, pathlib, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
+                           heartbeat_timeout_seconds=30)
+from bdjax import fit, parallel
+me, cache = jax.process_index(), sys.argv[3]
+fit.accelerator = lambda device: True  # a fake accelerator of 10,000 bytes: 9,000 usable
+fit.memory_limit = lambda device: 10_000
+mesh = parallel.make_mesh(jax.devices())
+per_sample = {0: 300, 1: 400}[me]  # alone, process 0 would choose 26 per device and process 1 20
+asked = []
+
+def measure(n):
+    asked.append(n)
+    return 1000 + per_sample * n
+
+first = fit.choose({"net": "x"}, measure, mesh, 256, cache_dir=cache)
+compiled_first = len(asked)
+again = fit.choose({"net": "x"}, measure, mesh, 256, cache_dir=cache)  # in memory: no compile, no collective
+again_compiled = len(asked)
+# Each process keeps its own cache file: process 0 decided 20 and reads it back without compiling,
+# while process 1, without a file here and with a footprint now larger, decides 16 on its own.
+fit.forget()
+if me == 1:
+    assert not (pathlib.Path(cache) / fit.CACHE_FILE).exists()  # only process 0 writes
+per_sample = {0: 300, 1: 500}[me]
+asked.clear()
+later = fit.choose({"net": "x"}, measure, mesh, 256, cache_dir=cache)
+print("CHOICE " + json.dumps({"first": [first.rows, first.per_device, compiled_first], "again": [again.rows,
+      again_compiled == compiled_first], "later": [later.rows, later.per_device, later.cached, len(asked)]}), flush=True)
+"""
+
+
+def test_processes_agree_on_the_smallest_decision(tmp_path):
+    """Two processes (jax.distributed on 127.0.0.1, one CPU device each, a faked accelerator) whose
+    footprints differ: both run the smaller per-device batch, also when one of them reads an
+    earlier decision from its own cache file and the other searches again."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    caches = [tmp_path / f"cache{i}" for i in range(2)]
+    for cache in caches:
+        cache.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", AGREEING, f"127.0.0.1:{port}", str(i), str(caches[i])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    seen = [json.loads(next(line for line in out.splitlines() if line.startswith("CHOICE "))[7:]) for out in outs]
+    for i, choice in enumerate(seen):
+        assert choice["first"][:2] == [40, 20] and choice["first"][2] > 0  # 20 per device x 2 devices
+        assert choice["again"] == [40, True]
+        assert choice["later"][:2] == [32, 16], (i, choice)  # process 0 read 20 from its file, runs 16
+    assert seen[0]["later"][2:] == [True, 0] and seen[1]["later"][3] > 0
+    written = json.loads((caches[0] / fit.CACHE_FILE).read_text())["decisions"]
+    assert [d["per_device"] for d in written.values()] == [20]  # the agreed decision, written by process 0
