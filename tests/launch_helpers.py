@@ -1,12 +1,14 @@
 """Stand-ins for the launch programs' tests: a sampler that computes nothing (`FakeRun`, and
 `SlowCompile`, which takes its time to compile), an editor around it (`fake_editor`: no networks,
 nothing compiled), and running a program's main in-process as its command line would
-(`run_program`, with the `program_flags` fixture of tests/conftest.py). Used by test_cli.py,
-test_runtime.py, test_editor.py, test_launch_edit.py and test_extrapolate.py."""
+(`run_program`, with the `program_flags` fixture of tests/conftest.py), and a script run in two
+jax.distributed processes on 127.0.0.1 (`in_two_processes`). Used by test_cli.py, test_runtime.py,
+test_editor.py, test_launch_edit.py, test_extrapolate.py, test_fit.py and test_multiprocess.py."""
 
 import collections
 import json
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -164,3 +166,28 @@ def recording_tqdm(monkeypatch, module):
 
     monkeypatch.setattr(module, "tqdm", Recording)
     return bars
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_two_processes(script: str, *args, timeout: int = 300, env: dict | None = None) -> list[str]:
+    """Run `script` (python -c) as processes 0 and 1, each given the coordinator's address, its
+    process id and `args` (a callable of the process id for per-process arguments); the outputs,
+    in process order, once both ended with status 0."""
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{port}", str(pid),
+                               *[str(a(pid) if callable(a) else a) for a in args]], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    return outputs

@@ -15,6 +15,7 @@ import pytest
 from bdjax import fit, smoke
 from bdjax.errors import OptionError
 from bdjax.options import EditOptions
+from launch_helpers import in_two_processes
 
 
 @pytest.fixture(autouse=True)
@@ -291,27 +292,10 @@ def test_processes_agree_on_the_smallest_decision(tmp_path):
     """Two processes (jax.distributed on 127.0.0.1, one CPU device each, a faked accelerator) whose
     footprints differ: both run the smaller per-device batch, also when one of them reads an
     earlier decision from its own cache file and the other searches again."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     caches = [tmp_path / f"cache{i}" for i in range(2)]
     for cache in caches:
         cache.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", AGREEING, f"127.0.0.1:{port}", str(i), str(caches[i])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs
+    outs = in_two_processes(AGREEING, lambda pid: caches[pid], env={"XLA_FLAGS": ""})
     seen = [json.loads(next(line for line in out.splitlines() if line.startswith("CHOICE "))[7:]) for out in outs]
     for i, choice in enumerate(seen):
         assert choice["first"][:2] == [40, 20] and choice["first"][2] > 0  # 20 per device x 2 devices

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+
+from launch_helpers import free_port, in_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_S = 10
@@ -60,12 +61,6 @@ def workdir(tmp_path_factory):
                 job["mask"] = "mask_small.png"
             f.write(json.dumps(job) + "\n")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(workdir, out, devices, processes, *extra):
@@ -285,16 +280,5 @@ print("rows", rows.tolist(), rows.dtype, "best", best.tolist(), flush=True)
 
 
 def test_barrier_and_allgather_across_two_processes(tmp_path):
-    port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", HELPERS, f"127.0.0.1:{port}", str(pid)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
-    try:
-        results = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], results
-    for text in results:  # both processes see the same stack, in process order
+    for text in in_two_processes(HELPERS):  # both processes see the same stack, in process order
         assert "rows [[0, 10], [1, 11]] int32 best [0.5, 0.25]" in text, text[-2000:]
