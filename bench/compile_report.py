@@ -70,7 +70,8 @@ def define_flags() -> None:
                       "or none (pooled copies only, to see what the warps add).")
     flags.DEFINE_integer("edits", 64, "Edits of the reference's length for the time bounds in the report.")
     flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch whose loop program fits "
-                      "--max_batch_budget, per remat policy (at --precision), as batch_size=auto does (a few compiles each).")
+                      "--max_batch_budget, per remat policy (at --precision), as batch_size=auto does (a few "
+                      "compiles each).")
     flags.DEFINE_list("max_batch_remat", ["none", "dots", "blocks"], "Remat policies for --max_batch.")
     flags.DEFINE_integer("max_batch_limit", 256, "Largest per-device batch --max_batch tries.")
     flags.DEFINE_list("max_batch_probes", ["1", "2"], "The two per-device batches --max_batch compiles first, to "

@@ -219,7 +219,8 @@ def main(argv):
                                 {"load": loaded - start, "extrapolate": done - loaded}, sys.modules[__name__])
         report.update(label=label or None, strip=strip, rounds=rounds, size={"height": int(canvas.shape[0]),
                                                                              "width": int(canvas.shape[1])},
-                      **framing, **editor.batch_choice(prepared.options, prepared.prompt != "", prepared.num_samples).report())
+                      **framing,
+                      **editor.batch_choice(prepared.options, prepared.prompt != "", prepared.num_samples).report())
         outputs.save_json(os.path.join(FLAGS.output_dir, outputs.REPORT), report)
         print(f"{os.path.join(FLAGS.output_dir, FINAL)}: {canvas.shape[1]}x{canvas.shape[0]} after "
               f"{FLAGS.repeats} rounds in {done - loaded:.1f} s" + (f"\n{label}" if label else ""))

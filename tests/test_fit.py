@@ -283,8 +283,9 @@ if me == 1:
 per_sample = {0: 300, 1: 500}[me]
 asked.clear()
 later = fit.choose({"net": "x"}, measure, mesh, 256, cache_dir=cache)
-print("CHOICE " + json.dumps({"first": [first.rows, first.per_device, compiled_first], "again": [again.rows,
-      again_compiled == compiled_first], "later": [later.rows, later.per_device, later.cached, len(asked)]}), flush=True)
+print("CHOICE " + json.dumps({"first": [first.rows, first.per_device, compiled_first],
+                              "again": [again.rows, again_compiled == compiled_first],
+                              "later": [later.rows, later.per_device, later.cached, len(asked)]}), flush=True)
 """
 
 
