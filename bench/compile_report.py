@@ -392,7 +392,7 @@ def search_max_batch(config: str, precision: str, remat: str, aug_num: int | Non
     """The largest per-device batch whose loop program (the largest of the sampler's three) fits
     `budget` bytes (max_batch_budget; the chip's whole HBM if None), found as batch_size="auto"
     finds it (bdjax/fit.py `search`: the two probes compiled, the answer predicted linearly and
-    checked, bisection or doubling where it is wrong). Every batch compiled on the way is kept
+    checked; predicted again, bisected or doubled where it is wrong). Every batch compiled on the way is kept
     with its memory figures (`memory_by_batch`)."""
     from bdjax import fit
 
