@@ -553,10 +553,8 @@ class BlendedDiffusion:
         so that its first request starts sampling at once; with the persistent compilation cache
         on, a later start reads the programs from disk. Nothing is compiled twice."""
         opts = self.options(**({} if options is None else dataclasses.asdict(options)))
-        if opts.batch_size == AUTO:  # a full batch: the most that fits, or the samples asked for
-            rows = self.batch_choice(opts, guided, num_samples or MAX_NUM_SAMPLES).rows
-        else:
-            rows = opts.batch_size if num_samples is None else max(1, min(opts.batch_size, num_samples))
+        # A full batch (with "auto", the most that fits), or the samples asked for if fewer.
+        rows = self.batch_choice(opts, guided, num_samples or MAX_NUM_SAMPLES).rows
         self.encode_tokens(np.zeros((1, self.models.clip.context_length), np.int32))
         run = self.sampler(opts, guided)
         size, width = self.image_size, self.models.clip.embed_dim

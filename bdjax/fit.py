@@ -4,8 +4,8 @@ On a GPU or TPU the editor's sampler (editor.CompiledSampler: the begin, advance
 programs) is compiled for a few candidate per-device batches, for XLA's memory analysis only
 (nothing runs), and the largest batch whose peak program fits the device's memory less `MARGIN`
 is chosen: per-device batches 1 and 2 are compiled, the largest that fits is predicted from them
-linearly, and that prediction and the next size are compiled to check it; doubling and bisection
-(`largest`) only where the prediction was wrong. No candidate exceeds what the edit needs (its
+linearly, and that prediction and the next size are compiled to check it (`search`); where the
+prediction was wrong, a second prediction, then bisection or doubling. No candidate exceeds what the edit needs (its
 samples, over the devices). The decision is kept per configuration (`config_key`: the networks,
 the sampling options, the devices, the memory limit, the margin, JAX's version) in memory and, given
 a directory (the launch programs': their compilation cache), in a small JSON file there, so that
@@ -48,8 +48,7 @@ HBM_BYTES = {
     "TPU v5 lite": 16 * GIB,  # v5e
     "TPU v5": 95 * GIB,  # v5p
     "TPU v6 lite": 32 * GIB,  # v6e
-    "NVIDIA H100 80GB HBM3": 80 * GIB,
-    "NVIDIA H100": 80 * GIB,
+    "NVIDIA H100": 80 * GIB,  # also "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe" (memory_limit)
     "NVIDIA H200": 150754820096,  # 141 GB
 }
 PROGRAMS = ("begin", "advance", "end")  # the sampler's programs (editor.CompiledSampler)
@@ -76,7 +75,12 @@ def memory_limit(device) -> int | None:
         stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    kind = device.device_kind
+    return hbm_bytes(device.device_kind)
+
+
+def hbm_bytes(kind: str) -> int | None:
+    """A chip's HBM by its device_kind (HBM_BYTES; an NVIDIA kind by its model's prefix, e.g.
+    "NVIDIA H100 80GB HBM3"), None if it is not in the table."""
     if kind in HBM_BYTES:
         return HBM_BYTES[kind]
     return next((size for name, size in HBM_BYTES.items() if name.startswith("NVIDIA") and kind.startswith(name)),

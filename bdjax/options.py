@@ -18,9 +18,9 @@ import numpy as np
 from bdjax.errors import OptionError  # also bdjax.options.OptionError, as before
 
 # The values each option type accepts: ints are floats too; bools are nothing else. A BatchSize
-# is an int or the one string AUTO (checked by `check_type`).
+# (an int or the one string AUTO) is checked by `check_batch_size`.
 _ACCEPTED = {"bool": (bool, np.bool_), "int": (int, np.integer), "float": (int, float, np.integer, np.floating),
-             "str": (str,), "BatchSize": (int, np.integer, str)}
+             "str": (str,)}
 
 # batch_size="auto": the largest batch that fits the accelerator's memory (bdjax/fit.py).
 AUTO = "auto"

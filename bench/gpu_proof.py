@@ -723,7 +723,7 @@ def child_extras(rec: Record, budget: Budget, s: dict) -> None:
         compiled, seconds = fit.compile_programs(sampler, params, size, embed_dim, s["fit_batch"], mesh,
                                                  which=("advance",))["advance"]
         limit = fit.memory_limit(device)
-        hbm = fit.HBM_BYTES.get(device.device_kind)
+        hbm = fit.hbm_bytes(device.device_kind)
         figures = fit.memory(compiled)
         rec.data["fit"] = {
             "precision": "bf16", "remat": "none", "per_device_batch": s["fit_batch"], "aug_num": s["aug_num"],

@@ -347,9 +347,12 @@ class CacheEvents:
 
 
 def announce_run(editor, runs) -> None:
-    """Say `describe_run` on process 0's stderr."""
+    """Say `describe_run` on process 0's stderr. Every process decides each run's batch first:
+    with batch_size="auto" the processes agree on it (bdjax/fit.py), which they all must join."""
     import jax
 
+    for options, guided, n in runs:
+        editor.batch_choice(options, guided, n)
     if jax.process_index() == 0:
         print(describe_run(editor, runs), file=sys.stderr, flush=True)
 

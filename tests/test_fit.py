@@ -244,6 +244,7 @@ def test_memory_limit_reads_the_runtime_then_the_chip_table():
     assert fit.memory_limit(Device("TPU v5", None)) == 95 * fit.GIB
     assert fit.memory_limit(Device("NVIDIA H100 PCIe", None)) == 80 * fit.GIB
     assert fit.memory_limit(Device("Some Chip", None)) is None
+    assert fit.hbm_bytes("NVIDIA H100 80GB HBM3") == 80 * fit.GIB and fit.hbm_bytes("NVIDIA H200") == 150754820096
 
 
 def test_results_do_not_depend_on_auto_rows():

@@ -107,6 +107,23 @@ def test_the_real_networks_line_gives_the_analytic_count_and_on_a_cpu_its_time(p
                     f"{hours:.0f} h at the 0.05 TFLOP/s measured on a 2-core CPU")
 
 
+def test_every_process_decides_the_batches_before_process_0_says_them(monkeypatch, capsys):
+    """batch_size="auto" makes the processes agree on a decision (a collective in bdjax/fit.py),
+    so announce_run decides each run's batch on every process, not only on process 0, which
+    alone prints the line."""
+    from bdjax import fit
+    from bdjax.options import EditOptions
+    from launch import runtime
+
+    asked = []
+    editor = types.SimpleNamespace(batch_choice=lambda options, guided, n: asked.append((options, guided, n))
+                                   or fit.fixed(4, n))
+    runs = [(EditOptions(batch_size="auto"), True, 32), (EditOptions(batch_size="auto", aug_num=4), False, 8)]
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    runtime.announce_run(editor, runs)
+    assert asked == runs and capsys.readouterr().err == ""
+
+
 # A machine where `pip install -e ".[cuda]"` was run but no GPU is usable, simulated: JAX's CUDA
 # plugin fails as the real one does without a driver (its libraries print C++ log lines as JAX
 # imports them; its initialize() raises unless the platforms exclude CUDA, and JAX logs that
